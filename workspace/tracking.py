@@ -1,0 +1,104 @@
+"""MLflow tracking for every stage: the database store, the experiment, a parent run per pipeline run and a
+child run per stage, each tagged with the git commit, the config hash and the profile.
+
+Stages call `stage_run(loaded, "finetune")`; flows/pipeline.py wraps them in `pipeline_run(loaded)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+from workspace import offline
+from workspace.config import LoadedConfig, TrackingConfig
+from workspace.paths import ROOT, resolve
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """sqlite:///relative/path.db is made absolute against the workspace root (not the CWD)."""
+    uri = cfg.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        db = resolve(uri[len(prefix):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(db)
+    return uri
+
+
+def artifact_location(cfg: TrackingConfig) -> str:
+    root = cfg.artifact_root
+    if "://" in root:
+        return root
+    path = resolve(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path.as_uri()
+
+
+def git_commit() -> str:
+    """HEAD's sha, with '+dirty' when the tree has uncommitted changes; 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(loaded: LoadedConfig, stage: str | None = None) -> dict[str, str]:
+    tags = {
+        "git_commit": git_commit(),
+        "config_hash": loaded.hash,
+        "profile": loaded.profile or "",
+        "config_sources": " | ".join(loaded.sources),
+    }
+    if stage:
+        tags["stage"] = stage
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):
+        tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
+    return tags
+
+
+def configure(loaded: LoadedConfig):
+    """Point MLflow at the configured store and experiment (creating it with its artifact root). Returns mlflow."""
+    offline.apply(loaded.config.hub.enabled)
+    import mlflow
+
+    cfg = loaded.config.tracking
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        try:
+            mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg))
+        except mlflow.exceptions.MlflowException:
+            pass  # created concurrently by another process
+    mlflow.set_experiment(cfg.experiment)
+    return mlflow
+
+
+@contextlib.contextmanager
+def pipeline_run(loaded: LoadedConfig, name: str | None = None) -> Iterator:
+    """The parent run of one pipeline run; stage runs started inside it become its children."""
+    mlflow = configure(loaded)
+    with mlflow.start_run(run_name=name or f"pipeline-{loaded.hash[:8]}", tags=run_tags(loaded, "pipeline")) as run:
+        mlflow.log_dict(loaded.config.model_dump(mode="json"), "config/resolved_config.json")
+        yield run
+
+
+@contextlib.contextmanager
+def stage_run(loaded: LoadedConfig, stage: str, name: str | None = None) -> Iterator:
+    """A child run when a parent (pipeline) run is active, a top-level run otherwise."""
+    mlflow = configure(loaded)
+    parent = mlflow.active_run()
+    with mlflow.start_run(run_name=name or stage, nested=parent is not None, tags=run_tags(loaded, stage)) as run:
+        if parent is None:
+            mlflow.log_dict(loaded.config.model_dump(mode="json"), "config/resolved_config.json")
+        yield run
+
+
+def log_file(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path)
