@@ -56,7 +56,7 @@ class BaseModelBuild(Strict):
     max_position: int = Field(2048, ge=128)
     seq_len: int = Field(128, ge=16)
     batch_size: int = Field(32, ge=1)
-    steps: int = Field(700, ge=1)
+    steps: int = Field(400, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
     heldout_fraction: float = Field(0.05, gt=0, lt=0.5)

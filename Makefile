@@ -1,0 +1,39 @@
+# The workspace's commands. `make help` lists them. Variables pass through to every stage:
+#   CONFIG=configs/pipeline.yaml  PROFILE=cpu_tiny  SET="finetune.lora_rank=16 finetune.max_steps=50"  GPU=1
+SHELL := /bin/bash
+PY3   ?= python3
+VENV  := .venv
+PY    := $(VENV)/bin/python
+CONFIG ?= configs/pipeline.yaml
+PROFILE ?=
+SET ?=
+GPU ?= 0
+CFG_ARGS := --config $(CONFIG) $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
+
+.PHONY: help setup envs base-model data doctor test test-fast pipeline clean-models
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+setup: envs base-model  ## build the three venvs from requirements/*.lock (idempotent) and the base model if missing
+
+envs:  ## the three virtual environments only (GPU=1: CUDA vLLM in the serve env)
+	@GPU=$(GPU) $(PY3) workspace/setup_env.py
+
+base-model: envs  ## build models/base-tiny (skipped when current; FORCE=1 rebuilds)
+	@$(PY) -m finetune.base_model $(CFG_ARGS) $(if $(FORCE),--force)
+
+data:  ## regenerate the shipped data under data/raw from the seeded generators in data/datagen
+	@$(PY3) -c "import sys; sys.path.insert(0, 'data'); import runpy; runpy.run_module('datagen', run_name='__main__')"
+
+doctor: envs  ## check the three environments and engines for real; non-zero exit names what is broken
+	@$(PY) -m workspace.doctor
+
+test: setup  ## the test suite (real engines on tiny inputs)
+	@$(PY) -m pytest -q $(PYTEST_ARGS)
+
+pipeline: setup  ## the whole job on the configured profile (grows as stages land)
+	@echo "[pipeline] base model ready: $$(cat models/base-tiny/base_model_card.json | $(PY) -c 'import json,sys; c=json.load(sys.stdin); print(c["parameters"], "params, held-out ppl", c["heldout_perplexity"])')"
+
+clean-models:  ## delete generated models (the base model is rebuilt by the next `make setup`)
+	rm -rf models/base-tiny models/*.tmp-build

@@ -1,0 +1,1 @@
+"""flows stage package."""

@@ -1,0 +1,73 @@
+"""The environment runner: live output, failures with exit code and tail, timeouts that kill the group."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from workspace.envrunner import EnvCommandError, EnvMissingError, EnvTimeoutError, run_in_env
+
+
+def test_success_streams_lines_to_callback_and_log(tmp_path):
+    seen: list[str] = []
+    log = tmp_path / "run.log"
+    res = run_in_env("train", ["python", "-c", "import sys, torch; print('line-1'); print('torch', torch.__version__)"],
+                     timeout=120, log_path=log, on_line=seen.append, echo=False)
+    assert res.returncode == 0
+    assert seen[0] == "line-1" and seen[1].startswith("torch 2.13.0")
+    assert "line-1" in log.read_text()
+
+
+def test_offline_variables_reach_the_child():
+    seen: list[str] = []
+    run_in_env("serve", ["python", "-c", "import os; print(os.environ['HF_HUB_OFFLINE'], os.environ['DO_NOT_TRACK'])"],
+               timeout=60, on_line=seen.append, echo=False)
+    assert seen == ["1 1"]
+
+
+def test_failure_reports_exit_code_and_last_lines(tmp_path):
+    code = "import sys\nfor i in range(100): print('out', i)\nsys.exit(3)"
+    with pytest.raises(EnvCommandError) as err:
+        run_in_env("train", ["python", "-c", code], timeout=60, log_path=tmp_path / "f.log", echo=False, what="demo")
+    exc = err.value
+    assert exc.returncode == 3
+    assert exc.tail[-1] == "out 99" and len(exc.tail) == 40
+    assert "demo (in the train environment) failed with exit code 3" in str(exc)
+    assert "out 99" in str(exc) and str(tmp_path / "f.log") in str(exc)
+
+
+def test_timeout_kills_the_process_group(tmp_path):
+    marker = tmp_path / "child.pid"
+    # the parent spawns a grandchild that would outlive a plain kill of the parent
+    code = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        f"open({str(marker)!r}, 'w').write(str(p.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    t0 = time.time()
+    with pytest.raises(EnvTimeoutError) as err:
+        run_in_env("workspace", ["python", "-c", code], timeout=5, echo=False)
+    assert time.time() - t0 < 30
+    assert "did not finish within 5 s" in str(err.value) and "started" in err.value.tail
+    pid = int(marker.read_text())
+    time.sleep(0.5)
+    assert not _alive(pid), "the grandchild survived the timeout"
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            state = next(line for line in fh if line.startswith("State:"))
+    except FileNotFoundError:
+        return False
+    return "Z" not in state.split()[1]
+
+
+def test_missing_program_explains_the_fix():
+    with pytest.raises(EnvMissingError, match="make setup"):
+        run_in_env("train", ["no-such-program"], timeout=5)
+    with pytest.raises(EnvMissingError, match="unknown environment"):
+        run_in_env("nope", ["python"], timeout=5)
