@@ -39,7 +39,7 @@ def read_text(text_dir: Path) -> list[str]:
         raise FileNotFoundError(f"{text_dir}: no *.txt pretraining text. Run `make data` (python -m datagen) first.")
     lines: list[str] = []
     for f in files:
-        lines.extend(line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
+        lines.extend(line.rstrip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
     return lines
 
 

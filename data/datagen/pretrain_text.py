@@ -69,6 +69,18 @@ def _screen_prose(rng: random.Random) -> str:
     return rng.choice(templates)
 
 
+def _attribute_lines(rng: random.Random) -> str:
+    """Key="value" attribute text with indentation (as in config files and UI specs): teaches the tokenizer
+    the punctuation and indentation runs of markup without any XML element in the text."""
+    entity = rng.choice(sorted(ENTITIES))
+    kind = rng.choice(sorted(KINDS))
+    fields = _field_list(rng, entity)
+    indent = " " * rng.choice([2, 4, 4, 6])
+    head = f'id="{screen_id(entity, kind)}" title="{screen_title(entity, kind)}" container="{container_id(entity, kind)}"'
+    attrs = " ".join(f'{f}: id="{f}" label="{FIELDS[f][0]}" type="{FIELDS[f][2]}"' for f in fields)
+    return f"{indent}{head} {attrs}" if rng.random() < 0.5 else f"{indent}{attrs}"
+
+
 def _everyday(rng: random.Random) -> str:
     a, b = rng.sample(EVERYDAY_KO, 2)
     return a + " " + b if rng.random() < 0.5 else a
@@ -79,8 +91,10 @@ def generate(n_lines: int = 6000, seed: int = 3) -> list[str]:
     lines: list[str] = []
     for _ in range(n_lines):
         r = rng.random()
-        if r < 0.6:
+        if r < 0.5:
             lines.append(_screen_prose(rng))
+        elif r < 0.65:
+            lines.append(_attribute_lines(rng))
         elif r < 0.8:
             lines.append(_everyday(rng))
         elif r < 0.9:
