@@ -636,12 +636,16 @@ def log_to_mlflow(result: PreparedDataset) -> None:
     for name, pct in stats["tokens"].items():
         metrics.update({f"data/{name}_tokens_{k}": v for k, v in pct.items()})
     mlflow.log_metrics(metrics)
+    import warnings
+
     for name, path in result.splits.items():
         rows = [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines()]
         df = pd.DataFrame({"prompt": [m[-2]["content"] for m in rows], "response": [m[-1]["content"] for m in rows],
                            "turns": [len(m) for m in rows]})
-        ds = mlflow.data.from_pandas(df, source=str(path), name=f"{result.content_hash}-{name}",
-                                     digest=f"{result.content_hash}-{name}"[:36], targets="response")
+        with warnings.catch_warnings():  # MLflow's schema-inference hints and source-ambiguity notices
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_pandas(df, source=str(path), name=f"{result.content_hash}-{name}",
+                                         digest=f"{result.content_hash}-{name}"[:36], targets="response")
         mlflow.log_input(ds, context=name)
     for fname in ("stats.json", "dataset_info.json", "quarantine.jsonl", "length_hist.png"):
         if (result.path / fname).exists():

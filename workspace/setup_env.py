@@ -106,14 +106,17 @@ def build(env: str, gpu: bool = False, force: bool = False) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("envs", nargs="*", default=list(ENVS), choices=list(ENVS))
+    ap.add_argument("envs", nargs="*", help=f"any of {', '.join(ENVS)} (default: all three)")
     ap.add_argument("--gpu", action="store_true", default=os.environ.get("GPU", "") not in ("", "0"))
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
     if sys.version_info[:2] != (3, 11):
         print(f"[setup] Python 3.11 is required (the locks and the CPU torch wheel are for 3.11); this is {sys.version.split()[0]}", file=sys.stderr)
         return 2
-    for env in args.envs:
+    unknown = [e for e in args.envs if e not in ENVS]
+    if unknown:
+        ap.error(f"unknown environment(s) {', '.join(unknown)}; choose from {', '.join(ENVS)}")
+    for env in args.envs or list(ENVS):
         try:
             build(env, gpu=args.gpu, force=args.force)
         except subprocess.CalledProcessError as exc:
