@@ -110,7 +110,7 @@ class DataConfig(Strict):
 class FinetuneConfig(Strict):
     method: Literal["qlora", "lora", "full"] = "qlora"
     device: Literal["cpu", "cuda"] = "cpu"
-    template: str = "qwen"
+    template: str = "chatml"  # LLaMA-Factory template name; must match the base model's chat format
     quantization_bit: Optional[Literal[4, 8]] = 4
     lora_rank: int = Field(64, ge=1)
     lora_alpha: int = Field(128, ge=1)
@@ -129,6 +129,9 @@ class FinetuneConfig(Strict):
     logging_steps: int = Field(5, ge=1)
     num_gpus: int = Field(0, ge=0)
     deepspeed: Optional[str] = None
+    merge: bool = False  # also write a merged full model (adapter merged onto the full-precision base)
+    verify_prompts: int = Field(5, ge=1)  # validation prompts whose greedy outputs must change
+    timeout_s: Optional[int] = Field(None, ge=60)  # stop training after this many seconds (checkpoints are kept)
 
     @model_validator(mode="after")
     def _method(self):

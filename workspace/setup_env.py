@@ -88,7 +88,8 @@ def build(env: str, gpu: bool = False, force: bool = False) -> bool:
     if not (venv / "bin" / "python").exists():
         _run([sys.executable, "-m", "venv", str(venv)])
     py = str(venv / "bin" / "python")
-    pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+    # quiet: a lock has ~150-230 pins; pip still prints errors. A fresh env takes 1-4 minutes.
+    pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--progress-bar", "off"]
     if env == "serve" and gpu:
         _run(pip + ["-r", str(REQ / GPU_SERVE)])
     else:

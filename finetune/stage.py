@@ -1,0 +1,124 @@
+"""The finetune stage end to end: train (or resume, or skip) -> verify the adapter -> loss curve -> optional
+merge -> manifest, with a progress bar in the terminal and the trainer's numbers as live MLflow metrics.
+
+Called by flows/finetune.py inside an MLflow stage run; tests call it directly.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from finetune.train import (
+    RENDERED, TRAIN_LOG, TRAINER_LOG, FinetuneResult, loss_curve_png, merge_adapter, plain_config,
+    render_llamafactory_config, train, verify_adapter, write_manifest,
+)
+from workspace.config import LoadedConfig
+
+
+def _metric_logger(progress: Progress, task_id, mlflow_run_id: str | None):
+    client = None
+    if mlflow_run_id:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+
+    def on_entry(entry: dict) -> None:
+        step = int(entry.get("current_steps", 0))
+        total = int(entry.get("total_steps", 0)) or None
+        shown = {}
+        if entry.get("loss") is not None:
+            shown["loss"] = f"{entry['loss']:.3f}"
+        if entry.get("lr") is not None:
+            shown["lr"] = f"{entry['lr']:.2e}"
+        progress.update(task_id, completed=step, total=total, **shown)
+        if client is None:
+            return
+        metrics = {"train/loss": entry.get("loss"), "train/learning_rate": entry.get("lr"),
+                   "train/epoch": entry.get("epoch"), "train/eval_loss": entry.get("eval_loss"),
+                   "train/tokens_per_s": entry.get("throughput"), "train/tokens_seen": entry.get("total_tokens")}
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client.log_batch(mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None])
+
+    return on_entry
+
+
+def run_finetune(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, mlflow_run_id: str | None = None,
+                 output_root: Path | None = None, console: Console | None = None, force: bool = False) -> FinetuneResult:
+    console = console or Console()
+    ft = loaded.config.finetune
+    with Progress(TextColumn("[finetune] step {task.completed}/{task.total}"), BarColumn(),
+                  TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}"), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=False) as progress:
+        task_id = progress.add_task("train", total=ft.max_steps if ft.max_steps > 0 else None, loss="-", lr="-")
+        result = train(loaded, dataset_dir, dataset_hash, on_entry=_metric_logger(progress, task_id, mlflow_run_id),
+                       timeout=ft.timeout_s, output_root=output_root, force=force)
+    if result.skipped:
+        console.print(f"[finetune] cache hit: {result.output_dir} holds a finished run with the same inputs")
+        return result
+    val = Path(dataset_dir) / "val.jsonl"
+    verification = {}
+    if val.exists() and ft.method != "full":
+        console.print("[finetune] verifying the adapter (loads with peft, changes greedy outputs, validation loss) ...")
+        verification = verify_adapter(loaded, result.adapter_dir, val, result.output_dir / "verification.json",
+                                      prompts=ft.verify_prompts)
+    loss_curve_png(result.output_dir, result.output_dir / "loss_curve.png")
+    extra = {"verification": {k: v for k, v in verification.items() if k != "examples"}}
+    if ft.merge and ft.method != "full":
+        console.print("[finetune] merging the adapter onto the full-precision base (llamafactory-cli export) ...")
+        extra["merged_model"] = str(merge_adapter(loaded, result))
+    write_manifest(result, extra)
+    return result
+
+
+def log_finetune(result: FinetuneResult, loaded: LoadedConfig) -> None:
+    """Params (the rendered LLaMA-Factory config), summary metrics and the artifacts of a finished stage."""
+    import mlflow
+
+    out = result.output_dir
+    m = result.manifest
+    rendered = render_llamafactory_config(loaded, Path(m["dataset_dir"]), out)
+    mlflow.log_params({f"lf.{k}": v for k, v in plain_config(rendered).items() if k not in ("output_dir", "dataset_dir")})
+    mlflow.log_params({"finetune.run_key": m["run_key"], "base_model": m["base_model"],
+                       "base_model_revision": m["base_model_revision"], "dataset_hash": m["dataset_hash"]})
+    mlflow.set_tags({"adapter_dir": str(out), "cache": "hit" if result.skipped else "miss"})
+    v = m.get("verification") or {}
+    summary = {"train/final_loss": m.get("final_train_loss"), "train/final_val_loss": m.get("final_val_loss"),
+               "train/best_val_loss": m.get("best_val_loss"), "train/trainable_params": m.get("trainable_params"),
+               "train/global_step": m.get("global_step"), "train/tokens_per_s_avg": m.get("tokens_per_s"),
+               "train/stage_wall_s": m.get("stage_wall_s"), "verify/val_loss_base": v.get("val_loss_base"),
+               "verify/val_loss_candidate": v.get("val_loss_candidate"),
+               "verify/outputs_differ_fraction": v.get("differ_fraction")}
+    mlflow.log_metrics({k: float(x) for k, x in summary.items() if x is not None})
+    for name in ("manifest.json", RENDERED, TRAINER_LOG, TRAIN_LOG, "loss_curve.png", "verification.json",
+                 "trainer_state.json"):
+        if (out / name).exists():
+            mlflow.log_artifact(str(out / name), "finetune")
+    adapter_files = [p for p in out.iterdir() if p.is_file() and (p.name.startswith("adapter_") or
+                     p.name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"))]
+    for p in adapter_files:
+        mlflow.log_artifact(str(p), "adapter")
+
+
+def summary_table(result: FinetuneResult) -> Table:
+    m = result.manifest
+    v = m.get("verification") or {}
+    t = Table(title=f"finetune: {result.output_dir}" + ("  (cache hit)" if result.skipped else ""))
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    rows = [("method", m.get("method")), ("steps", m.get("global_step")),
+            ("resumed from step", m.get("resumed_from_step")),
+            ("trainable params", f"{m['trainable_params']:,}" if m.get("trainable_params") else None),
+            ("final train loss", m.get("final_train_loss")), ("best val loss", m.get("best_val_loss")),
+            ("val loss base -> candidate", f"{v['val_loss_base']:.3f} -> {v['val_loss_candidate']:.3f}" if v else None),
+            ("outputs changed", f"{v.get('outputs_differ')}/{v.get('prompts')}" if v else None),
+            ("tokens/s", m.get("tokens_per_s")), ("stage wall s", m.get("stage_wall_s"))]
+    for k, val in rows:
+        if val is not None:
+            t.add_row(k, f"{val:.4f}" if isinstance(val, float) and val < 100 else str(val))
+    return t

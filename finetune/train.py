@@ -1,0 +1,397 @@
+"""Finetune stage: render a complete LLaMA-Factory YAML from the workspace config, run `llamafactory-cli train`
+in the train environment while following its trainer log (progress bar + live MLflow metrics), resume from the
+last checkpoint after an interruption, skip a finished run with the same inputs, then verify the adapter
+(it loads with peft and changes greedy outputs) and write a manifest.
+
+Called by flows/finetune.py (`make finetune`) and by tests as plain functions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from workspace.config import LoadedConfig
+from workspace.envrunner import EnvCommandError, run_in_env
+from workspace.paths import MODELS, resolve
+from workspace.tracking import git_commit
+
+FINETUNE_VERSION = "1"
+MANIFEST = "manifest.json"
+RENDERED = "llamafactory_train.yaml"
+TRAINER_LOG = "trainer_log.jsonl"
+TRAIN_LOG = "train.log"
+
+
+class FinetuneError(RuntimeError):
+    """The stage failed; the message names the cause and the log file."""
+
+
+# ------------------------------------------------------------------------------------------- base model
+def base_model_ref(loaded: LoadedConfig) -> tuple[str, str]:
+    """(model_name_or_path for LLaMA-Factory, a revision/fingerprint string for the manifest and the cache key)."""
+    bm = loaded.config.base_model
+    if bm.source == "hub":
+        return bm.hub_id, f"hub:{bm.hub_id}@{bm.revision or 'main'}"  # type: ignore[return-value]
+    path = resolve(bm.path)
+    if not (path / "config.json").exists():
+        hint = "run `make base-model`" if bm.source == "build" else "set base_model.path to a model folder"
+        raise FinetuneError(f"base model not found: {bm.path} has no config.json; {hint}")
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".model")):
+        with open(path / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return str(path), f"sha256:{h.hexdigest()[:16]}"
+
+
+# --------------------------------------------------------------------------------------------- render
+def render_llamafactory_config(loaded: LoadedConfig, dataset_dir: Path, output_dir: Path) -> dict:
+    """The complete YAML that `llamafactory-cli train` runs: anyone can rerun it by hand."""
+    ft = loaded.config.finetune
+    model, _ = base_model_ref(loaded)
+    cfg: dict = {
+        "### model": None,
+        "model_name_or_path": model,
+        "trust_remote_code": False,
+    }
+    if loaded.config.base_model.source == "hub" and loaded.config.base_model.revision:
+        cfg["model_revision"] = loaded.config.base_model.revision
+    cfg.update({
+        "### method": None,
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "full" if ft.method == "full" else "lora",
+    })
+    if ft.method != "full":
+        cfg.update({"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_dropout": ft.lora_dropout,
+                    "lora_target": ft.lora_target})
+    if ft.method == "qlora":
+        cfg.update({"quantization_bit": ft.quantization_bit, "quantization_method": "bitsandbytes",
+                    "quantization_type": "nf4", "double_quantization": True})
+    if ft.deepspeed:
+        cfg["deepspeed"] = str(resolve(ft.deepspeed))
+    cfg.update({
+        "### dataset": None,
+        "dataset_dir": str(dataset_dir),
+        "dataset": "train",
+        "template": ft.template,
+        "cutoff_len": ft.cutoff_len,
+        "overwrite_cache": True,
+        "preprocessing_num_workers": 1 if ft.device == "cpu" else 8,
+        "dataloader_num_workers": 0,
+        "### output": None,
+        "output_dir": str(output_dir),
+        "logging_steps": ft.logging_steps,
+        "save_steps": ft.save_steps,
+        "save_total_limit": 3,
+        "plot_loss": False,
+        "overwrite_output_dir": False,  # keep checkpoints: a rerun resumes from the last one
+        "save_only_model": False,
+        "report_to": "none",  # the workspace follows trainer_log.jsonl and logs to MLflow itself
+        "### train": None,
+        "per_device_train_batch_size": ft.batch_size,
+        "gradient_accumulation_steps": ft.gradient_accumulation,
+        "learning_rate": ft.learning_rate,
+        "num_train_epochs": ft.num_epochs,
+        "max_steps": ft.max_steps,
+        "lr_scheduler_type": ft.lr_scheduler,
+        "warmup_ratio": ft.warmup_ratio,
+        "seed": loaded.config.project.seed,
+        "include_num_input_tokens_seen": True,
+    })
+    if ft.device == "cpu":
+        cfg.update({"use_cpu": True, "bf16": False, "fp16": False})
+    else:
+        cfg.update({"bf16": ft.bf16, "fp16": not ft.bf16, "ddp_timeout": 180000000})
+    if (dataset_dir / "val.jsonl").exists():
+        cfg.update({"### eval": None, "eval_dataset": "val", "per_device_eval_batch_size": ft.batch_size,
+                    "eval_strategy": "steps", "eval_steps": ft.save_steps})
+    return cfg
+
+
+def dump_rendered(cfg: dict, command_hint: str) -> str:
+    """YAML with section comments (keys starting with ###) and the command that runs it on top."""
+    lines = [f"# {command_hint}", "# Rendered by the workspace from configs/pipeline.yaml (+ profile, --set); edit those, not this."]
+    for key, value in cfg.items():
+        if key.startswith("###"):
+            lines.append(f"\n{key}")
+            continue
+        lines.append(yaml.safe_dump({key: value}, allow_unicode=True, default_flow_style=True, width=10_000).strip()
+                     .removeprefix("{").removesuffix("}"))
+    return "\n".join(lines) + "\n"
+
+
+def plain_config(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("###")}
+
+
+def run_key(loaded: LoadedConfig, dataset_hash: str) -> str:
+    """Cache key of a training run: everything that changes the adapter (not the output path)."""
+    _, base_rev = base_model_ref(loaded)
+    ft = loaded.config.finetune.model_dump(mode="json")
+    blob = json.dumps({"finetune": ft, "seed": loaded.config.project.seed, "dataset": dataset_hash, "base": base_rev,
+                       "version": FINETUNE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# -------------------------------------------------------------------------------------------- follow
+class TrainerLogFollower:
+    """Tails LLaMA-Factory's trainer_log.jsonl while training runs; calls on_entry for each new line."""
+
+    def __init__(self, path: Path, on_entry: Callable[[dict], None], poll: float = 0.5):
+        self.path, self.on_entry, self.poll = path, on_entry, poll
+        self._offset = path.stat().st_size if path.exists() else 0  # a resumed run: only new lines
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._read()  # whatever was written last
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll):
+            self._read()
+
+    def _read(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as fh:
+            fh.seek(self._offset)
+            while True:
+                line = fh.readline()
+                if not line or not line.endswith("\n"):
+                    break
+                self._offset = fh.tell()
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                try:
+                    self.on_entry(entry)
+                except Exception as exc:  # noqa: BLE001 - a logging hiccup must not stop training
+                    print(f"[finetune] could not record a trainer log entry: {exc}")
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    ckpts = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+# ---------------------------------------------------------------------------------------------- result
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    adapter_dir: Path
+    manifest: dict
+    skipped: bool
+    resumed_from: Optional[int] = None
+
+
+_TRAINABLE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
+_OOM = ("out of memory", "OutOfMemoryError", "Killed", "Cannot allocate memory")
+
+
+def explain_failure(exc: EnvCommandError, log_path: Path) -> str:
+    text = "\n".join(exc.tail)
+    if exc.returncode in (-9, 137) or any(s in text for s in _OOM):
+        cause = "the training process ran out of memory (killed). Lower finetune.batch_size or finetune.cutoff_len, or use method qlora"
+    elif "dataset_info.json" in text or "Cannot open" in text and "dataset_info" in text:
+        cause = "LLaMA-Factory could not read the dataset (dataset_info.json). Run `make prepare` first"
+    elif "No such file or directory" in text and "config.json" in text:
+        cause = "the base model folder is incomplete. Run `make base-model`"
+    elif exc.returncode is not None and exc.returncode < 0:
+        cause = f"the training process was stopped by signal {-exc.returncode}"
+    else:
+        last = next((l for l in reversed(exc.tail) if l.strip()), "no output")
+        cause = f"LLaMA-Factory crashed (exit code {exc.returncode}): {last.strip()[:300]}"
+    return f"finetune failed: {cause}. Full log: {log_path}. Checkpoints written so far are kept in {log_path.parent}."
+
+
+def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entry: Callable[[dict], None] | None = None,
+          timeout: float | None = None, output_root: Path | None = None, echo: bool = False,
+          force: bool = False) -> FinetuneResult:
+    """Run (or resume, or skip) the training. Raises FinetuneError with the cause and the log file."""
+    dataset_dir = Path(dataset_dir)
+    if not (dataset_dir / "dataset_info.json").exists():
+        raise FinetuneError(f"{dataset_dir} has no dataset_info.json: run `make prepare` first (or point at a "
+                            "folder written by the prepare stage)")
+    key = run_key(loaded, dataset_hash)
+    output_dir = (output_root or MODELS / "adapters") / f"{loaded.config.project.name}-{key}"
+    manifest_path = output_dir / MANIFEST
+    if force and output_dir.exists():
+        shutil.rmtree(output_dir)  # --force: train from scratch, checkpoints included
+    if manifest_path.exists():
+        return FinetuneResult(output_dir, output_dir, json.loads(manifest_path.read_text()), skipped=True)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg = render_llamafactory_config(loaded, dataset_dir, output_dir)
+    rendered = output_dir / RENDERED
+    tmp = rendered.with_suffix(".tmp")
+    tmp.write_text(dump_rendered(cfg, f"llamafactory-cli train {rendered}"), encoding="utf-8")
+    tmp.replace(rendered)
+    ckpt = latest_checkpoint(output_dir)
+    resumed_from = int(ckpt.name.split("-")[-1]) if ckpt else None
+    if ckpt:
+        print(f"[finetune] resuming from {ckpt.name} (an earlier run with the same inputs was interrupted)")
+
+    trainable: dict[str, int] = {}
+
+    def on_line(line: str) -> None:
+        m = _TRAINABLE.search(line)
+        if m:
+            trainable["trainable"] = int(m.group(1).replace(",", ""))
+            trainable["total"] = int(m.group(2).replace(",", ""))
+
+    log_path = output_dir / TRAIN_LOG
+    extra_env = {"DISABLE_VERSION_CHECK": "1", "LLAMAFACTORY_VERBOSITY": "INFO"}
+    ft = loaded.config.finetune
+    if ft.device == "cuda" and ft.num_gpus > 1:
+        extra_env.update({"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": str(ft.num_gpus)})
+    t0 = time.time()
+    try:
+        with TrainerLogFollower(output_dir / TRAINER_LOG, on_entry or (lambda e: None)):
+            run_in_env("train", ["llamafactory-cli", "train", str(rendered)], timeout=timeout, log_path=log_path,
+                       on_line=on_line, echo=echo, hub_enabled=loaded.config.hub.enabled, extra_env=extra_env,
+                       what="llamafactory-cli train")
+    except EnvCommandError as exc:
+        raise FinetuneError(explain_failure(exc, log_path)) from exc
+    seconds = time.time() - t0
+    adapter_files = ("adapter_model.safetensors", "model.safetensors")
+    if not any((output_dir / f).exists() for f in adapter_files):
+        raise FinetuneError(f"llamafactory-cli train finished but wrote no adapter/model in {output_dir}. Log: {log_path}")
+
+    state = json.loads((output_dir / "trainer_state.json").read_text()) if (output_dir / "trainer_state.json").exists() else {}
+    history = state.get("log_history", [])
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    tokens = next((h.get("num_input_tokens_seen") for h in reversed(history) if h.get("num_input_tokens_seen")), None)
+    train_runtime = next((h.get("train_runtime") for h in reversed(history) if "train_runtime" in h), None)
+    model, base_rev = base_model_ref(loaded)
+    manifest = {
+        "run_key": key,
+        "method": ft.method,
+        "base_model": model,
+        "base_model_revision": base_rev,
+        "dataset_dir": str(dataset_dir),
+        "dataset_hash": dataset_hash,
+        "config_hash": loaded.hash,
+        "profile": loaded.profile,
+        "git_commit": git_commit(),
+        "trainable_params": trainable.get("trainable"),
+        "total_params": trainable.get("total"),
+        "global_step": state.get("global_step"),
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "final_val_loss": eval_losses[-1] if eval_losses else None,
+        "best_val_loss": min(eval_losses) if eval_losses else None,
+        "tokens_seen": tokens,
+        "train_runtime_s": train_runtime,
+        "stage_wall_s": round(seconds, 1),
+        "tokens_per_s": round(tokens / train_runtime, 1) if tokens and train_runtime else None,
+        "resumed_from_step": resumed_from,
+        "rendered_config": RENDERED,
+        "lora_rank": ft.lora_rank if ft.method != "full" else None,
+    }
+    return FinetuneResult(output_dir, output_dir, manifest, skipped=False, resumed_from=resumed_from)
+
+
+def write_manifest(result: FinetuneResult, extra: dict | None = None) -> None:
+    """Written last: its presence marks a finished run (the next identical run is skipped)."""
+    manifest = dict(result.manifest)
+    manifest.update(extra or {})
+    tmp = result.output_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(result.output_dir / MANIFEST)
+    result.manifest = manifest
+
+
+def loss_curve_png(output_dir: Path, path: Path) -> Optional[Path]:
+    state_file = output_dir / "trainer_state.json"
+    if not state_file.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = json.loads(state_file.read_text()).get("log_history", [])
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"Finetune loss: {output_dir.name}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def merge_adapter(loaded: LoadedConfig, result: FinetuneResult, timeout: float | None = None) -> Path:
+    """`llamafactory-cli export`: the adapter merged onto the FULL-PRECISION base (a 4-bit base cannot be
+    merged: LLaMA-Factory refuses by design), written next to the adapter."""
+    model, _ = base_model_ref(loaded)
+    export_dir = result.output_dir / "merged"
+    if (export_dir / "config.json").exists():
+        return export_dir
+    cfg = {"model_name_or_path": model, "adapter_name_or_path": str(result.adapter_dir),
+           "template": loaded.config.finetune.template, "finetuning_type": "lora", "trust_remote_code": False,
+           "export_dir": str(export_dir) + ".tmp", "export_size": 5, "export_device": "cpu", "export_legacy_format": False}
+    path = result.output_dir / "llamafactory_export.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    try:
+        run_in_env("train", ["llamafactory-cli", "export", str(path)], timeout=timeout,
+                   log_path=result.output_dir / "export.log", echo=False, extra_env={"DISABLE_VERSION_CHECK": "1"},
+                   what="llamafactory-cli export")
+    except EnvCommandError as exc:
+        raise FinetuneError(f"merge failed: {exc}") from exc
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    Path(str(export_dir) + ".tmp").rename(export_dir)
+    return export_dir
+
+
+class AdapterNoEffectError(FinetuneError):
+    """The adapter loads but its greedy outputs equal the base model's on every probe prompt."""
+
+
+def verify_adapter(loaded: LoadedConfig, adapter_dir: Path, val_file: Path, out: Path, *, prompts: int = 5,
+                   timeout: float = 900) -> dict:
+    """Run finetune/verify_adapter.py in the train env (peft lives there). Raises AdapterNoEffectError."""
+    model, _ = base_model_ref(loaded)
+    argv = ["python", "-m", "finetune.verify_adapter", "--base", model, "--adapter", str(adapter_dir), "--data",
+            str(val_file), "--out", str(out), "--prompts", str(prompts), "--max-len", str(loaded.config.finetune.cutoff_len)]
+    try:
+        run_in_env("train", argv, timeout=timeout, log_path=out.with_suffix(".log"), echo=False,
+                   hub_enabled=loaded.config.hub.enabled, what="adapter verification")
+    except EnvCommandError as exc:
+        report = json.loads(out.read_text()) if out.exists() else {}
+        if exc.returncode == 3:
+            raise AdapterNoEffectError(
+                f"adapter {adapter_dir} changes nothing: its greedy outputs equal the base model's on all "
+                f"{report.get('prompts', prompts)} probe prompts (sum of |lora_B| = {report.get('lora_b_norm', 0):.3g}). "
+                "A LoRA that loads but does nothing usually means training did not update it (learning rate 0, "
+                "zero steps, frozen modules, or a wrong lora_target). Report: " + str(out)) from exc
+        if exc.returncode == 2:
+            raise FinetuneError(f"adapter {adapter_dir} does not load on {model}: {report.get('error')}. Report: {out}") from exc
+        raise FinetuneError(f"adapter verification failed: {exc}") from exc
+    return json.loads(out.read_text())

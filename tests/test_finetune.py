@@ -1,0 +1,158 @@
+"""The finetune stage with the real LLaMA-Factory on the tiny base model: rendering, a QLoRA run with live
+MLflow metrics, skip on unchanged rerun, resume after a kill, verification that refuses a do-nothing adapter,
+and failures that name their cause."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from finetune.prepare import prepare_dataset
+from finetune.stage import log_finetune, run_finetune
+from finetune.train import (
+    RENDERED, AdapterNoEffectError, FinetuneError, dump_rendered, plain_config, render_llamafactory_config,
+    run_key, train, verify_adapter,
+)
+from workspace.config import load_config
+from workspace.envrunner import run_in_env
+from workspace.paths import ROOT, VENVS, resolve
+
+TINY = ["finetune.max_steps=6", "finetune.save_steps=3", "finetune.logging_steps=1", "finetune.lora_rank=8",
+        "finetune.lora_alpha=16", "finetune.batch_size=4", "finetune.verify_prompts=2"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("processed")
+    loaded = load_config(overrides=[f"data.output_dir={out}"])
+    return prepare_dataset(loaded)
+
+
+def test_rendered_config_for_the_cpu_default(tmp_path, prepared):
+    loaded = load_config()
+    cfg = render_llamafactory_config(loaded, prepared.path, tmp_path / "out")
+    plain = plain_config(cfg)
+    assert plain["stage"] == "sft" and plain["finetuning_type"] == "lora"
+    assert plain["quantization_bit"] == 4 and plain["quantization_method"] == "bitsandbytes"
+    assert plain["lora_rank"] == 64 and plain["lora_alpha"] == 128 and plain["lora_target"] == "all"
+    assert plain["template"] == "chatml" and plain["use_cpu"] is True and plain["bf16"] is False
+    assert plain["eval_dataset"] == "val" and plain["overwrite_output_dir"] is False
+    text = dump_rendered(cfg, "llamafactory-cli train x.yaml")
+    assert text.startswith("# llamafactory-cli train x.yaml")
+    assert yaml.safe_load(text) == plain  # the rendered file is exactly the config, comments aside
+
+
+def test_rendered_config_for_gpu_profiles_and_lora(tmp_path, prepared):
+    loaded = load_config(profile="a100x1_qwen32b_qlora")
+    plain = plain_config(render_llamafactory_config(loaded, prepared.path, tmp_path))
+    assert plain["model_name_or_path"] == "Qwen/Qwen2.5-32B-Instruct" and plain["template"] == "qwen"
+    assert plain["bf16"] is True and "use_cpu" not in plain and plain["gradient_accumulation_steps"] == 4
+    lora = plain_config(render_llamafactory_config(load_config(overrides=["finetune.method=lora",
+                                                                          "finetune.quantization_bit=null"]),
+                                                   prepared.path, tmp_path))
+    assert "quantization_bit" not in lora and lora["finetuning_type"] == "lora"
+
+
+def test_qlora_run_logs_live_metrics_verifies_and_is_skipped_when_unchanged(tmp_path, prepared, tmp_tracking):
+    import mlflow
+
+    from workspace.tracking import stage_run
+
+    loaded = load_config(overrides=TINY + tmp_tracking)
+    with stage_run(loaded, "finetune") as run:
+        result = run_finetune(loaded, prepared.path, prepared.content_hash, mlflow_run_id=run.info.run_id,
+                              output_root=tmp_path / "adapters")
+        log_finetune(result, loaded)
+    out = result.output_dir
+    m = json.loads((out / "manifest.json").read_text())
+    for key in ("base_model", "base_model_revision", "dataset_hash", "config_hash", "git_commit", "trainable_params",
+                "final_val_loss", "best_val_loss"):
+        assert m[key] is not None, key
+    assert m["dataset_hash"] == prepared.content_hash and m["global_step"] == 6
+    assert m["verification"]["outputs_differ"] >= 1
+    assert m["verification"]["val_loss_candidate"] < m["verification"]["val_loss_base"]
+    assert (out / "adapter_model.safetensors").exists() and (out / "loss_curve.png").exists()
+    assert yaml.safe_load((out / RENDERED).read_text())["quantization_bit"] == 4
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) >= 5 and sorted(h.step for h in history)[-1] == 6  # per-step, not only the final value
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "finetune")}
+    assert {"finetune/loss_curve.png", f"finetune/{RENDERED}", "finetune/manifest.json"} <= arts
+    assert client.get_run(run.info.run_id).data.params["lf.quantization_bit"] == "4"
+
+    t0 = time.time()
+    again = run_finetune(loaded, prepared.path, prepared.content_hash, output_root=tmp_path / "adapters")
+    assert again.skipped and again.output_dir == out and time.time() - t0 < 10
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, prepared):
+    loaded = load_config(overrides=["finetune.max_steps=12", "finetune.save_steps=3", "finetune.logging_steps=1",
+                                    "finetune.lora_rank=8", "finetune.batch_size=4"])
+    out = tmp_path / "adapters" / f"{loaded.config.project.name}-{run_key(loaded, prepared.content_hash)}"
+    out.mkdir(parents=True)
+    rendered = out / RENDERED
+    rendered.write_text(dump_rendered(render_llamafactory_config(loaded, prepared.path, out), "test"))
+    env = dict(os.environ, DISABLE_VERSION_CHECK="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([str(VENVS["train"] / "bin" / "llamafactory-cli"), "train", str(rendered)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not (out / "checkpoint-3" / "trainer_state.json").exists():
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            time.sleep(0.5)
+        assert (out / "checkpoint-3").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # as an OOM killer or a power cut would
+        proc.wait()
+    assert not (out / "manifest.json").exists()
+    result = train(loaded, prepared.path, prepared.content_hash, output_root=tmp_path / "adapters")
+    assert result.resumed_from is not None and result.resumed_from >= 3
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 12
+    assert "Resuming training from" in (out / "train.log").read_text()
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps[-1] == 12
+
+
+def test_verification_refuses_a_zero_initialised_adapter(tmp_path, prepared):
+    base = resolve(load_config().config.base_model.path)
+    adapter = tmp_path / "zero-adapter"
+    code = (
+        "import sys; from transformers import AutoModelForCausalLM; from peft import LoraConfig, get_peft_model\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "p = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules='all-linear'))  # B = 0 at init\n"
+        "p.save_pretrained(sys.argv[2])\n"
+    )
+    run_in_env("train", ["python", "-c", code, str(base), str(adapter)], timeout=300, echo=False)
+    with pytest.raises(AdapterNoEffectError, match=r"changes nothing.*all 3 probe prompts"):
+        verify_adapter(load_config(), adapter, prepared.path / "val.jsonl", tmp_path / "v.json", prompts=3)
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["outputs_differ"] == 0 and report["lora_b_norm"] == 0
+
+
+def test_failures_name_their_cause(tmp_path, prepared, tmp_tracking):
+    loaded = load_config(overrides=TINY)
+    with pytest.raises(FinetuneError, match="has no dataset_info.json: run `make prepare`"):
+        train(loaded, tmp_path, "x", output_root=tmp_path / "a")
+    missing = load_config(overrides=TINY + [f"base_model.path={tmp_path / 'nope'}"])
+    with pytest.raises(FinetuneError, match="base model not found.*make base-model"):
+        train(missing, prepared.path, prepared.content_hash, output_root=tmp_path / "a")
+
+    import mlflow
+
+    from workspace.tracking import stage_run
+
+    broken = load_config(overrides=TINY + tmp_tracking + ["finetune.template=no_such_template"])
+    run_id = None
+    with pytest.raises(FinetuneError) as err:
+        with stage_run(broken, "finetune") as run:
+            run_id = run.info.run_id
+            train(broken, prepared.path, prepared.content_hash, output_root=tmp_path / "b")
+    msg = str(err.value)
+    assert "LLaMA-Factory crashed" in msg and "train.log" in msg and "no_such_template" in msg
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "FAILED"
