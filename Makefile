@@ -10,7 +10,7 @@ SET ?=
 GPU ?= 0
 CFG_ARGS := --config $(CONFIG) $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup envs base-model data doctor test pipeline prepare finetune bench bench-prepare bench-finetune clean-models
+.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval bench bench-prepare bench-finetune clean-models
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -32,15 +32,19 @@ doctor: envs  ## check the three environments and engines for real; non-zero exi
 test: setup  ## the test suite (real engines on tiny inputs)
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
-pipeline: setup  ## the whole job on the configured profile (grows as stages land: base model -> prepare -> finetune)
+pipeline: setup  ## the whole job on the configured profile (grows as stages land: base model -> prepare -> finetune -> eval)
 	@$(PY) -m flows.prepare $(CFG_ARGS)
 	@$(PY) -m flows.finetune $(CFG_ARGS)
+	@$(PY) -m flows.evaluate $(CFG_ARGS)
 
 prepare: setup  ## validate, clean, mask and split data/raw into data/processed/<hash> (FORCE=1 redoes it)
 	@$(PY) -m flows.prepare $(CFG_ARGS) $(if $(FORCE),--force)
 
 finetune: setup  ## QLoRA/LoRA with LLaMA-Factory on the prepared data (resumes; skips when done; FORCE=1 retrains)
 	@$(PY) -m flows.finetune $(CFG_ARGS) $(if $(FORCE),--force)
+
+eval: setup  ## KoBEST (lm-eval) + custom DeepEval metrics for base and candidate; report + MLflow runs
+	@$(PY) -m flows.evaluate $(CFG_ARGS)
 
 bench: bench-prepare bench-finetune  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 

@@ -21,7 +21,7 @@ offline.apply()
 
 from finetune.prepare import prepare_dataset  # noqa: E402
 from finetune.stage import run_finetune  # noqa: E402
-from finetune.train import RENDERED, dump_rendered, plain_config  # noqa: E402
+from finetune.train import dump_rendered, plain_config  # noqa: E402
 from workspace.benchmarks import update_section  # noqa: E402
 from workspace.config import add_cli_args, load_from_args  # noqa: E402
 from workspace.envrunner import run_in_env  # noqa: E402
@@ -36,22 +36,24 @@ def main(argv: list[str] | None = None) -> int:
     prepared = prepare_dataset(loaded)
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-", dir=Path.cwd() / "models"))
     try:
-        t0 = time.perf_counter()
-        result = run_finetune(loaded, prepared.path, prepared.content_hash, output_root=work / "stage")
-        stage_s = time.perf_counter() - t0
-        m = result.manifest
-        v = m.get("verification") or {}
+        # 1) plain `llamafactory-cli train` on the YAML the stage renders (run first: the stage must not profit
+        #    from warm caches), 2) the stage itself, from scratch, into another folder
+        from finetune.train import render_llamafactory_config
 
-        # the same YAML, run by hand, into another folder
         plain_dir = work / "plain"
-        cfg = plain_config(json.loads(json.dumps(_reload(result.output_dir / RENDERED))))
-        cfg["output_dir"] = str(plain_dir)
+        cfg = plain_config(render_llamafactory_config(loaded, prepared.path, plain_dir))
         plain_yaml = work / "plain.yaml"
         plain_yaml.write_text(dump_rendered(cfg, f"llamafactory-cli train {plain_yaml}"), encoding="utf-8")
         t1 = time.perf_counter()
         run_in_env("train", ["llamafactory-cli", "train", str(plain_yaml)], log_path=work / "plain.log", echo=False,
                    extra_env={"DISABLE_VERSION_CHECK": "1"})
         plain_s = time.perf_counter() - t1
+
+        t0 = time.perf_counter()
+        result = run_finetune(loaded, prepared.path, prepared.content_hash, output_root=work / "stage")
+        stage_s = time.perf_counter() - t0
+        m = result.manifest
+        v = m.get("verification") or {}
         train_part = m["stage_wall_s"]
         ft = loaded.config.finetune
         print(f"stage {stage_s:.0f} s (training {train_part:.0f} s, verification {v.get('seconds')} s); plain "
@@ -78,12 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if stage_s < 300 else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _reload(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

@@ -395,3 +395,9 @@ def verify_adapter(loaded: LoadedConfig, adapter_dir: Path, val_file: Path, out:
             raise FinetuneError(f"adapter {adapter_dir} does not load on {model}: {report.get('error')}. Report: {out}") from exc
         raise FinetuneError(f"adapter verification failed: {exc}") from exc
     return json.loads(out.read_text())
+
+
+def finished_run(loaded: LoadedConfig, dataset_hash: str, output_root: Path | None = None) -> Optional[Path]:
+    """The folder of a finished finetune run for these inputs (its manifest exists), or None."""
+    out = (output_root or MODELS / "adapters") / f"{loaded.config.project.name}-{run_key(loaded, dataset_hash)}"
+    return out if (out / MANIFEST).exists() else None

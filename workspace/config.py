@@ -163,7 +163,10 @@ class EvalConfig(Strict):
     backend: Literal["hf", "vllm"] = "hf"
     num_fewshot: int = Field(0, ge=0)
     limit: Optional[int] = Field(None, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(320, ge=1)
+    custom_limit: Optional[int] = Field(100, ge=1)  # test items generated for the custom metrics (None: all)
+    custom_task_name: str = "screens"
+    concurrency: int = Field(4, ge=1)  # requests in flight against a served endpoint
     custom_metrics: list[MetricSpec] = [
         MetricSpec(name="xml_valid", threshold=0.8),
         MetricSpec(name="xml_structure", threshold=0.6),
@@ -184,9 +187,9 @@ class GateRule(Strict):
 
 class GateConfig(Strict):
     rules: list[GateRule] = [
-        GateRule(name="xml-valid-floor", kind="floor", metric="eval/custom/xml_valid", threshold=0.8),
-        GateRule(name="kobest-no-regression", kind="no_regression", metric="eval/kobest_*/acc", tolerance=0.05),
-        GateRule(name="field-f1-improves", kind="improvement", metric="eval/custom/field_f1", confidence=0.95),
+        GateRule(name="xml-valid-floor", kind="floor", metric="eval/custom/screens/xml_valid", threshold=0.8),
+        GateRule(name="kobest-no-regression", kind="no_regression", metric="eval/kobest/*/acc", tolerance=0.05),
+        GateRule(name="field-f1-improves", kind="improvement", metric="eval/custom/screens/field_f1", confidence=0.95),
         GateRule(name="adapter-changes-outputs", kind="adapter_changes_outputs"),
     ]
     bootstrap_samples: int = Field(2000, ge=100)

@@ -60,6 +60,34 @@ def env_bin(env: str, program: str) -> Path:
     return path
 
 
+def _child_env(env: str, program: Path, hub_enabled: bool, extra_env: Optional[dict[str, str]]) -> dict[str, str]:
+    env_vars = offline.subprocess_env(hub_enabled, extra_env)
+    env_vars["PYTHONUNBUFFERED"] = "1"
+    # the venv's bin first, so console scripts that spawn helpers find the right interpreter
+    env_vars["PATH"] = f"{program.parent}{os.pathsep}{env_vars.get('PATH', '')}"
+    env_vars.pop("PYTHONHOME", None)
+    # the workspace's own modules that run inside the train/serve envs (e.g. serving.vllm_launcher)
+    env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env_vars.get("PYTHONPATH", "")) if p)
+    env_vars["VIRTUAL_ENV"] = str(VENVS[env])
+    return env_vars
+
+
+def spawn_in_env(env: str, argv: Sequence[str], *, log_path: Path, extra_env: Optional[dict[str, str]] = None,
+                 hub_enabled: bool = False, cwd: Optional[Path] = None) -> subprocess.Popen:
+    """Start a long-running command (a server) in env, in its own process group, output to log_path.
+    Stop it with stop_process_group(proc): by its PID, never by name."""
+    program = env_bin(env, argv[0])
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "a", encoding="utf-8")
+    try:
+        return subprocess.Popen([str(program), *argv[1:]], cwd=cwd or ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=_child_env(env, program, hub_enabled, extra_env),
+                                start_new_session=True)
+    finally:
+        log.close()  # the child holds its own descriptor
+
+
 def run_in_env(
     env: str,
     argv: Sequence[str],
@@ -81,14 +109,7 @@ def run_in_env(
     program = env_bin(env, argv[0])
     cmd = [str(program), *argv[1:]]
     what = what or " ".join([argv[0], *argv[1:3]])
-    env_vars = offline.subprocess_env(hub_enabled, extra_env)
-    env_vars["PYTHONUNBUFFERED"] = "1"
-    # the venv's bin first, so console scripts that spawn helpers find the right interpreter
-    env_vars["PATH"] = f"{program.parent}{os.pathsep}{env_vars.get('PATH', '')}"
-    env_vars.pop("PYTHONHOME", None)
-    # the workspace's own modules that run inside the train/serve envs (e.g. serving.vllm_launcher)
-    env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env_vars.get("PYTHONPATH", "")) if p)
-    env_vars["VIRTUAL_ENV"] = str(VENVS[env])
+    env_vars = _child_env(env, program, hub_enabled, extra_env)
 
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     log = None

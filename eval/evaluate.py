@@ -1,0 +1,261 @@
+"""One `evaluate(model, suites)` for base, candidate and champion alike, on identical items.
+
+Suites: `kobest` (lm-evaluation-harness, eval/kobest.py) and `custom` (greedy generations on the held-out test
+split scored by DeepEval metrics, eval/metrics.py, plus the LLM judge when configured). Writes per-item results
+(JSONL), aggregate metrics named `eval/<suite>/<task>/<metric>`, generation speed, and is cached by (model hash,
+adapter hash, task data hash, task config hash, backend). `compare_report` writes the Markdown report and the
+comparison plot. Called by flows/evaluate.py; tests call it directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from workspace.config import LoadedConfig
+from workspace.paths import CONFIGS, DATA_PROCESSED, resolve
+
+from eval.kobest import EvalError, local_files, run_kobest
+
+EVAL_VERSION = "1"
+SUITES = ("kobest", "custom")
+
+
+@dataclass
+class ModelRef:
+    """What is evaluated: a base model (path or hub id) and an optional LoRA adapter folder."""
+
+    name: str
+    base: str
+    adapter: Optional[str] = None
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.base.encode())
+        for root in filter(None, (self.base, self.adapter)):
+            p = Path(root)
+            if p.is_dir():
+                for f in sorted(p.iterdir()):
+                    if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model", ".jinja"):
+                        h.update(f.name.encode())
+                        h.update(hashlib.sha256(f.read_bytes()).digest())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class EvalResult:
+    model: ModelRef
+    metrics: dict[str, float]
+    items_path: Path
+    out_dir: Path
+    cached: bool
+    info: dict = field(default_factory=dict)
+
+
+def _files_hash(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.name).encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest() if p.exists() else b"missing")
+    return h.hexdigest()[:16]
+
+
+def cache_key(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...], test_file: Optional[Path], backend: str) -> str:
+    cfg = loaded.config.eval
+    data = []
+    if "kobest" in suites and cfg.kobest_source == "local":
+        for task in cfg.kobest_tasks:
+            data += list(local_files(task, resolve(cfg.kobest_dir)).values())
+    if "custom" in suites and test_file:
+        data.append(Path(test_file))
+    task_cfg = _files_hash(list((CONFIGS / "tasks").glob("*")) + list(Path(__file__).parent.glob("*.py")))
+    blob = json.dumps({"model": model.fingerprint(), "data": _files_hash(data), "tasks": task_cfg,
+                       "eval": cfg.model_dump(mode="json"), "suites": sorted(suites), "backend": backend,
+                       "version": EVAL_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backend: str, endpoint: Optional[dict],
+                  progress=None) -> tuple[dict[str, float], list[dict], dict]:
+    from deepeval.test_case import LLMTestCase
+
+    from eval.generate import generate_hf, generate_openai, load_items
+    from eval.judge import check_judge, judge_metric, score_with_judge
+    from eval.metrics import build_metrics
+
+    cfg = loaded.config.eval
+    items = load_items(test_file, cfg.custom_limit)
+    if not items:
+        raise EvalError(f"custom suite: {test_file} has no items")
+    if backend == "hf":
+        gens = generate_hf(model.base, model.adapter, items, cfg.max_new_tokens, progress=progress)
+    else:
+        gens = generate_openai(endpoint, items, cfg.max_new_tokens, progress=progress)
+    metrics = build_metrics(cfg.custom_metrics)
+    judge, judge_skip = check_judge(cfg.judge)
+    geval = judge_metric(judge, cfg.judge) if judge else None
+    task = cfg.custom_task_name
+    rows, sums = [], {m.name: 0.0 for m in metrics}
+    if geval:
+        sums["judge"] = 0.0
+    for item, output in zip(items, gens.outputs):
+        case = LLMTestCase(input=item["messages"][-1]["content"], actual_output=output, expected_output=item["reference"])
+        scores, reasons = {}, {}
+        for m in metrics:
+            scores[m.name] = m.measure(case)
+            reasons[m.name] = m.reason
+            sums[m.name] += scores[m.name]
+        if geval:
+            scores["judge"], reasons["judge"] = score_with_judge(geval, case)
+            sums["judge"] += scores["judge"]
+        rows.append({"suite": "custom", "task": task, "id": item["id"], "prompt": item["messages"][-1]["content"],
+                     "output": output, "reference": item["reference"], "scores": scores, "reasons": reasons})
+    agg = {f"custom/{task}/{name}": total / len(rows) for name, total in sums.items()}
+    agg[f"custom/{task}/gen_tokens_per_s"] = gens.tokens_per_s
+    info = {"custom_items": len(rows), "gen_seconds": round(gens.seconds, 2), "gen_tokens": gens.output_tokens,
+            "judge": "used" if geval else judge_skip,
+            "thresholds": {s.name: {"threshold": s.threshold, "greater_is_better": s.greater_is_better}
+                           for s in cfg.custom_metrics}}
+    return agg, rows, info
+
+
+def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SUITES, *, test_file: Optional[Path] = None,
+             backend: Optional[str] = None, endpoint: Optional[dict] = None, out_root: Optional[Path] = None,
+             console=None) -> EvalResult:
+    """Evaluate one model. With backend 'vllm' and no endpoint, a vLLM server is started for the duration
+    (base model + the adapter as a LoRA module) and stopped afterwards."""
+    cfg = loaded.config.eval
+    backend = backend or cfg.backend
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise EvalError(f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}")
+    if "custom" in suites and (test_file is None or not Path(test_file).exists()):
+        raise EvalError(f"custom suite needs the prepared test split; {test_file} not found (run `make prepare`)")
+    key = cache_key(loaded, model, suites, test_file, backend)
+    out_dir = (out_root or DATA_PROCESSED / "evals") / f"{model.name}-{key}"
+    if (out_dir / "metrics.json").exists():
+        saved = json.loads((out_dir / "metrics.json").read_text())
+        return EvalResult(model, saved["metrics"], out_dir / "items.jsonl", out_dir, cached=True, info=saved["info"])
+
+    server = None
+    if backend == "vllm" and endpoint is None:
+        from serving.vllm_server import VllmServer
+
+        name = f"{model.name}-lora" if model.adapter else loaded.config.serving.served_model_name
+        loras = {name: model.adapter} if model.adapter else {}
+        server = VllmServer(model.base, loaded.config.serving, lora_modules=loras,
+                            max_lora_rank=max(loaded.config.finetune.lora_rank, 8), served_model_name="base",
+                            log_path=(out_root or DATA_PROCESSED / "evals") / f"vllm-{model.name}.log")
+        server.start()
+        endpoint = {"base_url": server.base_url, "model": name if model.adapter else "base", "concurrency": cfg.concurrency}
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, float] = {}
+    info: dict = {"backend": backend, "model": model.name, "base": model.base, "adapter": model.adapter,
+                  "fingerprint": model.fingerprint(), "cache_key": key}
+    try:
+        with open(partial / "items.jsonl", "w", encoding="utf-8") as items_fh:
+            if "kobest" in suites:
+                kb = run_kobest(cfg, model.base, model.adapter, backend=backend, hub_enabled=loaded.config.hub.enabled,
+                                endpoint=endpoint)
+                for k, v in kb.metrics.items():
+                    task, metric = k.split("/", 1)
+                    metrics[f"kobest/{task.removeprefix('kobest_')}/{metric}"] = v
+                metrics["kobest/all/items_per_s"] = kb.n_items / kb.seconds if kb.seconds else 0.0
+                info.update({"kobest_items": kb.n_items, "kobest_seconds": round(kb.seconds, 2)})
+                for it in kb.items:
+                    items_fh.write(json.dumps({"suite": "kobest", **it}, ensure_ascii=False) + "\n")
+                (partial / "kobest_metrics.json").write_text(json.dumps(kb.metrics, indent=2))
+            if "custom" in suites:
+                t0 = time.time()
+                agg, rows, cinfo = _custom_suite(loaded, model, Path(test_file), backend, endpoint)
+                metrics.update(agg)
+                metrics[f"custom/{cfg.custom_task_name}/items_per_s"] = len(rows) / (time.time() - t0)
+                info.update(cinfo)
+                for row in rows:
+                    items_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if server:
+            server.stop()
+    metrics = {f"eval/{k}": v for k, v in metrics.items()}
+    (partial / "metrics.json").write_text(json.dumps({"metrics": metrics, "info": info}, indent=2, ensure_ascii=False))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)  # complete results appear at once; a failure leaves the .partial folder to inspect
+    return EvalResult(model, metrics, out_dir / "items.jsonl", out_dir, cached=False, info=info)
+
+
+def log_eval(result: EvalResult) -> None:
+    """Metrics, the per-item table and the files, into the active MLflow run."""
+    import mlflow
+
+    mlflow.log_params({"eval.model": result.model.name, "eval.base": result.model.base,
+                       "eval.adapter": result.model.adapter or "", "eval.backend": result.info.get("backend"),
+                       "eval.cache_key": result.info.get("cache_key")})
+    mlflow.log_metrics(result.metrics)
+    mlflow.set_tag("judge", str(result.info.get("judge", "n/a"))[:250])
+    rows = [json.loads(line) for line in result.items_path.read_text(encoding="utf-8").splitlines()]
+    table = {"suite": [], "task": [], "id": [], "prompt": [], "output": [], "reference": [], "score": []}
+    for r in rows:
+        table["suite"].append(r["suite"])
+        table["task"].append(r["task"])
+        table["id"].append(r["id"])
+        table["prompt"].append(r.get("prompt", "")[:500])
+        table["output"].append(str(r.get("output", r.get("pred")))[:1000])
+        table["reference"].append(str(r.get("reference", r.get("target")))[:1000])
+        table["score"].append(json.dumps(r.get("scores", {"acc": r.get("acc")})))
+    mlflow.log_table(table, artifact_file="eval/items_table.json")
+    mlflow.log_artifact(str(result.out_dir / "metrics.json"), "eval")
+    mlflow.log_artifact(str(result.items_path), "eval")
+
+
+def compare_report(results: list[EvalResult], out_dir: Path) -> tuple[Path, Optional[Path]]:
+    """Markdown table of every metric per model (+ delta when two), and a grouped bar plot (PNG)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [r.model.name for r in results]
+    keys = sorted({k for r in results for k in r.metrics if not k.endswith("_per_s")})
+    lines = [f"# Evaluation report: {' vs '.join(names)}", ""]
+    for r in results:
+        lines.append(f"- **{r.model.name}**: base `{r.model.base}`, adapter `{r.model.adapter or '-'}`, backend "
+                     f"{r.info.get('backend')}, judge: {r.info.get('judge', 'n/a')}")
+    lines += ["", "| metric | " + " | ".join(names) + (" | delta |" if len(results) == 2 else " |"),
+              "|---|" + "---|" * len(names) + ("---|" if len(results) == 2 else "")]
+    for k in keys:
+        vals = [r.metrics.get(k) for r in results]
+        row = f"| {k} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
+        if len(results) == 2 and None not in vals:
+            row += f" | {vals[1] - vals[0]:+.3f}"
+        lines.append(row + " |")
+    speed = sorted({k for r in results for k in r.metrics if k.endswith("_per_s")})
+    if speed:
+        lines += ["", "| speed | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for k in speed:
+            lines.append(f"| {k} | " + " | ".join(f"{r.metrics.get(k, 0):.1f}" for r in results) + " |")
+    md = out_dir / "report.md"
+    png = out_dir / "comparison.png" if len(results) >= 2 else None
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.6), 4.5))
+        x = np.arange(len(keys))
+        width = 0.8 / len(results)
+        for i, r in enumerate(results):
+            ax.bar(x + i * width, [r.metrics.get(k, 0) for k in keys], width, label=r.model.name)
+        ax.set_xticks(x + width * (len(results) - 1) / 2)
+        ax.set_xticklabels([k.removeprefix("eval/") for k in keys], rotation=60, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title("Evaluation: " + " vs ".join(names))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        lines += ["", f"![comparison]({png.name})"]
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return md, png

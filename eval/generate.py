@@ -1,0 +1,100 @@
+"""Greedy generation for the custom metrics, through either scorer of the evaluation stage:
+`hf` (in-process transformers, base model + optional peft adapter, batched) or an OpenAI-compatible endpoint
+(the vLLM server, concurrent chat completions). Both render prompts with the model's own chat template.
+Called by eval/custom.py.
+"""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class Generations:
+    outputs: list[str]
+    output_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds else 0.0
+
+
+def load_items(path: Path, limit: Optional[int] = None) -> list[dict]:
+    """Rows of a processed split ({"messages": [...]}) -> {id, messages (prompt side), reference}."""
+    items = []
+    with open(path, encoding="utf-8") as fh:
+        for no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            messages = json.loads(line)["messages"]
+            items.append({"id": f"{path.stem}:{no}", "messages": messages[:-1], "reference": messages[-1]["content"]})
+            if limit and len(items) >= limit:
+                break
+    return items
+
+
+def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_tokens: int,
+                batch_size: int = 16, progress=None) -> Generations:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    prompts = [tok.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=True) for it in items]
+    outputs: list[str] = []
+    n_tokens = 0
+    t0 = time.time()
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            batch = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            new = gen[:, batch["input_ids"].shape[1]:]
+            for row in new:
+                ids = [t for t in row.tolist() if t != tok.pad_token_id]
+                if tok.eos_token_id in ids:
+                    ids = ids[: ids.index(tok.eos_token_id) + 1]
+                n_tokens += len(ids)
+                outputs.append(tok.decode(ids, skip_special_tokens=True).strip())
+            if progress:
+                progress(len(outputs))
+    return Generations(outputs, n_tokens, time.time() - t0)
+
+
+def generate_openai(endpoint: dict, items: list[dict], max_new_tokens: int, progress=None) -> Generations:
+    """Chat completions against an OpenAI-compatible server (greedy), `concurrency` requests in flight."""
+    import httpx
+
+    url = f"{endpoint['base_url']}/chat/completions"
+    headers = {"Authorization": f"Bearer {endpoint['api_key']}"} if endpoint.get("api_key") else {}
+    done = [0]
+
+    def one(item: dict) -> tuple[str, int]:
+        body = {"model": endpoint["model"], "messages": item["messages"], "max_tokens": max_new_tokens,
+                "temperature": 0.0, "seed": 0}
+        r = httpx.post(url, json=body, headers=headers, timeout=300)
+        if r.status_code != 200:
+            raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:300]}")
+        data = r.json()
+        done[0] += 1
+        if progress:
+            progress(done[0])
+        return data["choices"][0]["message"]["content"].strip(), data.get("usage", {}).get("completion_tokens", 0)
+
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=endpoint.get("concurrency", 4)) as pool:
+        results = list(pool.map(one, items))
+    return Generations([r[0] for r in results], sum(r[1] for r in results), time.time() - t0)

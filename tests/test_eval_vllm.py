@@ -1,0 +1,68 @@
+"""What is evaluated is what will be served: lm-eval through the vLLM server (local-completions, echo+logprobs)
+agrees with the in-process hf scorer on the same model, item by item; and the GEval judge works against a real
+OpenAI-compatible endpoint (the served tiny model, structured outputs)."""
+from __future__ import annotations
+
+import pytest
+
+from eval.evaluate import ModelRef, evaluate
+from eval.judge import check_judge, judge_metric, score_with_judge
+from eval.kobest import run_kobest
+from serving.vllm_server import VllmServer
+from workspace.config import JudgeConfig, load_config
+from workspace.paths import resolve
+
+BASE = str(resolve(load_config().config.base_model.path))
+# float32 serving so that both scorers compute the same log-likelihoods (bf16 would flip near-ties)
+OVR = ["eval.limit=10", "serving.dtype=float32", "serving.max_model_len=1024"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = load_config(overrides=OVR).config.serving
+    structured = ('--structured-outputs-config', '{"backend": "xgrammar", "disable_any_whitespace": true}')
+    srv = VllmServer(BASE, cfg, served_model_name="base", log_path=tmp_path_factory.mktemp("vllm") / "server.log",
+                     extra_args=structured)
+    srv.start(timeout=400)
+    yield srv
+    srv.stop()
+    assert srv.proc is None
+
+
+def test_hf_and_vllm_scoring_agree_item_by_item(server):
+    cfg = load_config(overrides=OVR).config.eval
+    hf = run_kobest(cfg, BASE, None, backend="hf")
+    served = run_kobest(cfg, BASE, None, backend="vllm", endpoint={"base_url": server.base_url, "model": "base",
+                                                                    "concurrency": 4})
+    assert hf.n_items == served.n_items == 50
+    by_id = {i["id"]: i for i in served.items}
+    for item in hf.items:
+        other = by_id[item["id"]]
+        assert item["pred"] == other["pred"], (item["id"], item["loglikelihoods"], other["loglikelihoods"])
+        for a, b in zip(item["loglikelihoods"], other["loglikelihoods"]):
+            assert a == pytest.approx(b, abs=2e-2)
+    for key, value in hf.metrics.items():
+        assert served.metrics[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_custom_suite_through_the_endpoint(server, tmp_path):
+    from finetune.prepare import prepare_dataset
+
+    loaded = load_config(overrides=OVR + ["eval.custom_limit=4", "eval.max_new_tokens=48", f"data.output_dir={tmp_path}"])
+    prepared = prepare_dataset(loaded)
+    res = evaluate(loaded, ModelRef("base", BASE), suites=("custom",), test_file=prepared.path / "test.jsonl",
+                   backend="vllm", endpoint={"base_url": server.base_url, "model": "base", "concurrency": 4},
+                   out_root=tmp_path / "evals")
+    assert res.info["custom_items"] == 4 and res.metrics["eval/custom/screens/gen_tokens_per_s"] > 0
+
+
+def test_geval_judge_runs_against_a_served_model(server):
+    cfg = JudgeConfig(base_url=server.base_url, model="base", rubric="The answer is a screen XML with the requested fields.")
+    judge, why = check_judge(cfg)
+    assert judge is not None, why
+    from deepeval.test_case import LLMTestCase
+
+    metric = judge_metric(judge, cfg)
+    score, reason = score_with_judge(metric, LLMTestCase(input="회원 목록 화면", actual_output="<Screen id=\"a\"/>",
+                                                         expected_output="<Screen id=\"memberList\"/>"))
+    assert 0.0 <= score <= 1.0 and isinstance(reason, str)
