@@ -10,7 +10,7 @@ SET ?=
 GPU ?= 0
 CFG_ARGS := --config $(CONFIG) $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval bench bench-prepare bench-finetune clean-models
+.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval bench bench-prepare bench-finetune bench-eval clean-models
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -46,10 +46,13 @@ finetune: setup  ## QLoRA/LoRA with LLaMA-Factory on the prepared data (resumes;
 eval: setup  ## KoBEST (lm-eval) + custom DeepEval metrics for base and candidate; report + MLflow runs
 	@$(PY) -m flows.evaluate $(CFG_ARGS)
 
-bench: bench-prepare bench-finetune  ## every benchmark; each writes its section of docs/BENCHMARKS.md
+bench: bench-prepare bench-finetune bench-eval  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 
 bench-finetune: setup  ## the finetune stage on the profile vs plain llamafactory-cli (target < 5 min)
 	@$(PY) -m finetune.bench_finetune $(CFG_ARGS)
+
+bench-eval: setup  ## base vs candidate quality, hf vs vLLM scoring speed (needs `make finetune`)
+	@$(PY) -m eval.bench_eval $(CFG_ARGS)
 
 bench-prepare: setup  ## 100k rows through the prepare stage (target < 60 s)
 	@$(PY) -m finetune.bench_prepare

@@ -79,28 +79,29 @@ def cache_key(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...], te
 
 
 def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backend: str, endpoint: Optional[dict],
-                  progress=None) -> tuple[dict[str, float], list[dict], dict]:
+                  partial: Path, progress=None) -> tuple[dict[str, float], list[dict], dict]:
     from deepeval.test_case import LLMTestCase
 
     from eval.generate import generate_hf, generate_openai, load_items
-    from eval.judge import check_judge, judge_metric, score_with_judge
+    from eval.judge import JudgeUnavailable, check_judge, judge_metric, score_with_judge
     from eval.metrics import build_metrics
 
     cfg = loaded.config.eval
     items = load_items(test_file, cfg.custom_limit)
     if not items:
         raise EvalError(f"custom suite: {test_file} has no items")
-    if backend == "hf":
-        gens = generate_hf(model.base, model.adapter, items, cfg.max_new_tokens, progress=progress)
-    else:
-        gens = generate_openai(endpoint, items, cfg.max_new_tokens, progress=progress)
+    try:
+        if backend == "hf":
+            gens = generate_hf(model.base, model.adapter, items, cfg.max_new_tokens, progress=progress)
+        else:
+            gens = generate_openai(endpoint, items, cfg.max_new_tokens, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - name the model/endpoint that failed
+        where = endpoint["base_url"] if endpoint else f"{model.base} (adapter {model.adapter or '-'})"
+        raise EvalError(f"custom suite: generation with {where} failed: {type(exc).__name__}: {exc}") from exc
     metrics = build_metrics(cfg.custom_metrics)
-    judge, judge_skip = check_judge(cfg.judge)
-    geval = judge_metric(judge, cfg.judge) if judge else None
     task = cfg.custom_task_name
     rows, sums = [], {m.name: 0.0 for m in metrics}
-    if geval:
-        sums["judge"] = 0.0
+    cases = []
     for item, output in zip(items, gens.outputs):
         case = LLMTestCase(input=item["messages"][-1]["content"], actual_output=output, expected_output=item["reference"])
         scores, reasons = {}, {}
@@ -108,15 +109,27 @@ def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backen
             scores[m.name] = m.measure(case)
             reasons[m.name] = m.reason
             sums[m.name] += scores[m.name]
-        if geval:
-            scores["judge"], reasons["judge"] = score_with_judge(geval, case)
-            sums["judge"] += scores["judge"]
+        cases.append(case)
         rows.append({"suite": "custom", "task": task, "id": item["id"], "prompt": item["messages"][-1]["content"],
                      "output": output, "reference": item["reference"], "scores": scores, "reasons": reasons})
+    # keep what is computed so far: a judge failure below must not lose the generations
+    with open(partial / "custom_items.jsonl", "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    try:
+        judge, judge_skip = check_judge(cfg.judge)
+        if judge:
+            geval = judge_metric(judge, cfg.judge)
+            sums["judge"] = 0.0
+            for row, case in zip(rows, cases):
+                row["scores"]["judge"], row["reasons"]["judge"] = score_with_judge(geval, case)
+                sums["judge"] += row["scores"]["judge"]
+    except JudgeUnavailable as exc:
+        raise EvalError(f"{exc}. Results computed so far are kept in {partial}") from exc
     agg = {f"custom/{task}/{name}": total / len(rows) for name, total in sums.items()}
     agg[f"custom/{task}/gen_tokens_per_s"] = gens.tokens_per_s
     info = {"custom_items": len(rows), "gen_seconds": round(gens.seconds, 2), "gen_tokens": gens.output_tokens,
-            "judge": "used" if geval else judge_skip,
+            "judge": judge_skip,
             "thresholds": {s.name: {"threshold": s.threshold, "greater_is_better": s.greater_is_better}
                            for s in cfg.custom_metrics}}
     return agg, rows, info
@@ -168,15 +181,17 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
                 info.update({"kobest_items": kb.n_items, "kobest_seconds": round(kb.seconds, 2)})
                 for it in kb.items:
                     items_fh.write(json.dumps({"suite": "kobest", **it}, ensure_ascii=False) + "\n")
+                items_fh.flush()
                 (partial / "kobest_metrics.json").write_text(json.dumps(kb.metrics, indent=2))
             if "custom" in suites:
                 t0 = time.time()
-                agg, rows, cinfo = _custom_suite(loaded, model, Path(test_file), backend, endpoint)
+                agg, rows, cinfo = _custom_suite(loaded, model, Path(test_file), backend, endpoint, partial)
                 metrics.update(agg)
                 metrics[f"custom/{cfg.custom_task_name}/items_per_s"] = len(rows) / (time.time() - t0)
                 info.update(cinfo)
                 for row in rows:
                     items_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                (partial / "custom_items.jsonl").unlink(missing_ok=True)  # now part of items.jsonl
     finally:
         if server:
             server.stop()

@@ -36,7 +36,7 @@ def _bounded(schema: dict) -> dict:
     def walk(node):
         if isinstance(node, dict):
             if node.get("type") == "string":
-                node.setdefault("maxLength", 300)
+                node.setdefault("maxLength", 200)
             if node.get("type") == "array":
                 node.setdefault("maxItems", 5)
             for key, value in list(node.get("properties", {}).items()):
@@ -71,7 +71,7 @@ class OpenAICompatibleJudge(DeepEvalBaseLLM):
 
     def _post(self, prompt: str, schema=None) -> str:
         body = {"model": self.cfg.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
-                "max_tokens": 512}
+                "max_tokens": self.cfg.max_tokens}
         if schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": schema.__name__, "schema": _bounded(schema.model_json_schema())}}
@@ -82,11 +82,20 @@ class OpenAICompatibleJudge(DeepEvalBaseLLM):
             raise JudgeUnavailable(f"judge endpoint {self.cfg.base_url} is unreachable: {exc}") from exc
         if r.status_code != 200:
             raise JudgeUnavailable(f"judge endpoint {self.cfg.base_url} answered {r.status_code}: {r.text[:200]}")
-        return r.json()["choices"][0]["message"]["content"]
+        choice = r.json()["choices"][0]
+        self.last_finish_reason = choice.get("finish_reason")
+        return choice["message"]["content"]
 
     def generate(self, prompt: str, schema=None):
         text = self._post(prompt, schema)
-        return schema.model_validate(json.loads(text)) if schema is not None else text
+        if schema is None:
+            return text
+        try:
+            return schema.model_validate(json.loads(text))
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise JudgeUnavailable(
+                f"judge {self.get_model_name()} returned no valid {schema.__name__} JSON (finish_reason "
+                f"{self.last_finish_reason}): raise eval.judge.max_tokens or use a stronger judge; got {text[:120]!r}") from exc
 
     async def a_generate(self, prompt: str, schema=None):
         return self.generate(prompt, schema)
@@ -102,17 +111,18 @@ class OpenAICompatibleJudge(DeepEvalBaseLLM):
 
 
 def check_judge(cfg: Optional[JudgeConfig]) -> tuple[Optional[OpenAICompatibleJudge], str]:
-    """(judge, "") when the endpoint answers /models, else (None, the reason it is skipped)."""
+    """(None, why) when no judge is configured: the metric is skipped and the report says so.
+    A configured judge that is unusable (down, no key) raises JudgeUnavailable naming the endpoint."""
     if cfg is None:
         return None, "no judge configured (eval.judge is null): the LLM-as-judge metric was skipped"
+    judge = OpenAICompatibleJudge(cfg)
+    headers = {"Authorization": f"Bearer {judge.api_key}"} if judge.api_key else {}
     try:
-        judge = OpenAICompatibleJudge(cfg)
-        headers = {"Authorization": f"Bearer {judge.api_key}"} if judge.api_key else {}
         r = httpx.get(f"{cfg.base_url.rstrip('/')}/models", headers=headers, timeout=10)
         r.raise_for_status()
-    except (JudgeUnavailable, httpx.HTTPError) as exc:
-        return None, f"judge endpoint {cfg.base_url} is not usable ({exc}): the LLM-as-judge metric was skipped"
-    return judge, ""
+    except httpx.HTTPError as exc:
+        raise JudgeUnavailable(f"judge endpoint {cfg.base_url} is not usable: {exc}") from exc
+    return judge, "used"
 
 
 def judge_metric(judge: OpenAICompatibleJudge, cfg: JudgeConfig, threshold: float = 0.5) -> GEval:

