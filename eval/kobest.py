@@ -132,7 +132,8 @@ def run_kobest(cfg: EvalConfig, base: str, adapter: Optional[str], *, backend: s
     try:
         res = lm_eval.simple_evaluate(
             model=model, model_args=model_args, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-            batch_size=batch_size if backend == "hf" else 1, log_samples=True, random_seed=0, numpy_random_seed=0,
+            # vllm backend: up to batch_size prompts per HTTP request, num_concurrent requests in flight
+            batch_size=batch_size, log_samples=True, random_seed=0, numpy_random_seed=0,
             torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0, confirm_run_unsafe_code=False,
         )
     except Exception as exc:  # noqa: BLE001 - lm-eval raises many kinds; name what was being scored
@@ -142,7 +143,7 @@ def run_kobest(cfg: EvalConfig, base: str, adapter: Optional[str], *, backend: s
     metrics: dict[str, float] = {}
     for task, values in res["results"].items():
         for key, value in values.items():
-            if not isinstance(value, (int, float)) or "_stderr" in key or key == "alias":
+            if not isinstance(value, (int, float)) or "_stderr" in key or key in ("alias", "sample_len"):
                 continue
             name = key.split(",")[0]
             metrics[f"{task}/{'f1_macro' if name == 'f1' else name}"] = float(value)

@@ -47,7 +47,7 @@ def summary(results: list[EvalResult]) -> Table:
     return t
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate")  # not log_prints: lm-eval prints task internals
 def evaluate_flow(config: str | None = None, profile: str | None = None, overrides: list[str] | None = None,
                   force: bool = False) -> dict:
     loaded = load_config(config, profile, overrides or [])

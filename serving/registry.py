@@ -1,0 +1,153 @@
+"""Promotion in the MLflow model registry, all or nothing, and rollback.
+
+`promote()` logs the adapter (or merged model), the manifest, the evaluation report, the gate decision and the
+serving configuration as artifacts of the promote run, registers them as a new version of the registered model
+(`create_model_version(source=<artifact folder>)`: MLflow 3 cannot register a plain folder through
+`register_model("runs:/...")`), sets the alias `candidate`, checks that every artifact is really there, and only
+then moves `previous` to the old champion and `champion` to the new version. A failure before that last step
+leaves the champion where it was. `rollback()` moves `champion` back to `previous`.
+Called by flows/promote.py; tests call it directly.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+CHAMPION, PREVIOUS, CANDIDATE = "champion", "previous", "candidate"
+REQUIRED = ("manifest.json", "gate.json", "serving.yaml")
+
+
+class PromotionError(RuntimeError):
+    pass
+
+
+@dataclass
+class Promotion:
+    name: str
+    version: str
+    previous: Optional[str]
+    run_id: str
+    source: str
+
+
+def _client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def alias_version(name: str, alias: str) -> Optional[str]:
+    """The version an alias points at, or None (no model, no alias)."""
+    import mlflow
+
+    try:
+        return str(_client().get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def champion_info(name: str) -> Optional[dict]:
+    """{version, source, run_id, tags} of models:/<name>@champion, or None when there is none yet."""
+    v = alias_version(name, CHAMPION)
+    if v is None:
+        return None
+    mv = _client().get_model_version(name, v)
+    return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
+
+
+def promote(name: str, run_id: str, bundle: Path, tags: dict[str, str], *,
+            _after_step: Callable[[str], None] = lambda step: None) -> Promotion:
+    """Register `bundle` (a folder with the model files and REQUIRED files) from the active run `run_id`.
+
+    `_after_step` is a test hook called after each step (artifacts, version, candidate, verify, previous)."""
+    import mlflow
+
+    missing = [f for f in REQUIRED if not (bundle / f).exists()]
+    if missing:
+        raise PromotionError(f"promotion bundle {bundle} lacks {missing}; nothing was registered")
+    client = _client()
+    mlflow.log_artifacts(str(bundle), "model")
+    _after_step("artifacts")
+    run = client.get_run(run_id)
+    source = f"{run.info.artifact_uri}/model"
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description="Finetuned adapters promoted by the workspace's gate.")
+    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    for _ in range(60):
+        mv = client.get_model_version(name, mv.version)
+        if mv.status == "READY":
+            break
+        time.sleep(0.5)
+    if mv.status != "READY":
+        raise PromotionError(f"model version {name}/{mv.version} is {mv.status}, not READY; champion unchanged")
+    _after_step("version")
+    client.set_registered_model_alias(name, CANDIDATE, mv.version)
+    _after_step("candidate")
+    listed = {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "model")}
+    absent = [f for f in REQUIRED if f not in listed]
+    if absent:
+        raise PromotionError(f"registered version {mv.version} lacks artifacts {absent}; champion unchanged")
+    _after_step("verify")
+    old = alias_version(name, CHAMPION)
+    if old is not None and old != str(mv.version):
+        client.set_registered_model_alias(name, PREVIOUS, old)
+    _after_step("previous")
+    client.set_registered_model_alias(name, CHAMPION, mv.version)  # the one step that changes what is served
+    client.set_model_version_tag(name, mv.version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return Promotion(name, str(mv.version), old, run_id, source)
+
+
+def rollback(name: str) -> tuple[str, str]:
+    """champion <- previous; the demoted version keeps the alias `previous` (so a rollback can be undone)."""
+    cur, prev = alias_version(name, CHAMPION), alias_version(name, PREVIOUS)
+    if cur is None:
+        raise PromotionError(f"registered model '{name}' has no champion: nothing to roll back")
+    if prev is None:
+        raise PromotionError(f"registered model '{name}' has no 'previous' version to roll back to (champion is v{cur})")
+    client = _client()
+    client.set_registered_model_alias(name, CHAMPION, prev)
+    client.set_registered_model_alias(name, PREVIOUS, cur)
+    client.set_model_version_tag(name, cur, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return cur, prev
+
+
+def fetch_champion(name: str, dest: Optional[Path] = None) -> tuple[dict, Path]:
+    """Download models:/<name>@champion's artifacts. Errors name the cause (no champion, deleted version)."""
+    import mlflow
+
+    info = champion_info(name)
+    if info is None:
+        raise PromotionError(f"registered model '{name}' has no champion yet: run `make promote` after a passing gate")
+    dest = dest or Path(tempfile.mkdtemp(prefix="champion-"))
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@{CHAMPION}", dst_path=str(dest))
+    except mlflow.exceptions.MlflowException as exc:
+        raise PromotionError(f"models:/{name}@champion (v{info['version']}) cannot be fetched: {exc}") from exc
+    return info, Path(path)
+
+
+def build_bundle(out: Path, adapter_dir: Path, files: dict[str, Path | str | dict]) -> Path:
+    """A folder with the adapter files and the promotion records (manifest, gate, report, serving config)."""
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "adapter").mkdir(parents=True)
+    for p in adapter_dir.iterdir():
+        if p.is_file() and (p.name.startswith("adapter_") or p.name.startswith("tokenizer") or
+                            p.name in ("chat_template.jinja", "special_tokens_map.json")):
+            shutil.copy2(p, out / "adapter" / p.name)
+    for name, content in files.items():
+        target = out / name
+        if isinstance(content, Path):
+            shutil.copy2(content, target)
+        elif isinstance(content, dict):
+            target.write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
+        else:
+            target.write_text(content, encoding="utf-8")
+    return out

@@ -1,0 +1,84 @@
+"""Promotion in the MLflow registry (a real SQLite-backed store): first promotion, champion/previous aliases,
+atomicity under a failure injected after each step, rollback, and errors that name the cause."""
+from __future__ import annotations
+
+import pytest
+
+from serving.registry import (
+    CANDIDATE, CHAMPION, PREVIOUS, PromotionError, alias_version, build_bundle, fetch_champion, promote, rollback,
+)
+from workspace.config import load_config
+from workspace.tracking import stage_run
+
+NAME = "screen-xml-test"
+
+
+@pytest.fixture
+def loaded(tmp_tracking):
+    return load_config(overrides=tmp_tracking)
+
+
+def bundle(tmp_path, tag: str):
+    adapter = tmp_path / f"adapter-{tag}"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights-" + tag.encode())
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    return build_bundle(tmp_path / f"bundle-{tag}", adapter, {"manifest.json": {"run_key": tag},
+                                                              "gate.json": {"passed": True}, "serving.yaml": "model: x\n"})
+
+
+def do_promote(loaded, tmp_path, tag, hook=lambda step: None):
+    with stage_run(loaded, "promote") as run:
+        return promote(NAME, run.info.run_id, bundle(tmp_path, tag), {"dataset_hash": tag}, _after_step=hook)
+
+
+def test_first_then_second_promotion_and_rollback(loaded, tmp_path):
+    with pytest.raises(PromotionError, match="has no champion yet"):
+        fetch_champion(NAME)
+    p1 = do_promote(loaded, tmp_path, "one")
+    assert p1.previous is None and alias_version(NAME, CHAMPION) == p1.version == "1"
+    assert alias_version(NAME, PREVIOUS) is None
+    p2 = do_promote(loaded, tmp_path, "two")
+    assert alias_version(NAME, CHAMPION) == "2" and alias_version(NAME, PREVIOUS) == "1"
+    assert alias_version(NAME, CANDIDATE) == "2"
+    info, path = fetch_champion(NAME, tmp_path / "dl")
+    assert info["version"] == "2" and (path / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights-two"
+    assert (path / "serving.yaml").exists() and info["tags"]["dataset_hash"] == "two"
+    assert rollback(NAME) == ("2", "1")
+    assert alias_version(NAME, CHAMPION) == "1" and alias_version(NAME, PREVIOUS) == "2"
+
+
+@pytest.mark.parametrize("step", ["artifacts", "version", "candidate", "verify", "previous"])
+def test_a_failure_between_steps_leaves_the_champion_unchanged(loaded, tmp_path, step):
+    do_promote(loaded, tmp_path, "base")
+
+    def boom(s):
+        if s == step:
+            raise RuntimeError(f"injected failure after {s}")
+
+    with pytest.raises(RuntimeError, match="injected failure"):
+        do_promote(loaded, tmp_path, "broken", boom)
+    assert alias_version(NAME, CHAMPION) == "1"
+    info, path = fetch_champion(NAME, tmp_path / "dl")
+    assert (path / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights-base"
+
+
+def test_incomplete_bundle_and_rollback_without_previous(loaded, tmp_path):
+    with stage_run(loaded, "promote") as run:
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(PromotionError, match=r"lacks \['manifest.json', 'gate.json', 'serving.yaml'\]"):
+            promote(NAME, run.info.run_id, tmp_path / "empty", {})
+    with pytest.raises(PromotionError, match="has no champion"):
+        rollback(NAME)
+    do_promote(loaded, tmp_path, "only")
+    with pytest.raises(PromotionError, match="no 'previous' version"):
+        rollback(NAME)
+
+
+def test_alias_to_a_deleted_version_is_named(loaded, tmp_path):
+    import mlflow
+
+    do_promote(loaded, tmp_path, "gone")
+    mlflow.MlflowClient().delete_model_version(NAME, "1")
+    with pytest.raises(PromotionError, match="no champion"):
+        fetch_champion(NAME)
