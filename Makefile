@@ -10,7 +10,7 @@ SET ?=
 GPU ?= 0
 CFG_ARGS := --config $(CONFIG) $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval bench bench-prepare bench-finetune bench-eval clean-models
+.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval gate promote rollback serve bench bench-prepare bench-finetune bench-eval clean-models
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -32,10 +32,11 @@ doctor: envs  ## check the three environments and engines for real; non-zero exi
 test: setup  ## the test suite (real engines on tiny inputs)
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
-pipeline: setup  ## the whole job on the configured profile (grows as stages land: base model -> prepare -> finetune -> eval)
+pipeline: setup  ## the whole job on the profile: prepare -> finetune -> eval -> gate + promote (then `make serve`)
 	@$(PY) -m flows.prepare $(CFG_ARGS)
 	@$(PY) -m flows.finetune $(CFG_ARGS)
 	@$(PY) -m flows.evaluate $(CFG_ARGS)
+	@$(PY) -m flows.promote $(CFG_ARGS)
 
 prepare: setup  ## validate, clean, mask and split data/raw into data/processed/<hash> (FORCE=1 redoes it)
 	@$(PY) -m flows.prepare $(CFG_ARGS) $(if $(FORCE),--force)
@@ -45,6 +46,18 @@ finetune: setup  ## QLoRA/LoRA with LLaMA-Factory on the prepared data (resumes;
 
 eval: setup  ## KoBEST (lm-eval) + custom DeepEval metrics for base and candidate; report + MLflow runs
 	@$(PY) -m flows.evaluate $(CFG_ARGS)
+
+gate: setup  ## the gate only: candidate vs champion (or base), rule table; non-zero exit when it fails
+	@$(PY) -m flows.promote $(CFG_ARGS) --gate-only
+
+promote: setup  ## gate, then register the candidate in MLflow and move @champion (all or nothing)
+	@$(PY) -m flows.promote $(CFG_ARGS)
+
+rollback: setup  ## move @champion back to @previous
+	@$(PY) -m flows.promote $(CFG_ARGS) --rollback
+
+serve: setup  ## serve models:/<name>@champion with vLLM on 127.0.0.1 until Ctrl-C (PORT=8000)
+	@$(PY) -m flows.serve $(CFG_ARGS) $(if $(PORT),--port $(PORT))
 
 bench: bench-prepare bench-finetune bench-eval  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 

@@ -150,6 +150,8 @@ def render_vllm_config(cfg: ServingConfig, model: str, *, lora_modules: Optional
     if cfg.quantization:
         out["quantization"] = cfg.quantization
     if lora_modules:
+        if cfg.served_model_name in lora_modules:  # vLLM refuses an adapter named like the base model
+            out["served-model-name"] = f"{cfg.served_model_name}-base"
         rank = max(max_lora_rank, 8)
         out.update({"enable-lora": True, "max-lora-rank": 1 << (rank - 1).bit_length(),
                     "lora-modules": [f"{n}={p}" for n, p in lora_modules.items()]})

