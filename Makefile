@@ -10,7 +10,7 @@ SET ?=
 GPU ?= 0
 CFG_ARGS := --config $(CONFIG) $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval clean-models
+.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag clean-models
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -65,13 +65,16 @@ rag: setup  ## index data/raw/rag into Qdrant (incremental) and measure dense/sp
 ask: setup  ## answer Q="..." from the corpus with the served model (`make serve` first), citing documents
 	@$(PY) -m flows.rag $(CFG_ARGS) --ask "$(Q)"
 
-bench: bench-prepare bench-finetune bench-eval  ## every benchmark; each writes its section of docs/BENCHMARKS.md
+bench: bench-prepare bench-finetune bench-eval bench-rag  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 
 bench-finetune: setup  ## the finetune stage on the profile vs plain llamafactory-cli (target < 5 min)
 	@$(PY) -m finetune.bench_finetune $(CFG_ARGS)
 
 bench-eval: setup  ## base vs candidate quality, hf vs vLLM scoring speed (needs `make finetune`)
 	@$(PY) -m eval.bench_eval $(CFG_ARGS)
+
+bench-rag: setup  ## RAG indexing speed (shipped + 10k synthetic chunks), query latency, retrieval per mode
+	@$(PY) -m rag.bench_rag
 
 bench-prepare: setup  ## 100k rows through the prepare stage (target < 60 s)
 	@$(PY) -m finetune.bench_prepare
