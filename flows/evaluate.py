@@ -47,6 +47,42 @@ def summary(results: list[EvalResult]) -> Table:
     return t
 
 
+def rag_answer_quality(loaded: LoadedConfig, model: ModelRef) -> dict:
+    """Retrieve with the rag stage's index, answer with `model`, score citations (and the judge's metrics)."""
+    import json
+
+    import mlflow
+
+    from eval.rag_quality import score_rag_answers
+    from rag.answer import build_prompt
+    from rag.index import DenseEmbedder, SparseEncoder, build_index, open_client, search
+    from workspace.paths import resolve
+
+    cfg = loaded.config
+    client = open_client(cfg.rag)
+    try:
+        embedder, sparse = DenseEmbedder(cfg.rag.embedder), SparseEncoder()
+        name = build_index(client, cfg.rag, embedder, sparse).collection
+        qa = [json.loads(l) for l in resolve(cfg.rag.qa_set).read_text(encoding="utf-8").splitlines() if l.strip()]
+        items = []
+        for q in qa[: cfg.rag.eval_questions]:
+            hits = search(client, name, q["question"], cfg.rag.mode, cfg.rag.top_k, embedder, sparse)
+            items.append({"id": q["id"], "question": q["question"], "gold_answer": q.get("answer", ""),
+                          "gold_docs": q["doc_ids"], "retrieved": [h["doc_id"] for h in hits],
+                          "contexts": [h["text"] for h in hits],
+                          "messages": [{"role": "user", "content": build_prompt(q["question"], hits)}]})
+    finally:
+        client.close()
+    with stage_run(loaded, f"eval-rag-{model.name}"):
+        metrics, rows, judge_note = score_rag_answers(cfg.eval, model, items)
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag("judge", judge_note[:250])
+        mlflow.log_table({"id": [r["id"] for r in rows], "question": [r["prompt"] for r in rows],
+                          "answer": [r["output"] for r in rows], "scores": [json.dumps(r["scores"]) for r in rows]},
+                         artifact_file="eval/rag_answers.json")
+    return metrics
+
+
 @flow(name="evaluate")  # not log_prints: lm-eval prints task internals
 def evaluate_flow(config: str | None = None, profile: str | None = None, overrides: list[str] | None = None,
                   force: bool = False) -> dict:
@@ -67,6 +103,9 @@ def evaluate_flow(config: str | None = None, profile: str | None = None, overrid
             mlflow.log_artifact(str(png), "report")
         for r in results:
             mlflow.log_metrics({f"{r.model.name}/{k}": v for k, v in r.metrics.items()})
+        if loaded.config.rag.enabled:
+            rag_metrics = rag_answer_quality(loaded, models[-1])
+            mlflow.log_metrics({f"candidate/{k}": v for k, v in rag_metrics.items()})
     Console().print(summary(results))
     print(f"[evaluate] report: {md}")
     return {"report": str(md), "metrics": {r.model.name: r.metrics for r in results}}

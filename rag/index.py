@@ -51,10 +51,15 @@ def load_documents(path: Path) -> Iterator[dict]:
             try:
                 doc = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise RagError(f"{path}:{no}: not valid JSON ({exc.msg})") from None
+                yield {"error": f"{path}:{no}: not valid JSON ({exc.msg})"}
+                continue
+            if not isinstance(doc, dict):
+                yield {"error": f"{path}:{no}: expected an object"}
+                continue
             missing = [k for k in ("id", "text") if not isinstance(doc.get(k), str) or not doc[k].strip()]
             if missing:
-                raise RagError(f"{path}:{no}: document needs non-empty string fields {missing}")
+                yield {"error": f"{path}:{no}: document needs non-empty string fields {missing}"}
+                continue
             yield {"id": doc["id"], "title": doc.get("title", ""), "text": doc["text"], "source": doc.get("source", str(path))}
 
 
@@ -191,10 +196,13 @@ class IndexStats:
     embedded: int
     deleted: int
     seconds: float
+    quarantined: list = None  # "file:line: reason" of documents that were not indexed
+
 
     def as_metrics(self) -> dict[str, float]:
         return {"rag/documents": self.documents, "rag/chunks": self.chunks, "rag/embedded": self.embedded,
-                "rag/deleted": self.deleted, "rag/index_seconds": self.seconds}
+                "rag/deleted": self.deleted, "rag/index_seconds": self.seconds,
+                "rag/quarantined": len(self.quarantined or [])}
 
 
 def build_index(client, cfg: RagConfig, embedder: DenseEmbedder, sparse: SparseEncoder, *, batch: int = 64) -> IndexStats:
@@ -218,21 +226,46 @@ def build_index(client, cfg: RagConfig, embedder: DenseEmbedder, sparse: SparseE
         existing.update({str(p.id): p.payload["chunk_id"] for p in points})
         if offset is None:
             break
-    docs = list(load_documents(resolve(cfg.corpus)))
-    chunks = [c for d in docs for c in chunk_document(d, cfg.chunk_size, cfg.chunk_overlap)]
-    wanted = {point_id(c.chunk_id): c for c in chunks}
-    new = [c for pid, c in wanted.items() if pid not in existing]
-    stale = [pid for pid in existing if pid not in wanted]
-    for i in range(0, len(new), batch):
-        part = new[i:i + batch]
-        dense = embedder.encode([f"{c.title}\n{c.text}" for c in part])
+    # streamed: documents are read, chunked and embedded in batches; only point ids are held for the whole corpus
+    wanted: set[str] = set()
+    pending: list[Chunk] = []
+    n_docs = n_chunks = n_new = 0
+    quarantine: list[str] = []
+
+    def flush() -> None:
+        dense = embedder.encode([f"{c.title}\n{c.text}" for c in pending])
         client.upsert(name, points=[models.PointStruct(
             id=point_id(c.chunk_id), vector={"dense": v, "sparse": sparse.encode(f"{c.title} {c.text}")},
             payload={"chunk_id": c.chunk_id, "doc_id": c.doc_id, "title": c.title, "source": c.source, "text": c.text})
-            for c, v in zip(part, dense)])
+            for c, v in zip(pending, dense)])
+        pending.clear()
+
+    for doc in load_documents(resolve(cfg.corpus)):
+        if "error" in doc:
+            quarantine.append(doc["error"])  # reported; the other documents are indexed
+            continue
+        n_docs += 1
+        for c in chunk_document(doc, cfg.chunk_size, cfg.chunk_overlap):
+            pid = point_id(c.chunk_id)
+            if pid in wanted:
+                continue
+            wanted.add(pid)
+            n_chunks += 1
+            if pid not in existing:
+                pending.append(c)
+                n_new += 1
+                if len(pending) >= batch:
+                    flush()
+    if n_docs == 0:
+        raise RagError(f"RAG corpus {cfg.corpus} has no valid documents"
+                       + (f" ({len(quarantine)} rejected, first: {quarantine[0]})" if quarantine else " (empty)")
+                       + "; the existing collection was left as it was")
+    if pending:
+        flush()
+    stale = [pid for pid in existing if pid not in wanted]
     if stale:
         client.delete(name, points_selector=models.PointIdsList(points=stale))
-    return IndexStats(name, len(docs), len(chunks), len(new), len(stale), round(time.time() - t0, 2))
+    return IndexStats(name, n_docs, n_chunks, n_new, len(stale), round(time.time() - t0, 2), quarantine)
 
 
 def search(client, name: str, query: str, mode: str, k: int, embedder: DenseEmbedder, sparse: SparseEncoder) -> list[dict]:

@@ -90,10 +90,19 @@ def test_dimension_mismatch_and_locked_store_and_bad_corpus_are_named(tmp_path, 
         open_client(local)
     first.close()
 
+
+
+def test_bad_documents_are_quarantined_and_an_empty_corpus_is_refused(tmp_path, encoders):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": "a", "text": "좋은 문서"}\n{"id": "b"}\n', encoding="utf-8")
-    with pytest.raises(RagError, match=r"bad.jsonl:2: document needs non-empty string fields \['text'\]"):
-        list(load_documents(bad))
+    bad.write_text('{"id": "a", "text": "좋은 문서입니다."}\n{"id": "b"}\n{broken\n', encoding="utf-8")
+    stats = build_index(open_client(rag_cfg(tmp_path, bad)), rag_cfg(tmp_path, bad), *encoders)
+    assert stats.documents == 1 and stats.chunks == 1
+    assert stats.quarantined[0].endswith("bad.jsonl:2: document needs non-empty string fields ['text']")
+    assert "bad.jsonl:3: not valid JSON" in stats.quarantined[1]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(RagError, match=r"has no valid documents \(empty\); the existing collection was left"):
+        build_index(open_client(rag_cfg(tmp_path, empty)), rag_cfg(tmp_path, empty), *encoders)
 
 
 def test_markdown_folder_corpus(tmp_path):

