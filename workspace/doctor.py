@@ -58,7 +58,7 @@ def _versions(env: str) -> dict[str, str | None]:
 
 def _run(env: str, argv: list[str], timeout: float = 180) -> tuple[bool, str]:
     try:
-        res = run_in_env(env, argv, timeout=timeout, echo=False, extra_env={"PYTHONPATH": str(ROOT)})
+        res = run_in_env(env, argv, timeout=timeout, echo=False)  # envrunner puts the workspace on PYTHONPATH
         lines = [l.strip(" |") for l in res.tail if l.strip(" -|")]
         versioned = [l for l in lines if re.search(r"version\W+\d", l, re.I)]
         return True, ((versioned or lines or ["ok"])[-1])[:90]
