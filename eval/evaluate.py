@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from workspace.config import LoadedConfig
-from workspace.paths import CONFIGS, DATA_PROCESSED, resolve
+from workspace.paths import CONFIGS, resolve
 
 from eval.kobest import EvalError, local_files, run_kobest
 
@@ -148,7 +148,7 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
     if "custom" in suites and (test_file is None or not Path(test_file).exists()):
         raise EvalError(f"custom suite needs the prepared test split; {test_file} not found (run `make prepare`)")
     key = cache_key(loaded, model, suites, test_file, backend)
-    out_dir = (out_root or DATA_PROCESSED / "evals") / f"{model.name}-{key}"
+    out_dir = (out_root or resolve(loaded.config.data.output_dir) / "evals") / f"{model.name}-{key}"
     if (out_dir / "metrics.json").exists():
         saved = json.loads((out_dir / "metrics.json").read_text())
         return EvalResult(model, saved["metrics"], out_dir / "items.jsonl", out_dir, cached=True, info=saved["info"])
@@ -161,7 +161,7 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
         loras = {name: model.adapter} if model.adapter else {}
         server = VllmServer(model.base, loaded.config.serving, lora_modules=loras,
                             max_lora_rank=max(loaded.config.finetune.lora_rank, 8), served_model_name="base",
-                            log_path=(out_root or DATA_PROCESSED / "evals") / f"vllm-{model.name}.log")
+                            log_path=(out_root or resolve(loaded.config.data.output_dir) / "evals") / f"vllm-{model.name}.log")
         server.start()
         endpoint = {"base_url": server.base_url, "model": name if model.adapter else "base", "concurrency": cfg.concurrency}
     partial = out_dir.with_name(out_dir.name + ".partial")

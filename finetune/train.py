@@ -21,7 +21,7 @@ import yaml
 
 from workspace.config import LoadedConfig
 from workspace.envrunner import EnvCommandError, run_in_env
-from workspace.paths import MODELS, resolve
+from workspace.paths import resolve
 from workspace.tracking import git_commit
 
 FINETUNE_VERSION = "1"
@@ -138,6 +138,7 @@ def run_key(loaded: LoadedConfig, dataset_hash: str) -> str:
     """Cache key of a training run: everything that changes the adapter (not the output path)."""
     _, base_rev = base_model_ref(loaded)
     ft = loaded.config.finetune.model_dump(mode="json")
+    ft.pop("output_dir")  # where the run is written is not what it learns
     blob = json.dumps({"finetune": ft, "seed": loaded.config.project.seed, "dataset": dataset_hash, "base": base_rev,
                        "version": FINETUNE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -230,7 +231,7 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
         raise FinetuneError(f"{dataset_dir} has no dataset_info.json: run `make prepare` first (or point at a "
                             "folder written by the prepare stage)")
     key = run_key(loaded, dataset_hash)
-    output_dir = (output_root or MODELS / "adapters") / f"{loaded.config.project.name}-{key}"
+    output_dir = (output_root or resolve(loaded.config.finetune.output_dir)) / f"{loaded.config.project.name}-{key}"
     manifest_path = output_dir / MANIFEST
     if force and output_dir.exists():
         shutil.rmtree(output_dir)  # --force: train from scratch, checkpoints included
@@ -399,5 +400,5 @@ def verify_adapter(loaded: LoadedConfig, adapter_dir: Path, val_file: Path, out:
 
 def finished_run(loaded: LoadedConfig, dataset_hash: str, output_root: Path | None = None) -> Optional[Path]:
     """The folder of a finished finetune run for these inputs (its manifest exists), or None."""
-    out = (output_root or MODELS / "adapters") / f"{loaded.config.project.name}-{run_key(loaded, dataset_hash)}"
+    out = (output_root or resolve(loaded.config.finetune.output_dir)) / f"{loaded.config.project.name}-{run_key(loaded, dataset_hash)}"
     return out if (out / MANIFEST).exists() else None

@@ -23,6 +23,7 @@ from finetune.prepare import PrepareError, prepare_dataset  # noqa: E402
 from finetune.train import FinetuneError, base_model_ref, finished_run  # noqa: E402
 from flows._cli import run_flow_cli  # noqa: E402
 from workspace.config import LoadedConfig, load_config  # noqa: E402
+from workspace.locks import LockBusy, workspace_lock  # noqa: E402
 from workspace.tracking import stage_run  # noqa: E402
 
 
@@ -83,19 +84,18 @@ def rag_answer_quality(loaded: LoadedConfig, model: ModelRef) -> dict:
     return metrics
 
 
-@flow(name="evaluate")  # not log_prints: lm-eval prints task internals
-def evaluate_flow(config: str | None = None, profile: str | None = None, overrides: list[str] | None = None,
-                  force: bool = False) -> dict:
-    loaded = load_config(config, profile, overrides or [])
+def run_evaluate(loaded: LoadedConfig) -> dict:
+    """Base and candidate on identical items, the comparison report, RAG answer quality; JSON-friendly result."""
+    import mlflow
+
     prepared = prepare_dataset(loaded)
     adapter = finished_run(loaded, prepared.content_hash)
     if adapter is None:
         raise FinetuneError("no finished finetune run for this config and dataset: run `make finetune` first")
     base, _ = base_model_ref(loaded)
     models = [ModelRef("base", base), ModelRef("candidate", base, str(adapter))]
-    import mlflow
-
-    with stage_run(loaded, "evaluate"):
+    rag_metrics: dict = {}
+    with stage_run(loaded, "evaluate") as run:
         results = [evaluate_task(loaded, m, str(prepared.path / "test.jsonl")) for m in models]
         md, png = compare_report(results, results[-1].out_dir / "report")
         mlflow.log_artifact(str(md), "report")
@@ -108,8 +108,18 @@ def evaluate_flow(config: str | None = None, profile: str | None = None, overrid
             mlflow.log_metrics({f"candidate/{k}": v for k, v in rag_metrics.items()})
     Console().print(summary(results))
     print(f"[evaluate] report: {md}")
-    return {"report": str(md), "metrics": {r.model.name: r.metrics for r in results}}
+    return {"report": str(md), "report_png": str(png) if png else None, "run_id": run.info.run_id,
+            "metrics": {r.model.name: r.metrics for r in results}, "rag_answer_metrics": rag_metrics,
+            "cached": {r.model.name: r.cached for r in results}, "out_dirs": {r.model.name: str(r.out_dir) for r in results}}
+
+
+@flow(name="evaluate")  # not log_prints: lm-eval prints task internals
+def evaluate_flow(config: str | None = None, profile: str | None = None, overrides: list[str] | None = None,
+                  force: bool = False) -> dict:
+    loaded = load_config(config, profile, overrides or [])
+    with workspace_lock("evaluate"):
+        return run_evaluate(loaded)
 
 
 if __name__ == "__main__":
-    sys.exit(run_flow_cli(__doc__, evaluate_flow, (PrepareError, FinetuneError, EvalError)))
+    sys.exit(run_flow_cli(__doc__, evaluate_flow, (PrepareError, FinetuneError, EvalError, LockBusy)))

@@ -20,6 +20,7 @@ from finetune.stage import log_finetune, run_finetune, summary_table  # noqa: E4
 from finetune.train import FinetuneError  # noqa: E402
 from flows._cli import run_flow_cli  # noqa: E402
 from workspace.config import LoadedConfig, load_config  # noqa: E402
+from workspace.locks import LockBusy, workspace_lock  # noqa: E402
 from workspace.tracking import stage_run  # noqa: E402
 
 
@@ -41,9 +42,10 @@ def finetune_task(loaded: LoadedConfig, dataset_dir: str, dataset_hash: str, for
 def finetune_flow(config: str | None = None, profile: str | None = None, overrides: list[str] | None = None,
                   force: bool = False) -> dict:
     loaded = load_config(config, profile, overrides or [])
-    prepared = prepare_dataset(loaded)
-    return finetune_task(loaded, str(prepared.path), prepared.content_hash, force)
+    with workspace_lock("finetune"):
+        prepared = prepare_dataset(loaded)
+        return finetune_task(loaded, str(prepared.path), prepared.content_hash, force)
 
 
 if __name__ == "__main__":
-    sys.exit(run_flow_cli(__doc__, finetune_flow, (PrepareError, FinetuneError)))
+    sys.exit(run_flow_cli(__doc__, finetune_flow, (PrepareError, FinetuneError, LockBusy)))

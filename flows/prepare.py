@@ -20,6 +20,7 @@ from rich.table import Table  # noqa: E402
 from finetune.prepare import PrepareError, log_to_mlflow, prepare_dataset  # noqa: E402
 from flows._cli import run_flow_cli  # noqa: E402
 from workspace.config import LoadedConfig, load_config  # noqa: E402
+from workspace.locks import LockBusy, workspace_lock  # noqa: E402
 from workspace.tracking import stage_run  # noqa: E402
 
 
@@ -51,15 +52,18 @@ def prepare_task(loaded: LoadedConfig, force: bool = False):
         log_to_mlflow(result)
     print_summary(result)
     return {"path": str(result.path), "content_hash": result.content_hash, "run_id": run.info.run_id,
-            "skipped": result.skipped, "splits": {k: str(v) for k, v in result.splits.items()}}
+            "skipped": result.skipped, "splits": {k: str(v) for k, v in result.splits.items()},
+            "rows": dict(result.stats["splits"]), "rows_read": result.stats["rows_read"],
+            "rows_rejected": result.stats["rows_rejected"]}
 
 
 @flow(name="prepare", log_prints=True)
 def prepare_flow(config: str | None = None, profile: str | None = None, overrides: list[str] | None = None,
                  force: bool = False) -> dict:
     loaded = load_config(config, profile, overrides or [])
-    return prepare_task(loaded, force)
+    with workspace_lock("prepare"):
+        return prepare_task(loaded, force)
 
 
 if __name__ == "__main__":
-    sys.exit(run_flow_cli(__doc__, prepare_flow, (PrepareError,)))
+    sys.exit(run_flow_cli(__doc__, prepare_flow, (PrepareError, LockBusy)))

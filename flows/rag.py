@@ -22,27 +22,34 @@ from rich.table import Table  # noqa: E402
 
 from rag.answer import answer  # noqa: E402
 from rag.index import DenseEmbedder, RagError, SparseEncoder, build_index, open_client, retrieval_metrics, search  # noqa: E402
-from workspace.config import ConfigError, add_cli_args, load_config  # noqa: E402
-from workspace.paths import DATA_PROCESSED, resolve  # noqa: E402
+from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config  # noqa: E402
+from workspace.locks import LockBusy, workspace_lock  # noqa: E402
+from workspace.paths import resolve  # noqa: E402
 from workspace.tracking import stage_run  # noqa: E402
 
 
 @flow(name="rag")
 def rag_flow(config: str | None = None, profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    loaded = load_config(config, profile, overrides or [])
+    with workspace_lock("rag"):
+        return run_rag(loaded)
+
+
+def run_rag(loaded: LoadedConfig) -> dict:
+    """Index (incremental) and measure retrieval per mode in a `rag` stage run; fails below the hit@5 floor."""
     import mlflow
 
-    loaded = load_config(config, profile, overrides or [])
     cfg = loaded.config.rag
     client = open_client(cfg)
     try:
         embedder, sparse = DenseEmbedder(cfg.embedder), SparseEncoder()
-        with stage_run(loaded, "rag"):
+        with stage_run(loaded, "rag") as run:
             stats = build_index(client, cfg, embedder, sparse)
             metrics, rows = retrieval_metrics(client, stats.collection, resolve(cfg.qa_set), embedder, sparse)
             mlflow.log_params({"rag.collection": stats.collection, "rag.embedder": cfg.embedder, "rag.mode": cfg.mode,
                                "rag.chunk_size": cfg.chunk_size, "rag.chunk_overlap": cfg.chunk_overlap})
             mlflow.log_metrics({**stats.as_metrics(), **metrics})
-            out = DATA_PROCESSED / "rag"
+            out = resolve(loaded.config.data.output_dir) / "rag"
             out.mkdir(parents=True, exist_ok=True)
             (out / "retrieval.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
             mlflow.log_artifact(str(out / "retrieval.jsonl"), "rag")
@@ -59,7 +66,8 @@ def rag_flow(config: str | None = None, profile: str | None = None, overrides: l
     floor = loaded.config.gate.rag_min_hit_at_5
     if metrics["rag/hybrid/hit_at_5"] < floor:
         raise RagError(f"hybrid hit@5 {metrics['rag/hybrid/hit_at_5']:.3f} is below gate.rag_min_hit_at_5 {floor}")
-    return {"collection": stats.collection, "metrics": metrics}
+    return {"collection": stats.collection, "metrics": metrics, "run_id": run.info.run_id, "documents": stats.documents,
+            "chunks": stats.chunks, "embedded": stats.embedded}
 
 
 def ask(loaded, question: str, endpoint: str | None, model: str | None) -> dict:
@@ -89,7 +97,7 @@ def main() -> int:
             print(f"\nsources: {', '.join(res['sources'])}   citations: {res['citations']}")
             return 0
         rag_flow(config=args.config, profile=args.profile, overrides=args.overrides)
-    except (ConfigError, RagError, RuntimeError) as exc:
+    except (ConfigError, RagError, RuntimeError) as exc:  # LockBusy is a RuntimeError
         print(f"[error] {exc}", file=sys.stderr)
         return 2
     return 0

@@ -43,3 +43,42 @@ def usage(server: VllmServer, info: dict) -> str:
   python: from openai import OpenAI; c = OpenAI(base_url="{server.base_url}", api_key="EMPTY")
           c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "..."}}], stream=True)
   metrics: http://{server.host}:{server.port}/metrics      stop: Ctrl-C"""
+
+
+def smoke_test(loaded: LoadedConfig, prompt: str, *, dest: Optional[Path] = None, max_tokens: int = 64) -> dict:
+    """Serve the champion on a free port, answer one chat request through the OpenAI client, stop the server.
+
+    The pipeline's last stage: proof that what the registry now calls champion starts with its promoted
+    configuration and answers. Errors name the cause (no champion, server died, empty answer)."""
+    import time
+
+    from openai import OpenAI
+
+    from serving.vllm_server import ServerError, free_port
+
+    server, info = champion_server(loaded, port=free_port(loaded.config.serving.host), dest=dest)
+    model = (info["lora_names"] or [info["served_model_name"]])[0]
+    t_start = time.monotonic()
+    server.start(timeout=loaded.config.serving.startup_timeout_s)
+    try:
+        startup_s = time.monotonic() - t_start
+        client = OpenAI(base_url=server.base_url, api_key=_api_key(loaded) or "EMPTY", max_retries=0, timeout=120)
+        t0 = time.monotonic()
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=max_tokens, temperature=0)
+        latency = time.monotonic() - t0
+    finally:
+        server.stop()
+    answer = reply.choices[0].message.content or ""
+    tokens = reply.usage.completion_tokens if reply.usage else 0
+    if not tokens:
+        raise ServerError(f"the champion (v{info['version']}) answered with no tokens at {server.base_url}; log: {server.log_path}")
+    return {"version": info["version"], "model": model, "prompt": prompt, "answer": answer, "latency_s": round(latency, 3),
+            "completion_tokens": tokens, "served_at": server.base_url, "startup_s": round(startup_s, 1)}
+
+
+def _api_key(loaded: LoadedConfig) -> Optional[str]:
+    import os
+
+    env = loaded.config.serving.api_key_env
+    return os.environ.get(env) if env else None

@@ -129,6 +129,7 @@ class FinetuneConfig(Strict):
     logging_steps: int = Field(5, ge=1)
     num_gpus: int = Field(0, ge=0)
     deepspeed: Optional[str] = None
+    output_dir: str = "models/adapters"  # one folder per run: <project.name>-<run key>
     merge: bool = False  # also write a merged full model (adapter merged onto the full-precision base)
     verify_prompts: int = Field(5, ge=1)  # validation prompts whose greedy outputs must change
     timeout_s: Optional[int] = Field(None, ge=60)  # stop training after this many seconds (checkpoints are kept)

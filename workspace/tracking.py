@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -57,9 +58,30 @@ def run_tags(loaded: LoadedConfig, stage: str | None = None) -> dict[str, str]:
     }
     if stage:
         tags["stage"] = stage
-    if os.environ.get("PREFECT__FLOW_RUN_ID"):
-        tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
+    flow_run = prefect_flow_run()
+    if flow_run:
+        tags["prefect_flow_run_id"] = flow_run["id"]
+        tags["prefect_flow_run_name"] = flow_run["name"]
+        if flow_run.get("deployment"):
+            tags["prefect_deployment"] = flow_run["deployment"]
     return tags
+
+
+def prefect_flow_run() -> dict | None:
+    """The Prefect flow run this code runs in (the pipeline's when a stage runs as one of its tasks), or None."""
+    if "prefect" not in sys.modules:  # not inside a flow; do not import prefect for nothing
+        return None
+    try:
+        from prefect.context import FlowRunContext
+        from prefect.runtime import deployment
+
+        ctx = FlowRunContext.get()
+        if ctx is None or ctx.flow_run is None:
+            return None
+        run = ctx.flow_run
+        return {"id": str(run.id), "name": str(run.name), "deployment": deployment.name or ""}
+    except Exception:  # noqa: BLE001 - tagging must never break a run
+        return None
 
 
 def configure(loaded: LoadedConfig):
@@ -78,13 +100,21 @@ def configure(loaded: LoadedConfig):
     return mlflow
 
 
+_PARENT: list[str] = []  # the pipeline parent run id(s) of this process, innermost last
+
+
 @contextlib.contextmanager
 def pipeline_run(loaded: LoadedConfig, name: str | None = None) -> Iterator:
-    """The parent run of one pipeline run; stage runs started inside it become its children."""
+    """The parent run of one pipeline run; stage runs started inside it become its children (also when a stage
+    runs on another thread, where MLflow's active-run stack is not visible)."""
     mlflow = configure(loaded)
     with mlflow.start_run(run_name=name or f"pipeline-{loaded.hash[:8]}", tags=run_tags(loaded, "pipeline")) as run:
         mlflow.log_dict(loaded.config.model_dump(mode="json"), "config/resolved_config.json")
-        yield run
+        _PARENT.append(run.info.run_id)
+        try:
+            yield run
+        finally:
+            _PARENT.pop()
 
 
 @contextlib.contextmanager
@@ -92,8 +122,12 @@ def stage_run(loaded: LoadedConfig, stage: str, name: str | None = None) -> Iter
     """A child run when a parent (pipeline) run is active, a top-level run otherwise."""
     mlflow = configure(loaded)
     parent = mlflow.active_run()
-    with mlflow.start_run(run_name=name or stage, nested=parent is not None, tags=run_tags(loaded, stage)) as run:
-        if parent is None:
+    if parent is None and _PARENT:
+        ctx = mlflow.start_run(run_name=name or stage, parent_run_id=_PARENT[-1], tags=run_tags(loaded, stage))
+    else:
+        ctx = mlflow.start_run(run_name=name or stage, nested=parent is not None, tags=run_tags(loaded, stage))
+    with ctx as run:
+        if parent is None and not _PARENT:
             mlflow.log_dict(loaded.config.model_dump(mode="json"), "config/resolved_config.json")
         yield run
 
