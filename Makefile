@@ -10,7 +10,12 @@ SET ?=
 GPU ?= 0
 CFG_ARGS := --config $(CONFIG) $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag clean-models
+ORCH_PORT ?= 4200
+UI_PORT ?= 5000
+DEPLOYMENT ?= pipeline/default
+PARAMS ?=
+
+.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -32,11 +37,8 @@ doctor: envs  ## check the three environments and engines for real; non-zero exi
 test: setup  ## the test suite (real engines on tiny inputs)
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
-pipeline: setup  ## the whole job on the profile: prepare -> finetune -> eval -> gate + promote (then `make serve`)
-	@$(PY) -m flows.prepare $(CFG_ARGS)
-	@$(PY) -m flows.finetune $(CFG_ARGS)
-	@$(PY) -m flows.evaluate $(CFG_ARGS)
-	@$(PY) -m flows.promote $(CFG_ARGS)
+pipeline: setup  ## the whole job (one Prefect flow): prepare -> finetune -> eval -> gate -> promote -> rag -> serve check; cached stages are skipped
+	@$(PY) -m flows.pipeline $(CFG_ARGS) $(if $(FORCE),--force)
 
 prepare: setup  ## validate, clean, mask and split data/raw into data/processed/<hash> (FORCE=1 redoes it)
 	@$(PY) -m flows.prepare $(CFG_ARGS) $(if $(FORCE),--force)
@@ -78,6 +80,24 @@ bench-rag: setup  ## RAG indexing speed (shipped + 10k synthetic chunks), query 
 
 bench-prepare: setup  ## 100k rows through the prepare stage (target < 60 s)
 	@$(PY) -m finetune.bench_prepare
+
+ui: envs  ## the MLflow UI on 127.0.0.1 (one worker) for the configured store, until Ctrl-C (UI_PORT=5000)
+	@$(PY) -m workspace.ui $(CFG_ARGS) --port $(UI_PORT)
+
+prefect-ui: envs  ## a local Prefect server + UI on 127.0.0.1:4200 (ORCH_PORT=) in the background (`make prefect-down` stops it)
+	@$(PY) -m flows.deploy server --port $(ORCH_PORT)
+
+prefect-up: envs  ## local Prefect server, the `local-process` work pool, prefect.yaml's deployments and a worker (background)
+	@$(PY) -m flows.deploy up --port $(ORCH_PORT)
+
+prefect-down:  ## stop the worker and server started by prefect-up / prefect-ui (by their recorded PIDs)
+	@$(PY) -m flows.deploy down
+
+prefect-status:  ## is the local Prefect server / worker up
+	@$(PY) -m flows.deploy status --port $(ORCH_PORT)
+
+deploy-run: setup  ## run a deployment through the worker: DEPLOYMENT=pipeline/default PARAMS="--param profile=cpu_smoke"
+	@$(PY) -m flows.deploy run $(DEPLOYMENT) --port $(ORCH_PORT) $(PARAMS)
 
 clean-models:  ## delete generated models and adapters (the base model is rebuilt by the next `make setup`)
 	rm -rf models/base-tiny models/*.tmp-build models/adapters

@@ -34,6 +34,7 @@ from rich.table import Table  # noqa: E402
 
 from eval.evaluate import SUITES, EvalError, ModelRef, cache_key as eval_cache_key  # noqa: E402
 from eval.gate import GateError  # noqa: E402
+from eval.judge import JudgeUnavailable  # noqa: E402
 from finetune.prepare import PrepareError, TokenCounter, content_hash, tokenizer_path  # noqa: E402
 from finetune.train import FinetuneError, base_model_ref, finished_run, run_key  # noqa: E402
 from flows.evaluate import run_evaluate  # noqa: E402
@@ -52,7 +53,7 @@ from workspace.paths import CACHE, ROOT, resolve  # noqa: E402
 from workspace.tracking import configure, pipeline_run, stage_run  # noqa: E402
 
 KNOWN_ERRORS = (ConfigError, PrepareError, FinetuneError, EvalError, GateError, FitError, PromotionError, RagError,
-                ServerError, LockBusy)
+                ServerError, LockBusy, JudgeUnavailable)
 MLFLOW_UI = "http://127.0.0.1:5000"  # `make ui`
 
 
@@ -81,7 +82,7 @@ def _transient(task, task_run, state) -> bool:
     """Retry only what may pass a second time (a server blip), never a named, deterministic refusal."""
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, (GateFailed, ConfigError, PrepareError, FinetuneError, EvalError, GateError, FitError,
-                                RagError, LockBusy))
+                                RagError, LockBusy, JudgeUnavailable))
 
 
 # Results are JSON (readable under .prefect/storage); keys are passed per call with `with_options`.
@@ -242,7 +243,8 @@ def _stages(loaded: LoadedConfig, runner: StageRunner, serve_check: bool) -> Non
     configure(loaded)
     champ = champion_info(cfg.tracking.registered_model)
     promoted = bool(champ and champ["tags"].get("finetune_run_key") == rk)
-    gate_key = _digest(rk, cfg.gate.model_dump(mode="json"), cfg.eval.model_dump(mode="json"), code_hash("eval"))
+    gate_cfg = cfg.gate.model_dump(mode="json", exclude={"rag_min_hit_at_5"})  # that one is the rag stage's floor
+    gate_key = _digest(rk, gate_cfg, cfg.eval.model_dump(mode="json"), code_hash("eval"))
     gate = runner.run("gate", gate_stage, gate_key, promoted, loaded)
     runner.run("promote", promote_stage, _digest(gate_key, cfg.serving.model_dump(mode="json"),
                                                  cfg.tracking.registered_model, code_hash("serving")),
@@ -332,10 +334,10 @@ def _summarise(loaded: LoadedConfig, runner: StageRunner, mlflow, parent_id: str
     ok = failure is None
     title = (f"pipeline {'done' if ok else 'FAILED'} in {total} s — profile {loaded.profile}, config {loaded.hash[:12]}")
     table = Table(title=title, title_justify="left")
-    for col in ("stage", "status", "result", "MLflow run"):
+    for col in ("stage", "status", "result", "MLflow run id"):
         table.add_column(col, overflow="fold")
     for stage, st, what, run_id in rows:
-        table.add_row(stage, st, what, _run_url(mlflow, run_id) if run_id else "-")
+        table.add_row(stage, st, what, run_id or "-")
 
     # candidate vs reference (champion, or base), key metrics
     cand = g.get("candidate_metrics") or (e.get("metrics") or {}).get("candidate") or {}
@@ -352,7 +354,8 @@ def _summarise(loaded: LoadedConfig, runner: StageRunner, mlflow, parent_id: str
     endpoint = (f"`make serve` -> http://{cfg.serving.host}:{cfg.serving.port}/v1, model '{cfg.serving.served_model_name}'"
                 if pr or s else "-")
     footer = Table.grid(padding=(0, 2))
-    footer.add_row("parent run", _run_url(mlflow, parent_id))
+    parent_url = _run_url(mlflow, parent_id)
+    footer.add_row("parent run", f"{parent_url}   (`make ui` first; a stage: same URL with its run id)")
     footer.add_row("endpoint", endpoint)
     if failure is not None:
         footer.add_row("error", str(failure).splitlines()[0][:300] if str(failure) else type(failure).__name__)

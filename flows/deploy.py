@@ -1,0 +1,215 @@
+"""A local Prefect server + process worker for the deployments in prefect.yaml (`make prefect-up`, `make deploy-run`).
+
+    .venv/bin/python -m flows.deploy up        # server on 127.0.0.1:4200, work pool, deployments, worker (background)
+    .venv/bin/python -m flows.deploy run pipeline/default --param profile=cpu_smoke --param 'overrides=["finetune.lora_rank=16"]'
+    .venv/bin/python -m flows.deploy status
+    .venv/bin/python -m flows.deploy down      # stops the worker and the server, by the PIDs this module recorded
+
+The server keeps its database under PREFECT_HOME (.prefect/ in the workspace); the worker runs each flow run as
+a subprocess with this workspace as its working directory. A team's Prefect server is the same prefect.yaml
+with PREFECT_API_URL pointing at it and the work pool switched (README: Docker and Kubernetes pools).
+Stopping is by PID (recorded in .prefect/*.pid and checked against the process's command line), never by name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from workspace import offline
+
+offline.apply()
+
+import httpx  # noqa: E402
+
+from workspace.paths import ROOT  # noqa: E402
+
+POOL = "local-process"
+
+
+class DeployError(RuntimeError):
+    pass
+
+
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME", ROOT / ".prefect"))
+
+
+def api_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/api"
+
+
+def _env(port: int) -> dict[str, str]:
+    env = offline.subprocess_env()
+    env.update({"PREFECT_API_URL": api_url(port), "WORKSPACE_ROOT": str(ROOT),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))})
+    return env
+
+
+def _prefect(*args: str) -> list[str]:
+    return [sys.executable, "-m", "prefect", *args]
+
+
+def healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"{api_url(port)}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _pidfile(name: str) -> Path:
+    return prefect_home() / f"{name}.pid"
+
+
+def _alive(name: str) -> Optional[int]:
+    """The PID recorded for `name` if that process still runs and is the one we started (its command line)."""
+    f = _pidfile(name)
+    if not f.exists():
+        return None
+    try:
+        rec = json.loads(f.read_text())
+        cmdline = Path(f"/proc/{rec['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError, KeyError):
+        return None
+    return rec["pid"] if rec.get("marker", "\0") in cmdline else None
+
+
+def _spawn(name: str, argv: list[str], port: int, marker: str) -> int:
+    home = prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / f"{name}.log", "a", encoding="utf-8")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(port), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    _pidfile(name).write_text(json.dumps({"pid": proc.pid, "port": port, "marker": marker, "started": time.time()}))
+    return proc.pid
+
+
+def _stop(name: str, grace: float = 15.0) -> bool:
+    pid = _alive(name)
+    _pidfile(name).unlink(missing_ok=True)
+    if pid is None:
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.3)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def _run(argv: list[str], port: int, what: str, timeout: float = 300) -> str:
+    proc = subprocess.run(argv, cwd=ROOT, env=_env(port), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise DeployError(f"{what} failed (exit {proc.returncode}): {' '.join(argv[2:])}\n{tail}")
+    return proc.stdout
+
+
+def start_server(port: int, timeout: float = 120) -> None:
+    if healthy(port):
+        print(f"[prefect] server already up at {api_url(port)}")
+        return
+    pid = _spawn("server", _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)), port,
+                 marker="server start")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if healthy(port):
+            print(f"[prefect] server up at http://127.0.0.1:{port} (PID {pid}; log {prefect_home() / 'server.log'})")
+            return
+        if _alive("server") is None:
+            raise DeployError(f"the Prefect server exited during startup; log: {prefect_home() / 'server.log'}")
+        time.sleep(1)
+    _stop("server")
+    raise DeployError(f"the Prefect server was not healthy within {timeout:.0f} s; log: {prefect_home() / 'server.log'}")
+
+
+def deploy(port: int) -> None:
+    exists = subprocess.run(_prefect("work-pool", "inspect", POOL), cwd=ROOT, env=_env(port), capture_output=True,
+                            text=True, timeout=120).returncode == 0
+    if not exists:
+        _run(_prefect("work-pool", "create", POOL, "--type", "process"), port, f"creating work pool {POOL}")
+    _run(_prefect("--no-prompt", "deploy", "--all"), port, "prefect deploy --all (prefect.yaml)")
+    print(f"[prefect] deployments from prefect.yaml registered on pool '{POOL}'")
+
+
+def start_worker(port: int) -> None:
+    if _alive("worker"):
+        print(f"[prefect] worker already running (PID {_alive('worker')})")
+        return
+    pid = _spawn("worker", _prefect("worker", "start", "--pool", POOL, "--name", "workspace-worker", "--limit", "1"),
+                 port, marker="worker start")
+    time.sleep(2)
+    if _alive("worker") is None:
+        raise DeployError(f"the Prefect worker exited at once; log: {prefect_home() / 'worker.log'}")
+    print(f"[prefect] worker polling '{POOL}' (PID {pid}; log {prefect_home() / 'worker.log'})")
+
+
+def up(port: int) -> None:
+    start_server(port)
+    deploy(port)
+    start_worker(port)
+    print(f"[prefect] UI: http://127.0.0.1:{port}   run: make deploy-run DEPLOYMENT=pipeline/default")
+
+
+def down() -> None:
+    for name in ("worker", "server"):
+        print(f"[prefect] {name}: {'stopped' if _stop(name) else 'not running'}")
+
+
+def run_deployment(port: int, name: str, params: list[str], timeout: float) -> int:
+    """`prefect deployment run NAME --param k=v --watch`; returns 0 when the flow run completed."""
+    if not healthy(port):
+        raise DeployError(f"no Prefect server at {api_url(port)}: run `make prefect-up` first")
+    argv = _prefect("deployment", "run", name, *[a for p in params for a in ("--param", p)], "--watch",
+                    "--watch-timeout", str(int(timeout)))
+    print("[prefect] " + " ".join(argv[2:]), flush=True)
+    proc = subprocess.run(argv, cwd=ROOT, env=_env(port), timeout=timeout + 60)
+    return proc.returncode
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["up", "down", "status", "run", "server"])
+    ap.add_argument("deployment", nargs="?", default="pipeline/default")
+    ap.add_argument("--param", action="append", default=[], help="k=v, as `prefect deployment run --param`")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("ORCH_PORT", 4200)))
+    ap.add_argument("--timeout", type=float, default=3600)
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "up":
+            up(args.port)
+        elif args.command == "server":
+            start_server(args.port)
+            print(f"[prefect] UI: http://127.0.0.1:{args.port}   (`make prefect-down` stops it)")
+        elif args.command == "down":
+            down()
+        elif args.command == "status":
+            print(f"server: {'up' if healthy(args.port) else 'down'} at http://127.0.0.1:{args.port} (PID {_alive('server')})")
+            print(f"worker: {'running, PID ' + str(_alive('worker')) if _alive('worker') else 'not running'}")
+        elif args.command == "run":
+            return run_deployment(args.port, args.deployment, args.param, args.timeout)
+    except (DeployError, subprocess.TimeoutExpired) as exc:
+        print(f"[error] {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

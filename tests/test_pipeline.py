@@ -1,0 +1,192 @@
+"""The whole pipeline end to end on the cpu_smoke profile, with the real engines (LLaMA-Factory, lm-eval, DeepEval,
+MLflow, Qdrant, vLLM, Prefect), isolated in a temporary MLflow store / data / adapters / Qdrant folder / Prefect
+result storage. Then: an immediate rerun is all cache hits, a config change reruns only what depends on it, a
+failing stage leaves the earlier ones cached, a second pipeline is refused while one holds the workspace, and
+the pipeline deployment runs through a local Prefect server and process worker."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from serving.vllm_server import free_port
+from workspace import offline
+from workspace.locks import LockBusy, workspace_lock
+from workspace.paths import ROOT
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    overrides = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts",
+                 "tracking.experiment=e2e", "tracking.registered_model=e2e-assistant",
+                 f"data.output_dir={tmp}/processed", f"finetune.output_dir={tmp}/adapters", f"rag.qdrant.path={tmp}/qdrant"]
+    env = offline.subprocess_env(extra={"PREFECT_HOME": str(tmp / "prefect"), "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "storage")})
+
+    def run(*extra: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
+        argv = [sys.executable, "-m", "flows.pipeline", "--profile", "cpu_smoke",
+                *[a for o in overrides for a in ("--set", o)], *extra]
+        t0 = time.monotonic()
+        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        return proc, time.monotonic() - t0
+
+    first, first_s = run()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return {"tmp": tmp, "run": run, "env": env, "overrides": overrides, "first": first, "first_s": first_s}
+
+
+def _mlflow(ws):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws['tmp']}/mlflow.db")
+    return mlflow
+
+
+def _parents(ws):
+    mlflow = _mlflow(ws)
+    runs = mlflow.search_runs(experiment_names=["e2e"], filter_string="tags.stage = 'pipeline'", order_by=["start_time ASC"],
+                              output_format="list")
+    return mlflow, runs
+
+
+def test_first_run_registers_serves_and_records_everything(ws):
+    mlflow, parents = _parents(ws)
+    assert len(parents) == 1
+    parent = parents[0]
+    tags = parent.data.tags
+    for stage in ("prepare", "finetune", "evaluate", "gate", "promote", "rag", "serve"):
+        assert tags[f"stage.{stage}"] == "ran", stage
+    for key in ("git_commit", "config_hash", "profile", "prefect_flow_run_id"):
+        assert tags[key], key
+    assert tags["profile"] == "cpu_smoke"
+    # params align across runs (the flattened config) and the candidate's scores are on the parent
+    assert parent.data.params["finetune.lora_rank"] == "8"
+    assert parent.data.metrics["gate/passed"] == 1.0 and parent.data.metrics["registry/version"] == 1.0
+    assert "eval/custom/screens/char_ngram_f1" in parent.data.metrics and "train/final_loss" in parent.data.metrics
+    assert "| gate |" in tags["mlflow.note.content"]
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "gate")}
+    assert {"gate/gate.md", "gate/gate.json"} <= arts
+
+    children = mlflow.search_runs(experiment_names=["e2e"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  output_format="list")
+    names = {c.data.tags["mlflow.runName"] for c in children}
+    assert {"prepare", "finetune", "evaluate", "gate", "promote", "rag", "serve-check"} <= names
+    assert all(c.data.tags["prefect_flow_run_id"] == tags["prefect_flow_run_id"] for c in children)
+    assert all(c.data.tags["config_hash"] == tags["config_hash"] for c in children)
+
+    # the registry: v1 is the champion, with the serving configuration and the gate decision inside
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("e2e-assistant", "champion")
+    assert str(champion.version) == "1" and champion.tags["gate"] == "pass"
+    files = set(os.listdir(mlflow.artifacts.download_artifacts("models:/e2e-assistant@champion",
+                                                               dst_path=str(ws["tmp"] / "champion-check"))))
+    assert {"serving.yaml", "gate.json", "manifest.json"} <= files
+
+    # the endpoint answered: the serve-check stage started vLLM on the champion and got tokens back
+    serve = next(c for c in children if c.data.tags["mlflow.runName"] == "serve-check")
+    check = mlflow.artifacts.load_dict(f"{serve.info.artifact_uri}/serve/check.json")
+    assert check["version"] == "1" and check["completion_tokens"] > 0 and check["answer"]
+    assert "pipeline done" in ws["first"].stdout and "candidate vs base" in ws["first"].stdout
+
+
+def test_immediate_rerun_is_all_cache_hits(ws):
+    proc, seconds = ws["run"]()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, parents = _parents(ws)
+    tags = parents[-1].data.tags
+    assert {tags[f"stage.{s}"] for s in ("prepare", "finetune", "evaluate", "gate", "promote", "rag", "serve")} == {"cached"}
+    assert proc.stdout.count("cached in") == 7
+    assert seconds < 0.25 * ws["first_s"], (seconds, ws["first_s"])
+
+
+def test_a_config_change_reruns_only_what_depends_on_it(ws):
+    proc, _ = ws["run"]("--set", "gate.rag_min_hit_at_5=0.8", "--no-serve-check")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, parents = _parents(ws)
+    tags = parents[-1].data.tags
+    assert tags["stage.rag"] == "ran" and tags["stage.serve"] == "skipped"
+    assert all(tags[f"stage.{s}"] == "cached" for s in ("prepare", "finetune", "evaluate", "gate", "promote"))
+
+
+def test_a_failing_stage_keeps_the_earlier_ones_cached(ws):
+    # a configured LLM judge that is down stops the evaluate stage with its URL named
+    proc, _ = ws["run"]("--set", "eval.judge.base_url=http://127.0.0.1:9/v1", "--set", "eval.judge.model=judge",
+                        "--no-serve-check")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "http://127.0.0.1:9/v1" in proc.stderr
+    _, parents = _parents(ws)
+    failed = parents[-1]
+    assert failed.info.status == "FAILED"
+    tags = failed.data.tags
+    assert tags["stage.prepare"] == "cached" and tags["stage.finetune"] == "cached" and tags["stage.evaluate"] == "failed"
+    assert "stage.gate" not in tags  # nothing after the failure ran
+    assert "FAILED" in proc.stdout  # the summary table is printed on failure too
+    # rerun without the broken judge: resumes, every stage a cache hit again
+    again, _ = ws["run"]("--no-serve-check")
+    assert again.returncode == 0 and again.stdout.count("cached in") == 6, again.stdout[-2000:]
+
+
+def test_a_second_pipeline_is_refused_while_the_workspace_is_busy(ws):
+    with workspace_lock("test holds the workspace"):
+        proc, _ = ws["run"]("--lock-timeout", "1", "--no-serve-check", timeout=300)
+    assert proc.returncode == 2
+    assert f"PID {os.getpid()}" in proc.stderr and "test holds the workspace" in proc.stderr
+
+
+def test_lock_is_reentrant_waits_and_names_the_holder(tmp_path):
+    with workspace_lock("outer", directory=tmp_path):
+        with workspace_lock("inner", directory=tmp_path):  # same process: no deadlock
+            pass
+        code = ("import sys; from pathlib import Path; from workspace.locks import workspace_lock\n"
+                f"with workspace_lock('second', timeout=60, directory=Path({str(tmp_path)!r})): print('acquired')\n")
+        waiter = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        time.sleep(3)
+        assert waiter.poll() is None  # still waiting while we hold it
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0 and "acquired" in out and "waiting for PID" in err
+    with workspace_lock("again", directory=tmp_path, timeout=0):  # released: free again
+        pass
+
+
+def test_busy_lock_with_no_wait_raises_with_the_holder(tmp_path):
+    code = ("import sys, time; from pathlib import Path; from workspace.locks import workspace_lock\n"
+            f"with workspace_lock('holder', directory=Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockBusy, match=rf"PID {holder.pid} \(holder"):
+            with workspace_lock("me", directory=tmp_path, timeout=0):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_pipeline_deployment_runs_through_a_local_server_and_worker(ws):
+    """prefect.yaml -> `prefect deploy` on a process work pool -> worker -> `prefect deployment run ... --watch`."""
+    port = free_port()
+    env = {**ws["env"], "PREFECT_HOME": str(ws["tmp"] / "prefect-server")}
+    deploy = [sys.executable, "-m", "flows.deploy"]
+    try:
+        up = subprocess.run([*deploy, "up", "--port", str(port)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        run = subprocess.run([*deploy, "run", "pipeline/default", "--port", str(port), "--timeout", "600",
+                              "--param", "profile=cpu_smoke", "--param", f"overrides={json.dumps(ws['overrides'])}",
+                              "--param", "serve_check=false"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=700)
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    finally:
+        subprocess.run([*deploy, "down"], cwd=ROOT, env=env, capture_output=True, timeout=120)
+    _, parents = _parents(ws)
+    tags = parents[-1].data.tags
+    assert tags["prefect_deployment"] == "default"
+    assert tags["prefect_flow_run_id"] in run.stdout  # the MLflow run names the deployment's flow run
+    assert tags["stage.finetune"] == "cached" and tags["stage.serve"] == "skipped"
+    status = subprocess.run([*deploy, "status", "--port", str(port)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert "server: down" in status.stdout and "worker: not running" in status.stdout
