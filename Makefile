@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -67,7 +67,7 @@ rag: setup  ## index data/raw/rag into Qdrant (incremental) and measure dense/sp
 ask: setup  ## answer Q="..." from the corpus with the served model (`make serve` first), citing documents
 	@$(PY) -m flows.rag $(CFG_ARGS) --ask "$(Q)"
 
-bench: bench-prepare bench-finetune bench-eval bench-rag  ## every benchmark; each writes its section of docs/BENCHMARKS.md
+bench: bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 
 bench-finetune: setup  ## the finetune stage on the profile vs plain llamafactory-cli (target < 5 min)
 	@$(PY) -m finetune.bench_finetune $(CFG_ARGS)
@@ -77,6 +77,12 @@ bench-eval: setup  ## base vs candidate quality, hf vs vLLM scoring speed (needs
 
 bench-rag: setup  ## RAG indexing speed (shipped + 10k synthetic chunks), query latency, retrieval per mode
 	@$(PY) -m rag.bench_rag
+
+bench-pipeline: setup  ## the pipeline from empty state, then cached (targets: < 15 min, rerun < 10% of it)
+	@$(PY) -m flows.bench_pipeline $(CFG_ARGS)
+
+bench-serve: setup  ## load benchmark of the champion: vLLM vs `transformers serve`, concurrency 1/5/10 x prompts to 2k, SLO, plots
+	@$(PY) -m flows.bench $(CFG_ARGS)
 
 bench-prepare: setup  ## 100k rows through the prepare stage (target < 60 s)
 	@$(PY) -m finetune.bench_prepare

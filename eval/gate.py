@@ -145,6 +145,15 @@ def decide(cfg: GateConfig, candidate_metrics: dict, reference_metrics: dict, ca
                         else "all rules passed", reference_name, results)
 
 
+def with_rules(decision: GateDecision, kind: str, rows: list[dict]) -> GateDecision:
+    """The decision with more rule rows (e.g. the serving SLOs, measured outside this package) folded in."""
+    rules = decision.rules + [RuleResult(r["name"], kind, r["metric"], r.get("value"), r.get("threshold"), bool(r["passed"]),
+                                         r.get("detail", "")) for r in rows]
+    failed = [r for r in rules if not r.passed]
+    return GateDecision(not failed, f"rule '{failed[0].name}' ({failed[0].metric}): {failed[0].detail}" if failed
+                        else "all rules passed", decision.reference, rules)
+
+
 def write_decision(decision: GateDecision, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / "gate.json", out_dir / "gate.md"

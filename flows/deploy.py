@@ -122,6 +122,22 @@ def _run(argv: list[str], port: int, what: str, timeout: float = 300) -> str:
     return proc.stdout
 
 
+def use_local_server_if_up() -> Optional[str]:
+    """Point this process at the server `make prefect-up` started (so `make pipeline` shows in its UI), if it runs
+    and PREFECT_API_URL is not set already. Call before importing prefect. Returns the API URL used, or None."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    f = _pidfile("server")
+    if _alive("server") is None:
+        return None
+    try:
+        port = json.loads(f.read_text())["port"]
+    except (OSError, ValueError, KeyError):
+        return None
+    os.environ["PREFECT_API_URL"] = api_url(port)
+    return os.environ["PREFECT_API_URL"]
+
+
 def start_server(port: int, timeout: float = 120) -> None:
     if healthy(port):
         print(f"[prefect] server already up at {api_url(port)}")

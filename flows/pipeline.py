@@ -28,6 +28,10 @@ from workspace import offline
 
 offline.apply()
 
+from flows.deploy import use_local_server_if_up  # noqa: E402
+
+_API = use_local_server_if_up()  # a server from `make prefect-up`: runs show in its UI; else a temporary local API
+
 from prefect import flow, task  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -243,10 +247,12 @@ def _stages(loaded: LoadedConfig, runner: StageRunner, serve_check: bool) -> Non
     configure(loaded)
     champ = champion_info(cfg.tracking.registered_model)
     promoted = bool(champ and champ["tags"].get("finetune_run_key") == rk)
-    gate_cfg = cfg.gate.model_dump(mode="json", exclude={"rag_min_hit_at_5"})  # that one is the rag stage's floor
+    # rag_min_hit_at_5 is the rag stage's floor; the SLOs matter only when the gate requires them
+    gate_cfg = cfg.gate.model_dump(mode="json", exclude={"rag_min_hit_at_5"} | (set() if cfg.gate.slo.required else {"slo"}))
     gate_key = _digest(rk, gate_cfg, cfg.eval.model_dump(mode="json"), code_hash("eval"))
     gate = runner.run("gate", gate_stage, gate_key, promoted, loaded)
-    runner.run("promote", promote_stage, _digest(gate_key, cfg.serving.model_dump(mode="json"),
+    serving_cfg = cfg.serving.model_dump(mode="json", exclude={"bench"})  # load-benchmark settings change no server
+    runner.run("promote", promote_stage, _digest(gate_key, serving_cfg,
                                                  cfg.tracking.registered_model, code_hash("serving")),
                promoted, loaded, gate)
 
@@ -262,7 +268,7 @@ def _stages(loaded: LoadedConfig, runner: StageRunner, serve_check: bool) -> Non
     if serve_check:
         champ = champion_info(cfg.tracking.registered_model)
         prompt = _first_prompt(test)
-        runner.run("serve", serve_stage, _digest(champ and (champ["version"], champ["run_id"]), cfg.serving.model_dump(mode="json"),
+        runner.run("serve", serve_stage, _digest(champ and (champ["version"], champ["run_id"]), serving_cfg,
                                                  prompt, code_hash("serving")), True, loaded, prompt)
     else:
         runner.skip("serve", "--no-serve-check")

@@ -22,13 +22,14 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from eval.evaluate import EvalError, ModelRef, compare_report, evaluate  # noqa: E402
-from eval.gate import GateDecision, GateError, decide, write_decision  # noqa: E402
+from eval.gate import GateDecision, GateError, decide, with_rules, write_decision  # noqa: E402
 from finetune.prepare import PrepareError, prepare_dataset  # noqa: E402
 from finetune.train import FinetuneError, base_model_ref, finished_run  # noqa: E402
 from serving.config import FitError, fit_report, model_spec, render_vllm_config, validate_with_vllm, write_vllm_config  # noqa: E402
 from serving.registry import PromotionError, build_bundle, champion_info, fetch_champion, promote, rollback  # noqa: E402
 from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config  # noqa: E402
 from workspace.locks import LockBusy, workspace_lock  # noqa: E402
+from workspace.paths import resolve  # noqa: E402
 from workspace.tracking import configure, stage_run  # noqa: E402
 
 
@@ -85,6 +86,9 @@ def run_gate(loaded: LoadedConfig) -> dict:
         cand_res, ref_res = evaluate(loaded, candidate, test_file=test), evaluate(loaded, reference, test_file=test)
         decision = decide(cfg.gate, cand_res.metrics, ref_res.metrics, cand_res.items_path, ref_res.items_path,
                           manifest.get("verification") or {}, reference.name)
+        if cfg.gate.slo.required:  # serve the candidate, benchmark it briefly, refuse it when it misses an SLO
+            decision, slo_step = _slo(loaded, base, adapter, work / "slo", decision)
+            mlflow.log_metrics({f"serve/{slo_step['step']}/{k}": v for k, v in slo_step["metrics"].items()})
         js, md = write_decision(decision, work / "gate")
         report_md, report_png = compare_report([ref_res, cand_res], work / "report")
         mlflow.set_tags({"gate": "pass" if decision.passed else "fail", "gate_reference": reference.name,
@@ -107,6 +111,26 @@ def run_gate(loaded: LoadedConfig) -> dict:
     if not decision.passed:
         raise GateFailed(f"gate failed: {decision.decided_by}. Table: {md}", result)
     return result
+
+
+def _slo(loaded: LoadedConfig, base: str, adapter: Path, work: Path, decision: GateDecision) -> tuple[GateDecision, dict]:
+    from serving.bench import BenchError, slo_benchmark, slo_rules, workload_texts
+    from serving.vllm_server import ServerError
+
+    cfg = loaded.config
+    slo = cfg.gate.slo
+    texts = workload_texts(resolve(cfg.data.test_source.path) if cfg.data.test_source else None, resolve(cfg.rag.corpus))
+    Console().print(f"[gate] SLO check: serving the candidate and sending {slo.requests} requests, {slo.concurrency} "
+                    f"at a time, ~{slo.prompt_tokens} prompt tokens ...")
+    try:
+        step = slo_benchmark(cfg.serving, slo, base, str(adapter), cfg.finetune.lora_rank, texts, work)
+        rows = slo_rules(step, slo)
+        info = {"step": step.step, "metrics": step.metrics()}
+    except (BenchError, ServerError) as exc:
+        rows = [{"name": "slo-benchmark", "metric": "serve/*", "value": None, "threshold": None, "passed": False,
+                 "detail": f"the candidate could not be served and benchmarked: {str(exc).splitlines()[0][:200]}"}]
+        info = {"step": "none", "metrics": {}}
+    return with_rules(decision, "slo", rows), info
 
 
 def run_promote(loaded: LoadedConfig, gate: dict) -> dict:

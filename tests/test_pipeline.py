@@ -190,3 +190,54 @@ def test_pipeline_deployment_runs_through_a_local_server_and_worker(ws):
     assert tags["stage.finetune"] == "cached" and tags["stage.serve"] == "skipped"
     status = subprocess.run([*deploy, "status", "--port", str(port)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert "server: down" in status.stdout and "worker: not running" in status.stdout
+
+
+# ------------------------------------------------------------------------------------ serving SLO and load bench
+def _promote_gate_only(ws, *sets: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "flows.promote", "--gate-only", "--profile", "cpu_smoke",
+            *[a for o in ws["overrides"] + ["tracking.registered_model=e2e-slo", "gate.slo.required=true", *sets]
+              for a in ("--set", o)]]
+    return subprocess.run(argv, cwd=ROOT, env=ws["env"], capture_output=True, text=True, timeout=900)
+
+
+def test_slo_beyond_reach_refuses_the_candidate(ws):
+    """The candidate is served, benchmarked briefly, and refused: the SLO rows are in the gate table."""
+    proc = _promote_gate_only(ws, "gate.slo.ttft_p50_ms=1", "gate.slo.requests=4", "gate.slo.prompt_tokens=128")
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "slo-ttft-p50" in proc.stderr and "TTFT p50 must be < 1 ms" in proc.stderr
+    gate_md = next(ws["tmp"].glob("adapters/*/promotion/gate/gate.md")).read_text()
+    assert "| slo-ttft-p50 | slo |" in gate_md and "| slo-error-rate | slo | serve/c5_p128/error_rate | 0.0000" in gate_md
+
+
+def test_slo_passes_with_the_cpu_profile_defaults(ws):
+    proc = _promote_gate_only(ws)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    gate = json.loads(next(ws["tmp"].glob("adapters/*/promotion/gate/gate.json")).read_text())
+    slo = {r["name"]: r for r in gate["rules"] if r["kind"] == "slo"}
+    assert set(slo) == {"slo-ttft-p50", "slo-requests-per-min", "slo-error-rate"} and all(r["passed"] for r in slo.values())
+    assert slo["slo-requests-per-min"]["value"] >= 5 and slo["slo-error-rate"]["value"] == 0
+
+
+def test_load_benchmark_against_vllm_and_the_transformers_baseline(ws, tmp_path):
+    from rich.console import Console
+
+    from flows.bench import run_bench
+    from workspace.config import load_config
+
+    loaded = load_config(profile="cpu_smoke", overrides=ws["overrides"] + [
+        "serving.bench.concurrency=[2]", "serving.bench.prompt_tokens=[64]", "serving.bench.requests_per_step=4",
+        "serving.bench.vllm_merged=false"])
+    doc = tmp_path / "BENCHMARKS.md"
+    out = run_bench(loaded, Console(width=200), doc=doc)
+    steps = {s["server"]: s for s in out["steps"]}
+    assert set(steps) == {"vllm", "transformers"}
+    for s in steps.values():
+        assert s["completed"] == 4 and s["error_rate"] == 0 and s["output_tokens_per_s"] > 0 and s["ttft_p50_ms"] > 0
+    assert steps["vllm"]["server_side"]["requests"] == 4  # vLLM's /metrics counted what the client sent
+    assert "| vllm | 2 |" in doc.read_text() and "vLLM / baseline per step" in doc.read_text()
+    mlflow = _mlflow(ws)
+    run = mlflow.get_run(out["run_id"])
+    version = mlflow.MlflowClient().get_model_version_by_alias("e2e-assistant", "champion")
+    assert run.data.tags["mlflow.parentRunId"] == version.run_id  # a child of the model version's run
+    assert run.data.metrics["serve/c2_p64/error_rate"] == 0 and "baseline/c2_p64/ttft_p50_ms" in run.data.metrics
+    assert out["png"] and os.path.exists(out["png"])

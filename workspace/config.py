@@ -187,6 +187,20 @@ class GateRule(Strict):
     confidence: float = Field(0.95, gt=0, lt=1)
 
 
+class SloConfig(Strict):
+    """The service plan's KPIs (seeds: TTFT p50 < 1.5 s at a 2k context, >= 30 requests/min with 5 concurrent
+    sessions, < 1% errors). With `required`, `make promote` serves the candidate, benchmarks it briefly and refuses
+    it when one is missed; the numbers go into the gate table."""
+    required: bool = False
+    ttft_p50_ms: float = Field(1500, gt=0)
+    prompt_tokens: int = Field(2048, ge=16)  # the context length the TTFT objective is measured at
+    concurrency: int = Field(5, ge=1)
+    min_requests_per_min: float = Field(30, ge=0)
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    requests: int = Field(20, ge=1)  # requests in the brief benchmark
+    output_tokens: int = Field(64, ge=1)
+
+
 class GateConfig(Strict):
     rules: list[GateRule] = [
         GateRule(name="xml-valid-floor", kind="floor", metric="eval/custom/screens/xml_valid", threshold=0.8),
@@ -196,6 +210,18 @@ class GateConfig(Strict):
     ]
     bootstrap_samples: int = Field(2000, ge=100)
     rag_min_hit_at_5: float = Field(0.9, ge=0, le=1)  # the RAG stage fails below this hybrid hit@5
+    slo: SloConfig = SloConfig()
+
+
+class ServeBenchConfig(Strict):
+    """`make bench-serve`: the load steps (every concurrency x every prompt length), against vLLM and a baseline."""
+    concurrency: list[int] = [1, 5, 10]
+    prompt_tokens: list[int] = [128, 512, 2048]
+    output_tokens: int = Field(64, ge=1)
+    requests_per_step: int = Field(0, ge=0)  # 0: 2 x concurrency, at least 5
+    baseline: Literal["transformers", "none"] = "transformers"  # `transformers serve` on the same (merged) weights
+    vllm_merged: bool = True  # also vLLM on the merged weights without LoRA: separates the LoRA cost from the engine's
+    step_timeout_s: int = Field(600, ge=10)
 
 
 class ServingConfig(Strict):
@@ -217,6 +243,7 @@ class ServingConfig(Strict):
     gpus: int = Field(0, ge=0)
     gpu_memory_gib: float = Field(0, ge=0)
     startup_timeout_s: int = Field(300, ge=10)
+    bench: ServeBenchConfig = ServeBenchConfig()
 
 
 class QdrantConfig(Strict):

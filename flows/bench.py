@@ -1,0 +1,204 @@
+"""`make bench-serve`: the serving load benchmark of models:/<name>@champion, vLLM (its promoted configuration)
+against a baseline on the same weights (`transformers serve`, the adapter merged), step by step: every
+concurrency in `serving.bench.concurrency` x every prompt length in `serving.bench.prompt_tokens`, alternating the
+two servers. Results: a table, docs/BENCHMARKS.md (section serve), plots and an MLflow child run of the model
+version's run (metrics `serve/<step>/<metric>` and `baseline/<step>/<metric>`), the SLO verdict of
+`gate.slo`, and vLLM's /metrics cross-checked against the client.
+
+    .venv/bin/python -m flows.bench [--set serving.bench.concurrency=[1,5]] [--set serving.bench.baseline=none]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+from workspace import offline
+
+offline.apply()
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from serving.bench import (BenchError, StepResult, TransformersServer, as_dict, build_prompts, clamp_prompt,  # noqa: E402
+                           merged_model, plot, run_step, slo_rules, workload_texts, write_dataset)
+from serving.registry import PromotionError  # noqa: E402
+from serving.serve import champion_server  # noqa: E402
+from serving.vllm_server import ServerError, VllmServer, free_port  # noqa: E402
+from workspace.benchmarks import update_section  # noqa: E402
+from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config  # noqa: E402
+from workspace.locks import LockBusy  # noqa: E402
+from workspace.paths import CACHE, resolve  # noqa: E402
+from workspace.tracking import configure, run_tags  # noqa: E402
+
+
+def _fmt(v: float, nd: int = 0) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.{nd}f}"
+
+
+def run_bench(loaded: LoadedConfig, console: Console, doc: Path | None = None) -> dict:
+    """The whole benchmark; `doc` is the BENCHMARKS file to update (default docs/BENCHMARKS.md)."""
+    cfg = loaded.config
+    b = cfg.serving.bench
+    mlflow = configure(loaded)
+    work = CACHE / "bench-serve" / time.strftime("%Y%m%d-%H%M%S")
+    server, info = champion_server(loaded, port=free_port(cfg.serving.host), dest=CACHE / "bench-serve" / "champion")
+    base = server.model
+    adapter = str(Path(info["folder"]) / "adapter") if info["lora_names"] else None
+    model_name = (info["lora_names"] or [info["served_model_name"]])[0]
+    texts = workload_texts(resolve(cfg.data.test_source.path) if cfg.data.test_source else None, resolve(cfg.rag.corpus))
+    lengths = sorted({clamp_prompt(p, b.output_tokens, cfg.serving.max_model_len) for p in b.prompt_tokens})
+    datasets = {}
+    for plen in lengths:
+        n = max(b.requests_per_step or 0, max(b.concurrency) * 2, 5)
+        prompts, _ = build_prompts(base, texts[0], texts[1], plen, n)
+        datasets[plen] = write_dataset(work / f"prompts-p{plen}.jsonl", prompts, b.output_tokens)
+
+    baseline = vllm_merged = None
+    if b.baseline == "transformers" or b.vllm_merged:
+        console.print("[bench] merging the champion's adapter (baseline and vLLM-without-LoRA serve the merged weights) ...")
+        merged = merged_model(base, adapter, CACHE / "bench-serve" / f"merged-v{info['version']}")
+        if b.baseline == "transformers":
+            baseline = TransformersServer(merged, free_port(cfg.serving.host), work / "transformers-serve.log")
+        if b.vllm_merged and adapter:
+            vllm_merged = VllmServer(merged, cfg.serving, port=free_port(cfg.serving.host), log_path=work / "vllm-merged.log",
+                                     served_model_name="merged")
+    results: list[StepResult] = []
+    t0 = time.monotonic()
+    console.print(f"[bench] starting vLLM (champion v{info['version']}) and the baseline ...")
+    server.start()
+    try:
+        if baseline:
+            baseline.start()
+        if vllm_merged:
+            vllm_merged.start()
+        steps = [(plen, c) for plen in lengths for c in sorted(b.concurrency)]
+        for i, (plen, c) in enumerate(steps, 1):
+            n = b.requests_per_step or max(5, 2 * c)
+            targets = [("vllm", server.base_url, model_name, f"http://{server.host}:{server.port}/metrics")]
+            if vllm_merged:
+                targets.append(("vllm-merged", vllm_merged.base_url, "merged",
+                                f"http://{vllm_merged.host}:{vllm_merged.port}/metrics"))
+            if baseline:
+                targets.append(("transformers", baseline.base_url, baseline.model_dir, None))
+            for who, url, model, metrics_url in targets:  # alternate the servers step by step
+                console.print(f"[bench] step {i}/{len(steps)} {who}: concurrency {c}, ~{plen} prompt tokens, {n} requests")
+                r = run_step(server=who, base_url=url, model=model, tokenizer=base, dataset=datasets[plen],
+                             concurrency=c, prompt_tokens=plen, requests=n, output_tokens=b.output_tokens,
+                             out_dir=work, timeout=b.step_timeout_s, metrics_url=metrics_url)
+                results.append(r)
+                console.print(f"         TTFT p50 {_fmt(r.ttft_p50_ms)} ms, {_fmt(r.output_tokens_per_s, 1)} out tok/s, "
+                              f"{_fmt(r.requests_per_min, 1)} req/min, errors {r.error_rate:.0%}"
+                              + (f"  [yellow]cross-check: {r.cross_check}[/]" if r.cross_check and r.cross_check != "no /metrics" else ""))
+    finally:
+        server.stop()
+        if baseline:
+            baseline.stop()
+        if vllm_merged:
+            vllm_merged.stop()
+    seconds = round(time.monotonic() - t0, 1)
+
+    # SLO verdict on the step closest to the plan's (concurrency, prompt length)
+    slo = cfg.gate.slo
+    slo_len = clamp_prompt(slo.prompt_tokens, b.output_tokens, cfg.serving.max_model_len)
+    vllm_steps = [r for r in results if r.server == "vllm"]
+    slo_step = min(vllm_steps, key=lambda r: (abs(r.concurrency - slo.concurrency), abs(r.prompt_tokens - slo_len)))
+    slo_rows = slo_rules(slo_step, slo)
+
+    png = plot(results, work / "serve_bench.png")
+    js = work / "serve_bench.json"
+    payload = {"champion": info["version"], "model": model_name, "base": base, "seconds": seconds,
+               "machine": machine(), "steps": [as_dict(r) for r in results], "slo": slo_rows}
+    js.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
+
+    import mlflow as _m
+
+    with _m.start_run(run_name="serve-bench", parent_run_id=info["run_id"], tags=run_tags(loaded, "serve-bench")) as run:
+        for r in results:
+            prefix = {"vllm": "serve", "vllm-merged": "serve_merged"}.get(r.server, "baseline")
+            _m.log_metrics({f"{prefix}/{r.step}/{k}": v for k, v in r.metrics().items()})
+        for c, ratio in ratios(results).items():
+            _m.log_metrics({f"serve/{c}/{k}": v for k, v in ratio.items()})
+        _m.log_metric("serve/slo_passed", float(all(x["passed"] for x in slo_rows)))
+        _m.log_artifact(str(js), "serve-bench")
+        if png:
+            _m.log_artifact(str(png), "serve-bench")
+    table, md = report(results, slo_rows, slo_step, info, seconds)
+    console.print(table)
+    update_section("serve", "Serving load benchmark: vLLM vs transformers serve, SLO, /metrics cross-check",
+                   "make bench-serve", md, **({"doc": doc} if doc else {}))
+    console.print(f"[bench] docs/BENCHMARKS.md (serve) updated; MLflow run {run.info.run_id}; plot {png}")
+    return {**payload, "run_id": run.info.run_id, "png": str(png) if png else None}
+
+
+def ratios(results: list[StepResult]) -> dict[str, dict[str, float]]:
+    """vLLM / baseline per step: output tokens/s (higher is better) and TTFT p50 (baseline / vLLM: how much faster)."""
+    out = {}
+    by = {(r.server, r.step): r for r in results}
+    for (server, step), v in by.items():
+        t = by.get(("transformers", step))
+        if server != "vllm" or t is None:
+            continue
+        ratio = {}
+        if t.output_tokens_per_s > 0:
+            ratio["ratio_output_tokens_per_s"] = v.output_tokens_per_s / t.output_tokens_per_s
+        if v.ttft_p50_ms and not math.isnan(v.ttft_p50_ms) and not math.isnan(t.ttft_p50_ms):
+            ratio["ratio_ttft_p50_speedup"] = t.ttft_p50_ms / v.ttft_p50_ms
+        out[step] = ratio
+    return out
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}"
+
+
+def report(results: list[StepResult], slo_rows: list[dict], slo_step: StepResult, info: dict, seconds: float):
+    cols = ("server", "conc.", "prompt tok", "req", "TTFT p50", "p95", "p99", "TPOT p50", "E2E p50", "out tok/s",
+            "req/min", "errors", "vLLM /metrics check")
+    t = Table(title=f"serving load benchmark: champion v{info['version']} ({seconds} s)")
+    for c in cols:
+        t.add_column(c, justify="right")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    order = {"vllm": 0, "vllm-merged": 1, "transformers": 2}
+    for r in sorted(results, key=lambda r: (r.prompt_tokens, r.concurrency, order.get(r.server, 3))):
+        check = "-" if not r.server.startswith("vllm") else (r.cross_check or "agrees within 10%")
+        row = (r.server, str(r.concurrency), _fmt(r.mean_input_tokens), str(r.requests), _fmt(r.ttft_p50_ms),
+               _fmt(r.ttft_p95_ms), _fmt(r.ttft_p99_ms), _fmt(r.tpot_p50_ms, 1), _fmt(r.e2el_p50_ms),
+               _fmt(r.output_tokens_per_s, 1), _fmt(r.requests_per_min, 1), f"{r.error_rate:.0%}", check)
+        t.add_row(*row)
+        lines.append("| " + " | ".join(row) + " |")
+    rat = ratios(results)
+    rlines = [f"- {step}: vLLM/baseline output tokens/s **{v.get('ratio_output_tokens_per_s', float('nan')):.2f}x**, "
+              f"TTFT p50 baseline/vLLM {v.get('ratio_ttft_p50_speedup', float('nan')):.2f}x" for step, v in sorted(rat.items())]
+    slo_lines = [f"- {x['name']}: {_fmt(x['value'], 2)} vs {x['threshold']} -> {'pass' if x['passed'] else '**FAIL**'} ({x['detail']})"
+                 for x in slo_rows]
+    md = (f"Servers on 127.0.0.1, the load tool (`vllm bench serve`, streamed chat completions, custom prompts: held-out screen "
+          f"requests padded with RAG passages) on the same machine. Champion v{info['version']} served by vLLM "
+          f"(base + LoRA adapter, its promoted configuration; `vllm-merged`: the same weights merged, no LoRA) vs "
+          f"`transformers serve` on the merged weights, alternating step by step; {seconds} s in all.\n\n" + "\n".join(lines)
+          + "\n\nvLLM / baseline per step:\n" + "\n".join(rlines)
+          + f"\n\nSLO (gate.slo of this profile) on step {slo_step.step}:\n" + "\n".join(slo_lines) + "\n")
+    return t, md
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cli_args(ap)
+    args = ap.parse_args()
+    try:
+        console = Console()
+        run_bench(load_config(args.config, args.profile, args.overrides), console if console.is_terminal else Console(width=200))
+    except (ConfigError, PromotionError, ServerError, BenchError, LockBusy) as exc:
+        print(f"[error] {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
