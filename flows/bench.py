@@ -32,7 +32,9 @@ from serving.vllm_server import ServerError, VllmServer, free_port  # noqa: E402
 from workspace.benchmarks import update_section  # noqa: E402
 from workspace.config import ConfigError, LoadedConfig, SloConfig, add_cli_args, load_config  # noqa: E402
 from workspace.locks import LockBusy  # noqa: E402
-from workspace.paths import CACHE, resolve  # noqa: E402
+from workspace.paths import CACHE, ROOT, resolve  # noqa: E402
+
+DOCS = ROOT / "docs"
 from workspace.tracking import configure, run_tags  # noqa: E402
 
 
@@ -131,6 +133,11 @@ def run_bench(loaded: LoadedConfig, console: Console, doc: Path | None = None) -
             _m.log_artifact(str(png), "serve-bench")
     table, md = report(results, slo_rows, slo_step, info, seconds, slo_rules(slo_step, SloConfig()))
     console.print(table)
+    if png and doc is None:  # the plot beside the numbers (docs/serve_bench.png)
+        import shutil
+
+        shutil.copyfile(png, DOCS / "serve_bench.png")
+        md += "\n![latency and throughput against concurrency](serve_bench.png)\n"
     update_section("serve", "Serving load benchmark: vLLM vs transformers serve, SLO, /metrics cross-check",
                    "make bench-serve", md, **({"doc": doc} if doc else {}))
     console.print(f"[bench] docs/BENCHMARKS.md (serve) updated; MLflow run {run.info.run_id}; plot {png}")
@@ -220,6 +227,8 @@ def render_saved(loaded: LoadedConfig, path: Path) -> int:
     _, md = report(results, slo_rules(slo_step, slo), slo_step, {"version": data["champion"]}, data["seconds"],
                    slo_rules(slo_step, SloConfig()))
     md += f"\n(Rendered again from the results of the run in {path.parent.name}, with the current gate.slo.)\n"
+    if (DOCS / "serve_bench.png").exists():
+        md += "\n![latency and throughput against concurrency](serve_bench.png)\n"
     update_section("serve", "Serving load benchmark: vLLM vs transformers serve, SLO, /metrics cross-check",
                    "make bench-serve", md)
     print(md)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import httpx
 
-from serving.vllm_server import ServerError
+from serving.vllm_server import wait_healthy
 from workspace.envrunner import EnvCommandError, run_in_env, spawn_in_env, stop_process_group
 
 TEMPLATE_MARGIN = 24  # chat-template tokens around the user message (chatml: about 10), kept free
@@ -214,20 +213,14 @@ class TransformersServer:
         self.proc = spawn_in_env("serve", ["transformers", "serve", self.model_dir, "--host", self.host, "--port",
                                            str(self.port), "--device", "cpu", "--dtype", "auto"],
                                  log_path=self.log_path, extra_env={"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"})
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.stop()
-                raise ServerError(f"transformers serve exited with code {code}; log: {self.log_path}")
-            try:
-                if httpx.get(f"http://{self.host}:{self.port}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise ServerError(f"transformers serve was not healthy within {timeout:.0f} s; log: {self.log_path}")
+        wait_healthy(self, "transformers serve", timeout)
+        return self
+
+    def _tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
 
     def stop(self) -> None:
         if self.proc is not None:

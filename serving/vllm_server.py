@@ -28,6 +28,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(server, what: str, timeout: float) -> None:
+    """Poll http://host:port/health of a spawned server (proc, host, port, log_path, stop(), _tail()) until it
+    answers 200; a server that exits or stays unhealthy is stopped and named with its log."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.proc.poll() is not None:
+            code = server.proc.returncode
+            server.stop()  # reap whatever it left in its process group
+            raise ServerError(f"{what} exited with code {code} before it was ready; log: {server.log_path}\n{server._tail()}")
+        try:
+            if httpx.get(f"http://{server.host}:{server.port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise ServerError(f"{what} did not become healthy within {timeout:.0f} s on http://{server.host}:{server.port}; "
+                      f"log: {server.log_path}")
+
+
 class VllmServer:
     """`with VllmServer(...) as srv:` starts `vllm serve`, waits for /health, stops it on exit."""
 
@@ -79,21 +99,8 @@ class VllmServer:
         if self.cfg.api_key_env and os.environ.get(self.cfg.api_key_env):
             env["VLLM_API_KEY"] = os.environ[self.cfg.api_key_env]  # from the environment, never from a file
         self.proc = spawn_in_env("serve", self.argv(), log_path=self.log_path, extra_env=env)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.stop()  # reap whatever it left in its process group
-                raise ServerError(f"vLLM exited with code {code} before it was ready; "
-                                  f"log: {self.log_path}\n{self._tail()}")
-            try:
-                if httpx.get(f"http://{self.host}:{self.port}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise ServerError(f"vLLM did not become healthy within {timeout:.0f} s on {self.base_url}; log: {self.log_path}")
+        wait_healthy(self, "vLLM", timeout)
+        return self
 
     def _tail(self, n: int = 15) -> str:
         try:

@@ -6,7 +6,6 @@ Stages call `stage_run(loaded, "finetune")`; flows/pipeline.py wraps them in `pi
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 from pathlib import Path
