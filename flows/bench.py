@@ -140,7 +140,7 @@ def run_bench(loaded: LoadedConfig, console: Console, doc: Path | None = None) -
         md += "\n![latency and throughput against concurrency](serve_bench.png)\n"
     update_section("serve", "Serving load benchmark: vLLM vs transformers serve, SLO, /metrics cross-check",
                    "make bench-serve", md, **({"doc": doc} if doc else {}))
-    console.print(f"[bench] docs/BENCHMARKS.md (serve) updated; MLflow run {run.info.run_id}; plot {png}")
+    console.print(f"[bench] {doc or 'docs/BENCHMARKS.md'} (serve) updated; MLflow run {run.info.run_id}; plot {png}")
     return {**payload, "run_id": run.info.run_id, "png": str(png) if png else None}
 
 

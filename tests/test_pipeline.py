@@ -234,7 +234,8 @@ def test_load_benchmark_against_vllm_and_the_transformers_baseline(ws, tmp_path)
     for s in steps.values():
         assert s["completed"] == 4 and s["error_rate"] == 0 and s["output_tokens_per_s"] > 0 and s["ttft_p50_ms"] > 0
     assert steps["vllm"]["server_side"]["requests"] == 4  # vLLM's /metrics counted what the client sent
-    assert "| vllm | 2 |" in doc.read_text() and "vLLM / baseline per step" in doc.read_text()
+    text = doc.read_text()
+    assert "| vllm | 2 |" in text and "| transformers | 2 |" in text and "Ratios against the transformers baseline" in text
     mlflow = _mlflow(ws)
     run = mlflow.get_run(out["run_id"])
     version = mlflow.MlflowClient().get_model_version_by_alias("e2e-assistant", "champion")
