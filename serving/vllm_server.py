@@ -88,6 +88,8 @@ class VllmServer:
         return argv + list(self.extra_args)
 
     def start(self, timeout: Optional[float] = None) -> "VllmServer":
+        if self.proc is not None and self.proc.poll() is None:  # a second start would orphan the first server
+            raise ServerError(f"this server is already running (PID {self.proc.pid}) on {self.base_url}")
         timeout = timeout or self.cfg.startup_timeout_s
         with socket.socket() as probe:
             try:
