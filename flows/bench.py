@@ -105,11 +105,8 @@ def run_bench(loaded: LoadedConfig, console: Console, doc: Path | None = None) -
     seconds = round(time.monotonic() - t0, 1)
 
     # SLO verdict on the step closest to the plan's (concurrency, prompt length)
-    slo = cfg.gate.slo
-    slo_len = clamp_prompt(slo.prompt_tokens, b.output_tokens, cfg.serving.max_model_len)
-    vllm_steps = [r for r in results if r.server == "vllm"]
-    slo_step = min(vllm_steps, key=lambda r: (abs(r.concurrency - slo.concurrency), abs(r.prompt_tokens - slo_len)))
-    slo_rows = slo_rules(slo_step, slo)
+    slo_step = closest_slo_step(loaded, results)
+    slo_rows = slo_rules(slo_step, cfg.gate.slo)
 
     png = plot(results, work / "serve_bench.png")
     js = work / "serve_bench.json"
@@ -142,6 +139,14 @@ def run_bench(loaded: LoadedConfig, console: Console, doc: Path | None = None) -
                    "make bench-serve", md, **({"doc": doc} if doc else {}))
     console.print(f"[bench] {doc or 'docs/BENCHMARKS.md'} (serve) updated; MLflow run {run.info.run_id}; plot {png}")
     return {**payload, "run_id": run.info.run_id, "png": str(png) if png else None}
+
+
+def closest_slo_step(loaded: LoadedConfig, results: list[StepResult]) -> StepResult:
+    """The vLLM step nearest the SLO's (concurrency, prompt length): the one the SLO verdict is read from."""
+    cfg = loaded.config
+    slo_len = clamp_prompt(cfg.gate.slo.prompt_tokens, cfg.serving.bench.output_tokens, cfg.serving.max_model_len)
+    return min((r for r in results if r.server == "vllm"),
+               key=lambda r: (abs(r.concurrency - cfg.gate.slo.concurrency), abs(r.prompt_tokens - slo_len)))
 
 
 def ratios(results: list[StepResult], server: str = "vllm") -> dict[str, dict[str, float]]:
@@ -220,11 +225,8 @@ def render_saved(loaded: LoadedConfig, path: Path) -> int:
     data = json.loads(path.read_text())
     fields = set(StepResult.__dataclass_fields__)
     results = [StepResult(**{k: v for k, v in s.items() if k in fields}) for s in data["steps"]]
-    slo = loaded.config.gate.slo
-    slo_len = clamp_prompt(slo.prompt_tokens, loaded.config.serving.bench.output_tokens, loaded.config.serving.max_model_len)
-    vllm_steps = [r for r in results if r.server == "vllm"]
-    slo_step = min(vllm_steps, key=lambda r: (abs(r.concurrency - slo.concurrency), abs(r.prompt_tokens - slo_len)))
-    _, md = report(results, slo_rules(slo_step, slo), slo_step, {"version": data["champion"]}, data["seconds"],
+    slo_step = closest_slo_step(loaded, results)
+    _, md = report(results, slo_rules(slo_step, loaded.config.gate.slo), slo_step, {"version": data["champion"]}, data["seconds"],
                    slo_rules(slo_step, SloConfig()))
     md += f"\n(Rendered again from the results of the run in {path.parent.name}, with the current gate.slo.)\n"
     if (DOCS / "serve_bench.png").exists():

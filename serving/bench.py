@@ -20,8 +20,8 @@ from typing import Optional
 
 import httpx
 
-from serving.vllm_server import wait_healthy
-from workspace.envrunner import EnvCommandError, run_in_env, spawn_in_env, stop_process_group
+from serving.vllm_server import SpawnedServer
+from workspace.envrunner import EnvCommandError, run_in_env, spawn_in_env
 
 TEMPLATE_MARGIN = 24  # chat-template tokens around the user message (chatml: about 10), kept free
 
@@ -198,34 +198,21 @@ def cross_check(res: StepResult, tolerance: float = 0.10) -> str:
 
 
 # -------------------------------------------------------------------------------------------- baseline
-class TransformersServer:
+class TransformersServer(SpawnedServer):
     """`transformers serve <model>` from the serve environment on 127.0.0.1 (OpenAI chat with SSE; no /metrics)."""
+
+    stop_grace = 15.0
 
     def __init__(self, model_dir: str, port: int, log_path: Path, host: str = "127.0.0.1"):
         self.model_dir, self.port, self.host, self.log_path = model_dir, port, host, log_path
         self.proc = None
 
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
     def start(self, timeout: float = 300) -> "TransformersServer":
         self.proc = spawn_in_env("serve", ["transformers", "serve", self.model_dir, "--host", self.host, "--port",
                                            str(self.port), "--device", "cpu", "--dtype", "auto"],
                                  log_path=self.log_path, extra_env={"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"})
-        wait_healthy(self, "transformers serve", timeout)
+        self._wait_healthy("transformers serve", timeout)
         return self
-
-    def _tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process_group(self.proc, grace=15)
-            self.proc = None
 
 
 MERGE = """

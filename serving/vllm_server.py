@@ -28,27 +28,57 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(server, what: str, timeout: float) -> None:
-    """Poll http://host:port/health of a spawned server (proc, host, port, log_path, stop(), _tail()) until it
-    answers 200; a server that exits or stays unhealthy is stopped and named with its log."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if server.proc.poll() is not None:
-            code = server.proc.returncode
-            server.stop()  # reap whatever it left in its process group
-            raise ServerError(f"{what} exited with code {code} before it was ready; log: {server.log_path}\n{server._tail()}")
+class SpawnedServer:
+    """A server process started in an environment (its own process group, output to log_path), reached on
+    host:port, stopped by its PID. Subclasses set proc in start() and then call _wait_healthy()."""
+
+    host: str
+    port: int
+    log_path: Path
+    proc = None
+    stop_grace = 20.0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def _wait_healthy(self, what: str, timeout: float) -> None:
+        """Poll /health until it answers 200; a server that exits or stays unhealthy is stopped and named with its log."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.stop()  # reap whatever it left in its process group
+                raise ServerError(f"{what} exited with code {code} before it was ready; log: {self.log_path}\n{self._tail()}")
+            try:
+                if httpx.get(f"http://{self.host}:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise ServerError(f"{what} did not become healthy within {timeout:.0f} s on http://{self.host}:{self.port}; "
+                          f"log: {self.log_path}")
+
+    def _tail(self, n: int = 15) -> str:
         try:
-            if httpx.get(f"http://{server.host}:{server.port}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    server.stop()
-    raise ServerError(f"{what} did not become healthy within {timeout:.0f} s on http://{server.host}:{server.port}; "
-                      f"log: {server.log_path}")
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc, grace=self.stop_grace)
+            self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
-class VllmServer:
+class VllmServer(SpawnedServer):
     """`with VllmServer(...) as srv:` starts `vllm serve`, waits for /health, stops it on exit."""
 
     def __init__(self, model: str, cfg: ServingConfig, *, lora_modules: Optional[dict[str, str]] = None,
@@ -65,10 +95,6 @@ class VllmServer:
         self.extra_args = extra_args
         self.config_file = config_file  # a rendered `vllm serve --config` file: it carries everything but the port
         self.proc = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
 
     def argv(self) -> list[str]:
         if self.config_file:
@@ -101,22 +127,5 @@ class VllmServer:
         if self.cfg.api_key_env and os.environ.get(self.cfg.api_key_env):
             env["VLLM_API_KEY"] = os.environ[self.cfg.api_key_env]  # from the environment, never from a file
         self.proc = spawn_in_env("serve", self.argv(), log_path=self.log_path, extra_env=env)
-        wait_healthy(self, "vLLM", timeout)
+        self._wait_healthy("vLLM", timeout)
         return self
-
-    def _tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process_group(self.proc, grace=20)
-            self.proc = None
-
-    def __enter__(self) -> "VllmServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
