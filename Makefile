@@ -73,7 +73,7 @@ bench-finetune: setup  ## the finetune stage on the profile vs plain llamafactor
 	@$(PY) -m finetune.bench_finetune $(CFG_ARGS)
 
 bench-eval: setup  ## base vs candidate quality, hf vs vLLM scoring speed (needs `make finetune`)
-	@$(PY) -m eval.bench_eval $(CFG_ARGS)
+	@$(PY) -m flows.bench_eval $(CFG_ARGS)
 
 bench-rag: setup  ## RAG indexing speed (shipped + 10k synthetic chunks), query latency, retrieval per mode
 	@$(PY) -m rag.bench_rag

@@ -2,9 +2,10 @@
 
 Suites: `kobest` (lm-evaluation-harness, eval/kobest.py) and `custom` (greedy generations on the held-out test
 split scored by DeepEval metrics, eval/metrics.py, plus the LLM judge when configured). Writes per-item results
-(JSONL), aggregate metrics named `eval/<suite>/<task>/<metric>`, generation speed, and is cached by (model hash,
-adapter hash, task data hash, task config hash, backend). `compare_report` writes the Markdown report and the
-comparison plot. Called by flows/evaluate.py; tests call it directly.
+(JSONL), aggregate metrics named `eval/<suite>/<task>/<metric>`, generation speed, and is cached by (the model
+reference's fingerprint, task data hash, task config hash, eval config, backend). `compare_report` writes the
+Markdown report and the comparison plot. Called by eval/evaluate_stage.py and eval/gate_stage.py; tests call it
+directly.
 """
 from __future__ import annotations
 
@@ -17,32 +18,14 @@ from pathlib import Path
 from typing import Optional
 
 from workspace.config import LoadedConfig
+from workspace.endpoint import Endpoint
+from workspace.model_ref import ModelRef
 from workspace.paths import CONFIGS, resolve
 
 from eval.kobest import EvalError, local_files, run_kobest
 
 EVAL_VERSION = "1"
 SUITES = ("kobest", "custom")
-
-
-@dataclass
-class ModelRef:
-    """What is evaluated: a base model (path or hub id) and an optional LoRA adapter folder."""
-
-    name: str
-    base: str
-    adapter: Optional[str] = None
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256(self.base.encode())
-        for root in filter(None, (self.base, self.adapter)):
-            p = Path(root)
-            if p.is_dir():
-                for f in sorted(p.iterdir()):
-                    if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model", ".jinja"):
-                        h.update(f.name.encode())
-                        h.update(hashlib.sha256(f.read_bytes()).digest())
-        return h.hexdigest()[:16]
 
 
 @dataclass
@@ -78,7 +61,7 @@ def cache_key(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...], te
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backend: str, endpoint: Optional[dict],
+def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backend: str, endpoint: Optional[Endpoint],
                   partial: Path, progress=None) -> tuple[dict[str, float], list[dict], dict]:
     from deepeval.test_case import LLMTestCase
 
@@ -96,7 +79,7 @@ def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backen
         else:
             gens = generate_openai(endpoint, items, cfg.max_new_tokens, progress=progress)
     except Exception as exc:  # noqa: BLE001 - name the model/endpoint that failed
-        where = endpoint["base_url"] if endpoint else f"{model.base} (adapter {model.adapter or '-'})"
+        where = endpoint.base_url if endpoint else f"{model.base} (adapter {model.adapter or '-'})"
         raise EvalError(f"custom suite: generation with {where} failed: {type(exc).__name__}: {exc}") from exc
     metrics = build_metrics(cfg.custom_metrics)
     task = cfg.custom_task_name
@@ -136,7 +119,7 @@ def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backen
 
 
 def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SUITES, *, test_file: Optional[Path] = None,
-             backend: Optional[str] = None, endpoint: Optional[dict] = None, out_root: Optional[Path] = None,
+             backend: Optional[str] = None, endpoint: Optional[Endpoint] = None, out_root: Optional[Path] = None,
              console=None) -> EvalResult:
     """Evaluate one model. With backend 'vllm' and no endpoint, a vLLM server is started for the duration
     (base model + the adapter as a LoRA module) and stopped afterwards."""
@@ -155,15 +138,16 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
 
     server = None
     if backend == "vllm" and endpoint is None:
-        from serving.vllm_server import VllmServer
+        from workspace.vllm_server import VllmServer
 
-        name = f"{model.name}-lora" if model.adapter else loaded.config.serving.served_model_name
+        name = f"{model.name}-lora" if model.adapter else "base"
         loras = {name: model.adapter} if model.adapter else {}
         server = VllmServer(model.base, loaded.config.serving, lora_modules=loras,
                             max_lora_rank=max(loaded.config.finetune.lora_rank, 8), served_model_name="base",
+                            hub_enabled=loaded.config.hub.enabled,
                             log_path=(out_root or resolve(loaded.config.data.output_dir) / "evals") / f"vllm-{model.name}.log")
         server.start()
-        endpoint = {"base_url": server.base_url, "model": name if model.adapter else "base", "concurrency": cfg.concurrency}
+        endpoint = server.endpoint(name, concurrency=cfg.concurrency)
     partial = out_dir.with_name(out_dir.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}

@@ -5,7 +5,7 @@ metric matching a glob such as eval/kobest/*/acc), `improvement` (the lower boun
 interval of candidate - reference over the SAME items is above zero, so noise on a small eval set promotes
 nothing), `adapter_changes_outputs` (the finetune verification saw changed greedy outputs). The reference is the
 current champion, or the base model when there is none. Writes the decision and the rule table as JSON and
-Markdown. Called by flows/promote.py; tests call `decide` directly.
+Markdown. Called by eval/gate_stage.py; tests call `decide` directly.
 """
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ EPS = 1e-9  # 0.525 - 0.05 is 0.47500000000000003 in floating point: a boundary 
 
 class GateError(RuntimeError):
     """The gate cannot decide (missing metric, items that do not pair); the message says which."""
+
+
+class GateFailed(RuntimeError):
+    """The gate decided against the candidate (exit code 3); `result` is the decision as JSON."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass

@@ -1,16 +1,17 @@
 """Greedy generation for the custom metrics, through either scorer of the evaluation stage:
 `hf` (in-process transformers, base model + optional peft adapter, batched) or an OpenAI-compatible endpoint
-(the vLLM server, concurrent chat completions). Both render prompts with the model's own chat template.
-Called by eval/custom.py.
+(the vLLM server through workspace.endpoint, concurrent chat completions). Both render prompts with the model's
+own chat template. Called by eval/evaluate.py and eval/rag_quality.py.
 """
 from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from workspace.endpoint import Endpoint
 
 
 @dataclass
@@ -74,27 +75,8 @@ def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_to
     return Generations(outputs, n_tokens, time.time() - t0)
 
 
-def generate_openai(endpoint: dict, items: list[dict], max_new_tokens: int, progress=None) -> Generations:
-    """Chat completions against an OpenAI-compatible server (greedy), `concurrency` requests in flight."""
-    import httpx
-
-    url = f"{endpoint['base_url']}/chat/completions"
-    headers = {"Authorization": f"Bearer {endpoint['api_key']}"} if endpoint.get("api_key") else {}
-    done = [0]
-
-    def one(item: dict) -> tuple[str, int]:
-        body = {"model": endpoint["model"], "messages": item["messages"], "max_tokens": max_new_tokens,
-                "temperature": 0.0, "seed": 0}
-        r = httpx.post(url, json=body, headers=headers, timeout=300)
-        if r.status_code != 200:
-            raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:300]}")
-        data = r.json()
-        done[0] += 1
-        if progress:
-            progress(done[0])
-        return data["choices"][0]["message"]["content"].strip(), data.get("usage", {}).get("completion_tokens", 0)
-
+def generate_openai(endpoint: Endpoint, items: list[dict], max_new_tokens: int, progress=None) -> Generations:
+    """Greedy chat completions against an OpenAI-compatible server (workspace.endpoint), `concurrency` in flight."""
     t0 = time.time()
-    with ThreadPoolExecutor(max_workers=endpoint.get("concurrency", 4)) as pool:
-        results = list(pool.map(one, items))
+    results = endpoint.chat_many([it["messages"] for it in items], max_tokens=max_new_tokens, progress=progress)
     return Generations([r[0] for r in results], sum(r[1] for r in results), time.time() - t0)

@@ -3,20 +3,20 @@
 
 Without a configured judge the metric is reported as skipped with the reason; it never passes silently.
 Structured outputs: DeepEval hands pydantic schemas; they are sent as `response_format` json_schema with bounded
-strings and an integer score (a weak judge otherwise pads JSON forever; ENVIRONMENT.md). Called by eval/custom.py.
+strings and an integer score (a weak judge otherwise pads JSON forever; see ../shared/ENVIRONMENT.md, "DeepEval").
+Requests go through workspace.endpoint (the openai client, timeouts, retries, the key from `api_key_env`).
+Called by eval/evaluate.py and eval/rag_quality.py.
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
 from typing import Optional
 
-import httpx
-
 from workspace import offline
+from workspace.endpoint import Endpoint, EndpointError
 
-offline.apply()
+offline.telemetry_off()  # DEEPEVAL_TELEMETRY_OPT_OUT must be set before deepeval is imported
 
 from deepeval.metrics import GEval  # noqa: E402
 from deepeval.models import DeepEvalBaseLLM  # noqa: E402
@@ -58,9 +58,12 @@ def _bounded(schema: dict) -> dict:
 class OpenAICompatibleJudge(DeepEvalBaseLLM):
     def __init__(self, cfg: JudgeConfig):
         self.cfg = cfg
-        self.api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
-        if cfg.api_key_env and not self.api_key:
-            raise JudgeUnavailable(f"judge api key: environment variable {cfg.api_key_env} is not set")
+        self.endpoint = Endpoint(cfg.base_url.rstrip("/"), cfg.model, api_key_env=cfg.api_key_env, timeout_s=120)
+        try:
+            self.endpoint.api_key  # a configured variable that is unset fails here, before any request
+        except EndpointError as exc:
+            raise JudgeUnavailable(f"judge: {exc}") from None
+        self.last_finish_reason = None
         super().__init__(model=cfg.model)
 
     def load_model(self):
@@ -70,21 +73,16 @@ class OpenAICompatibleJudge(DeepEvalBaseLLM):
         return f"{self.cfg.model} @ {self.cfg.base_url}"
 
     def _post(self, prompt: str, schema=None) -> str:
-        body = {"model": self.cfg.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
-                "max_tokens": self.cfg.max_tokens}
+        fmt = None
         if schema is not None:
-            body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": schema.__name__, "schema": _bounded(schema.model_json_schema())}}
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            fmt = {"type": "json_schema", "json_schema": {"name": schema.__name__,
+                                                          "schema": _bounded(schema.model_json_schema())}}
         try:
-            r = httpx.post(f"{self.cfg.base_url.rstrip('/')}/chat/completions", json=body, headers=headers, timeout=120)
-        except httpx.HTTPError as exc:
-            raise JudgeUnavailable(f"judge endpoint {self.cfg.base_url} is unreachable: {exc}") from exc
-        if r.status_code != 200:
-            raise JudgeUnavailable(f"judge endpoint {self.cfg.base_url} answered {r.status_code}: {r.text[:200]}")
-        choice = r.json()["choices"][0]
-        self.last_finish_reason = choice.get("finish_reason")
-        return choice["message"]["content"]
+            text, _, self.last_finish_reason = self.endpoint.chat([{"role": "user", "content": prompt}],
+                                                                  max_tokens=self.cfg.max_tokens, response_format=fmt)
+        except EndpointError as exc:
+            raise JudgeUnavailable(f"judge endpoint: {exc}") from exc
+        return text
 
     def generate(self, prompt: str, schema=None):
         text = self._post(prompt, schema)
@@ -112,15 +110,13 @@ class OpenAICompatibleJudge(DeepEvalBaseLLM):
 
 def check_judge(cfg: Optional[JudgeConfig]) -> tuple[Optional[OpenAICompatibleJudge], str]:
     """(None, why) when no judge is configured: the metric is skipped and the report says so.
-    A configured judge that is unusable (down, no key) raises JudgeUnavailable naming the endpoint."""
+    A configured judge that is unusable (down, no key, a refused key) raises JudgeUnavailable naming the endpoint."""
     if cfg is None:
         return None, "no judge configured (eval.judge is null): the LLM-as-judge metric was skipped"
     judge = OpenAICompatibleJudge(cfg)
-    headers = {"Authorization": f"Bearer {judge.api_key}"} if judge.api_key else {}
     try:
-        r = httpx.get(f"{cfg.base_url.rstrip('/')}/models", headers=headers, timeout=10)
-        r.raise_for_status()
-    except httpx.HTTPError as exc:
+        judge.endpoint.models()
+    except EndpointError as exc:
         raise JudgeUnavailable(f"judge endpoint {cfg.base_url} is not usable: {exc}") from exc
     return judge, "used"
 

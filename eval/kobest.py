@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from workspace.config import EvalConfig
+from workspace.endpoint import Endpoint, EndpointError
 from workspace.paths import CONFIGS, resolve
 
 TASK_DIR = CONFIGS / "tasks"
@@ -105,24 +106,23 @@ class KobestResult:
     n_items: int
 
 
-def _model_spec(backend: str, base: str, adapter: Optional[str], endpoint: Optional[dict]) -> tuple[str, dict]:
+def _model_spec(backend: str, base: str, adapter: Optional[str], endpoint: Optional[Endpoint]) -> tuple[str, dict]:
     if backend == "hf":
         args = {"pretrained": base, "dtype": "float32", "device": "cpu", "trust_remote_code": False}
         if adapter:
             args["peft"] = adapter
         return "hf", args
     if endpoint is None:
-        raise EvalError("backend 'vllm' needs a running endpoint (serving.vllm_server)")
-    return "local-completions", {
-        "model": endpoint["model"], "base_url": f"{endpoint['base_url']}/completions", "tokenizer": base,
-        # token ids, not text: the server scores exactly the tokens the hf scorer scores
-        "tokenizer_backend": "huggingface", "tokenized_requests": True, "num_concurrent": endpoint.get("concurrency", 4),
-        "max_retries": 3, "timeout": 120,
-    }
+        raise EvalError("backend 'vllm' needs a running endpoint (workspace.vllm_server)")
+    try:
+        endpoint.models()  # a refused key fails here with the variable named, not as lm-eval's retries
+        return "local-completions", endpoint.lm_eval_args(tokenizer=base)
+    except EndpointError as exc:
+        raise EvalError(f"KoBEST through {endpoint.base_url}: {exc}") from None
 
 
 def run_kobest(cfg: EvalConfig, base: str, adapter: Optional[str], *, backend: str = "hf", hub_enabled: bool = False,
-               endpoint: Optional[dict] = None, batch_size: int = 16) -> KobestResult:
+               endpoint: Optional[Endpoint] = None, batch_size: int = 16) -> KobestResult:
     """Score the configured KoBEST tasks. Raises EvalError naming the task/file/endpoint on failure."""
     import lm_eval
 
@@ -137,7 +137,7 @@ def run_kobest(cfg: EvalConfig, base: str, adapter: Optional[str], *, backend: s
             torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0, confirm_run_unsafe_code=False,
         )
     except Exception as exc:  # noqa: BLE001 - lm-eval raises many kinds; name what was being scored
-        where = endpoint["base_url"] if endpoint else (adapter or base)
+        where = endpoint.base_url if endpoint else (adapter or base)
         raise EvalError(f"KoBEST scoring with backend {backend!r} failed for {where}: {type(exc).__name__}: {exc}") from exc
     seconds = time.time() - t0
     metrics: dict[str, float] = {}

@@ -15,7 +15,7 @@ from typing import Optional
 
 from workspace import offline
 
-offline.apply()  # DEEPEVAL_TELEMETRY_OPT_OUT must be set before deepeval is imported
+offline.telemetry_off()  # DEEPEVAL_TELEMETRY_OPT_OUT must be set before deepeval is imported
 
 from deepeval.metrics import BaseMetric  # noqa: E402
 from deepeval.test_case import LLMTestCase  # noqa: E402

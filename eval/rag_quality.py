@@ -4,7 +4,8 @@ Rule-based DeepEval metrics that need no judge: `cites_something` (the answer ci
 `citations_valid` (every cited id was among the retrieved passages), `cites_gold` (a document that answers the
 question is cited), `answer_has_gold` (the expected answer string appears). With a configured judge, DeepEval's
 FaithfulnessMetric and ContextualRelevancyMetric run too. The flow hands over questions with their retrieved
-passages and ready prompts (retrieval is the rag stage's job). Called by flows/evaluate.py.
+passages and ready prompts (qa_contexts.jsonl, written by the rag stage: retrieval is its job). Called by
+eval/evaluate_stage.py.
 """
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from typing import Optional
 
 from workspace import offline
 
-offline.apply()
+offline.telemetry_off()  # DEEPEVAL_TELEMETRY_OPT_OUT must be set before deepeval is imported
 
 from deepeval.test_case import LLMTestCase  # noqa: E402
 
-from eval.evaluate import ModelRef  # noqa: E402
 from eval.generate import generate_hf, generate_openai  # noqa: E402
 from eval.judge import check_judge  # noqa: E402
 from eval.metrics import _RuleMetric  # noqa: E402
 from workspace.config import EvalConfig  # noqa: E402
+from workspace.endpoint import Endpoint  # noqa: E402
+from workspace.model_ref import ModelRef  # noqa: E402
 
 CITATION = re.compile(r"\[([^\[\]]+)\]")
 
@@ -60,7 +62,7 @@ class AnswerHasGold(_RuleMetric):
         return (1.0, "contains the answer") if tc.expected_output and tc.expected_output in (tc.actual_output or "") else (0.0, "answer not found")
 
 
-def score_rag_answers(cfg: EvalConfig, model: ModelRef, items: list[dict], *, endpoint: Optional[dict] = None
+def score_rag_answers(cfg: EvalConfig, model: ModelRef, items: list[dict], *, endpoint: Optional[Endpoint] = None
                       ) -> tuple[dict[str, float], list[dict], str]:
     """items: {id, messages, question, gold_answer, gold_docs, retrieved (doc ids), contexts (texts)}."""
     if endpoint:

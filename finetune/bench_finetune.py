@@ -20,7 +20,7 @@ from workspace import offline
 offline.apply()
 
 from finetune.prepare import prepare_dataset  # noqa: E402
-from finetune.stage import run_finetune  # noqa: E402
+from finetune.finetune_stage import run_finetune  # noqa: E402
 from finetune.train import dump_rendered, plain_config  # noqa: E402
 from workspace.benchmarks import update_section  # noqa: E402
 from workspace.config import add_cli_args, load_from_args  # noqa: E402

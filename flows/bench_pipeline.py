@@ -24,6 +24,16 @@ from workspace.config import add_cli_args
 from workspace.paths import ROOT
 
 
+def cached_sentence(summary: dict) -> str:
+    """What the second run's stage records say, not what we hope they say."""
+    stages = summary["stages"]
+    ran = [n for n, st in stages.items() if st["status"] not in ("cached", "skipped")]
+    if not ran:
+        return "every stage of the second run was cached (or skipped)."
+    listed = ", ".join(f"{n} ({stages[n]['status']})" for n in ran)
+    return f"in the second run these stages were NOT cached: {listed}."
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(ap)
@@ -63,7 +73,7 @@ def main() -> int:
             "section), from an empty MLflow store, processed-data folder, adapters folder, Qdrant folder and Prefect "
             f"result storage, then again unchanged. Profile: {runs[0][2]['profile']}.\n\n" + "\n".join(lines)
             + f"\n\nFirst run {runs[0][1] / 60:.1f} min (target < 15 min); second run {runs[1][1]:.0f} s = "
-            f"{ratio:.1%} of the first (target < 10%), every stage cached.\n")
+            f"{ratio:.1%} of the first (target < 10%); " + cached_sentence(runs[1][2]) + "\n")
     update_section("pipeline", "Pipeline: end to end, then cached", "make bench-pipeline", body)
     print(body)
     print(json.dumps({"first_s": round(runs[0][1], 1), "second_s": round(runs[1][1], 1), "ratio": round(ratio, 4)}))

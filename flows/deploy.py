@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ offline.apply()
 import httpx  # noqa: E402
 
 from workspace.paths import ROOT  # noqa: E402
+from workspace.processes import ManagedProcess, ProcessError, recorded_pid, stop_recorded  # noqa: E402
 
 POOL = "local-process"
 
@@ -69,49 +69,17 @@ def _pidfile(name: str) -> Path:
 
 def _alive(name: str) -> Optional[int]:
     """The PID recorded for `name` if that process still runs and is the one we started (its command line)."""
-    f = _pidfile(name)
-    if not f.exists():
-        return None
-    try:
-        rec = json.loads(f.read_text())
-        cmdline = Path(f"/proc/{rec['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (OSError, ValueError, KeyError):
-        return None
-    return rec["pid"] if rec.get("marker", "\0") in cmdline else None
+    return recorded_pid(_pidfile(name))
 
 
-def _spawn(name: str, argv: list[str], port: int, marker: str) -> int:
-    home = prefect_home()
-    home.mkdir(parents=True, exist_ok=True)
-    log = open(home / f"{name}.log", "a", encoding="utf-8")
-    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(port), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    log.close()
-    _pidfile(name).write_text(json.dumps({"pid": proc.pid, "port": port, "marker": marker, "started": time.time()}))
-    return proc.pid
+def _process(name: str, argv: list[str], port: int, marker: str, health_url: Optional[str] = None) -> ManagedProcess:
+    return ManagedProcess(argv, log_path=prefect_home() / f"{name}.log", env=_env(port), cwd=ROOT,
+                          pidfile=_pidfile(name), marker=marker, health_url=health_url, what=f"the Prefect {name}",
+                          record={"port": port})
 
 
 def _stop(name: str, grace: float = 15.0) -> bool:
-    pid = _alive(name)
-    _pidfile(name).unlink(missing_ok=True)
-    if pid is None:
-        return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.time() + grace
-    while time.time() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.3)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return True
+    return stop_recorded(_pidfile(name), grace)
 
 
 def _run(argv: list[str], port: int, what: str, timeout: float = 300) -> str:
@@ -142,18 +110,14 @@ def start_server(port: int, timeout: float = 120) -> None:
     if healthy(port):
         print(f"[prefect] server already up at {api_url(port)}")
         return
-    pid = _spawn("server", _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)), port,
-                 marker="server start")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if healthy(port):
-            print(f"[prefect] server up at http://127.0.0.1:{port} (PID {pid}; log {prefect_home() / 'server.log'})")
-            return
-        if _alive("server") is None:
-            raise DeployError(f"the Prefect server exited during startup; log: {prefect_home() / 'server.log'}")
-        time.sleep(1)
-    _stop("server")
-    raise DeployError(f"the Prefect server was not healthy within {timeout:.0f} s; log: {prefect_home() / 'server.log'}")
+    server = _process("server", _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)), port,
+                      marker="server start", health_url=f"{api_url(port)}/health")
+    try:
+        server.start(timeout)
+    except ProcessError as exc:
+        raise DeployError(str(exc)) from None
+    print(f"[prefect] server up at http://127.0.0.1:{port} (PID {server.pid}; log {server.log_path})")
+    server.proc = None  # it outlives this command: `make prefect-down` stops it by its recorded PID
 
 
 def deploy(port: int) -> None:
@@ -169,12 +133,17 @@ def start_worker(port: int) -> None:
     if _alive("worker"):
         print(f"[prefect] worker already running (PID {_alive('worker')})")
         return
-    pid = _spawn("worker", _prefect("worker", "start", "--pool", POOL, "--name", "workspace-worker", "--limit", "1"),
-                 port, marker="worker start")
-    time.sleep(2)
-    if _alive("worker") is None:
-        raise DeployError(f"the Prefect worker exited at once; log: {prefect_home() / 'worker.log'}")
-    print(f"[prefect] worker polling '{POOL}' (PID {pid}; log {prefect_home() / 'worker.log'})")
+    started = time.monotonic()
+    worker = _process("worker", _prefect("worker", "start", "--pool", POOL, "--name", "workspace-worker", "--limit", "1"),
+                      port, marker="worker start", health_url=None)
+    # a worker has no health endpoint: healthy once it has run for 2 s without exiting
+    worker._healthy = lambda: time.monotonic() - started > 2
+    try:
+        worker.start(timeout=30)
+    except ProcessError as exc:
+        raise DeployError(str(exc)) from None
+    print(f"[prefect] worker polling '{POOL}' (PID {worker.pid}; log {worker.log_path})")
+    worker.proc = None  # it outlives this command: `make prefect-down` stops it by its recorded PID
 
 
 def up(port: int) -> None:

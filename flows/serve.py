@@ -15,9 +15,10 @@ offline.apply()
 
 from serving.registry import PromotionError  # noqa: E402
 from serving.serve import champion_server, usage  # noqa: E402
-from serving.vllm_server import ServerError  # noqa: E402
 from workspace.config import ConfigError, add_cli_args, load_config  # noqa: E402
+from workspace.endpoint import EndpointError  # noqa: E402
 from workspace.tracking import configure  # noqa: E402
+from workspace.vllm_server import ServerError  # noqa: E402
 
 
 def main() -> int:
@@ -31,13 +32,13 @@ def main() -> int:
         server, info = champion_server(loaded, port=args.port)
         print(f"[serve] starting vLLM for {loaded.config.tracking.registered_model}@champion (v{info['version']}) ...")
         server.start()
-    except (ConfigError, PromotionError, ServerError) as exc:
+    except (ConfigError, PromotionError, ServerError, EndpointError) as exc:
         print(f"[error] {exc}", file=sys.stderr)
         return 2
     print(usage(server, info), flush=True)
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        while server.proc is not None and server.proc.poll() is None:
+        while server.running:
             time.sleep(1)
         print(f"[serve] vLLM exited with code {server.proc.returncode if server.proc else '?'}; log: {server.log_path}",
               file=sys.stderr)

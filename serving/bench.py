@@ -20,8 +20,9 @@ from typing import Optional
 
 import httpx
 
-from serving.vllm_server import SpawnedServer
-from workspace.envrunner import EnvCommandError, run_in_env, spawn_in_env
+from workspace.endpoint import Endpoint
+from workspace.envrunner import EnvCommandError, env_command, run_in_env
+from workspace.processes import ManagedProcess
 
 TEMPLATE_MARGIN = 24  # chat-template tokens around the user message (chatml: about 10), kept free
 
@@ -143,15 +144,17 @@ class StepResult:
         return {k: float(getattr(self, k)) for k in keys if not math.isnan(float(getattr(self, k)))}
 
 
-def run_step(*, server: str, base_url: str, model: str, tokenizer: str, dataset: Path, concurrency: int,
+def run_step(*, server: str, endpoint: Endpoint, tokenizer: str, dataset: Path, concurrency: int,
              prompt_tokens: int, requests: int, output_tokens: int, out_dir: Path, timeout: float,
              metrics_url: Optional[str] = None) -> StepResult:
-    """One `vllm bench serve` run (streamed chat completions, all requests queued at once, `concurrency` in flight)."""
+    """One `vllm bench serve` run (streamed chat completions, all requests queued at once, `concurrency` in flight)
+    against `endpoint` (its model; its key, which `vllm bench serve` sends from $OPENAI_API_KEY)."""
+    base_url, model = endpoint.base_url, endpoint.model
     res = StepResult(server, concurrency, prompt_tokens, requests)
     name = f"{server}-{res.step}.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     before = scrape(metrics_url) if metrics_url else {}
-    argv = ["python", "-m", "serving.vllm_launcher", "bench", "serve", "--backend", "openai-chat",
+    argv = ["python", "-m", "workspace.vllm_launcher", "bench", "serve", "--backend", "openai-chat",
             "--base-url", base_url.removesuffix("/v1"), "--endpoint", "/v1/chat/completions", "--model", model,
             "--tokenizer", tokenizer, "--dataset-name", "custom", "--dataset-path", str(dataset),
             "--custom-output-len", str(output_tokens), "--num-prompts", str(requests),
@@ -160,7 +163,7 @@ def run_step(*, server: str, base_url: str, model: str, tokenizer: str, dataset:
             "--save-result", "--result-dir", str(out_dir), "--result-filename", name, "--disable-tqdm", "--seed", "0"]
     try:
         run_in_env("serve", argv, timeout=timeout, echo=False, what=f"vllm bench serve ({server}, {res.step})",
-                   log_path=out_dir / f"{server}-{res.step}.log")
+                   log_path=out_dir / f"{server}-{res.step}.log", extra_env=endpoint.bench_env())
     except EnvCommandError as exc:
         raise BenchError(f"the load tool failed on {server} at {res.step}: {exc}") from exc
     data = json.loads((out_dir / name).read_text())
@@ -198,21 +201,27 @@ def cross_check(res: StepResult, tolerance: float = 0.10) -> str:
 
 
 # -------------------------------------------------------------------------------------------- baseline
-class TransformersServer(SpawnedServer):
+class TransformersServer(ManagedProcess):
     """`transformers serve <model>` from the serve environment on 127.0.0.1 (OpenAI chat with SSE; no /metrics)."""
 
+    what = "transformers serve"
     stop_grace = 15.0
 
     def __init__(self, model_dir: str, port: int, log_path: Path, host: str = "127.0.0.1"):
-        self.model_dir, self.port, self.host, self.log_path = model_dir, port, host, log_path
-        self.proc = None
+        self.model_dir, self.port, self.host = model_dir, port, host
+        super().__init__(log_path=log_path, health_url=f"http://{host}:{port}/health")
 
-    def start(self, timeout: float = 300) -> "TransformersServer":
-        self.proc = spawn_in_env("serve", ["transformers", "serve", self.model_dir, "--host", self.host, "--port",
-                                           str(self.port), "--device", "cpu", "--dtype", "auto"],
-                                 log_path=self.log_path, extra_env={"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"})
-        self._wait_healthy("transformers serve", timeout)
-        return self
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.base_url, self.model_dir)
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        return env_command("serve", ["transformers", "serve", self.model_dir, "--host", self.host, "--port",
+                                     str(self.port), "--device", "cpu", "--dtype", "auto"],
+                           extra_env={"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"})
 
 
 MERGE = """
@@ -330,7 +339,7 @@ def slo_benchmark(serving_cfg, slo, base: str, adapter: Optional[str], lora_rank
                   work: Path) -> StepResult:
     """Serve the candidate (base + adapter as a LoRA module, the serving profile's settings) on a free port and
     run the brief SLO step: `slo.requests` requests, `slo.concurrency` in flight, prompts of `slo.prompt_tokens`."""
-    from serving.vllm_server import VllmServer, free_port
+    from workspace.vllm_server import VllmServer, free_port
 
     name = serving_cfg.served_model_name
     server = VllmServer(base, serving_cfg, lora_modules={name: adapter} if adapter else None, max_lora_rank=lora_rank,
@@ -341,7 +350,7 @@ def slo_benchmark(serving_cfg, slo, base: str, adapter: Optional[str], lora_rank
     dataset = write_dataset(work / f"slo-p{plen}.jsonl", prompts, slo.output_tokens)
     server.start()
     try:
-        return run_step(server="vllm", base_url=server.base_url, model=name if adapter else server.served_model_name,
+        return run_step(server="vllm", endpoint=server.endpoint(name if adapter else server.served_model_name),
                         tokenizer=base, dataset=dataset, concurrency=slo.concurrency, prompt_tokens=plen,
                         requests=slo.requests, output_tokens=slo.output_tokens, out_dir=work, timeout=600,
                         metrics_url=f"http://{server.host}:{server.port}/metrics")

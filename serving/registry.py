@@ -6,7 +6,8 @@ serving configuration as artifacts of the promote run, registers them as a new v
 `register_model("runs:/...")`), sets the alias `candidate`, checks that every artifact is really there, and only
 then moves `previous` to the old champion and `champion` to the new version. A failure before that last step
 leaves the champion where it was. `rollback()` moves `champion` back to `previous`.
-Called by flows/promote.py; tests call it directly.
+`gate_reference()` says what a candidate is gated against. Called by serving/promote_stage.py, serving/serve.py and
+flows/ (the gate's reference); tests call it directly.
 """
 from __future__ import annotations
 
@@ -119,18 +120,43 @@ def rollback(name: str) -> tuple[str, str]:
 
 
 def fetch_champion(name: str, dest: Optional[Path] = None) -> tuple[dict, Path]:
-    """Download models:/<name>@champion's artifacts. Errors name the cause (no champion, deleted version)."""
-    import mlflow
-
+    """Download the champion's artifacts: the alias is resolved once, then that VERSION is fetched (an alias that
+    moves meanwhile cannot make the files differ from the version reported). Errors name the cause."""
     info = champion_info(name)
     if info is None:
         raise PromotionError(f"registered model '{name}' has no champion yet: run `make promote` after a passing gate")
-    dest = dest or Path(tempfile.mkdtemp(prefix="champion-"))
+    return info, fetch_version(name, info["version"], dest)
+
+
+def fetch_version(name: str, version: str, dest: Optional[Path] = None) -> Path:
+    import mlflow
+
+    dest = dest or Path(tempfile.mkdtemp(prefix=f"model-v{version}-"))
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@{CHAMPION}", dst_path=str(dest))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
     except mlflow.exceptions.MlflowException as exc:
-        raise PromotionError(f"models:/{name}@champion (v{info['version']}) cannot be fetched: {exc}") from exc
-    return info, Path(path)
+        raise PromotionError(f"models:/{name}/{version} cannot be fetched: {exc}") from exc
+
+
+def gate_reference(name: str, run_key: str) -> Optional[dict]:
+    """What the candidate with `run_key` is gated against: {version, run_key, artifact_uri} of the champion; when
+    the candidate already IS the champion, the version it was compared with when it was promoted (so an unchanged
+    rerun asks the same question and finds its cached answer); None for the base model."""
+    champ = champion_info(name)
+    if champ is None:
+        return None
+    if champ["tags"].get("finetune_run_key") != run_key:
+        return {"version": champ["version"], "run_key": champ["tags"].get("finetune_run_key", ""),
+                "artifact_uri": f"models:/{name}/{champ['version']}"}
+    earlier = champ["tags"].get("gate_reference_version", "")
+    if not earlier:
+        return None
+    try:
+        mv = _client().get_model_version(name, earlier)
+    except Exception:  # noqa: BLE001 - a deleted reference version: compare with the base model
+        return None
+    return {"version": str(mv.version), "run_key": dict(mv.tags).get("finetune_run_key", ""),
+            "artifact_uri": f"models:/{name}/{mv.version}"}
 
 
 def build_bundle(out: Path, adapter_dir: Path, files: dict[str, Path | str | dict]) -> Path:

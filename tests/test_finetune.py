@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from finetune.prepare import prepare_dataset
-from finetune.stage import log_finetune, run_finetune
+from finetune.finetune_stage import log_finetune, run_finetune
 from finetune.train import (
     RENDERED, AdapterNoEffectError, FinetuneError, dump_rendered, plain_config, render_llamafactory_config,
     run_key, train, verify_adapter,

@@ -2,13 +2,14 @@
 
 Output is streamed live (to the terminal, a log file and an optional per-line callback that stages use to
 follow a trainer log); a timeout kills the whole process group; a failure raises EnvCommandError with the
-exit code, the log file and the last lines of output. Used by finetune/ (llamafactory-cli) and serving/ (vLLM).
+exit code, the log file and the last lines of output. Used by finetune/ (llamafactory-cli), serving/ (vLLM's
+argument parser, `vllm bench serve`) and doctor; `env_command` hands a server's command line to
+workspace.processes, which keeps long-running processes.
 """
 from __future__ import annotations
 
 import collections
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 from workspace import offline
 from workspace.paths import ROOT, VENVS
+from workspace.processes import stop_process_group
 
 TAIL_LINES = 40
 
@@ -72,20 +74,12 @@ def _child_env(env: str, program: Path, hub_enabled: bool, extra_env: Optional[d
     return env_vars
 
 
-def spawn_in_env(env: str, argv: Sequence[str], *, log_path: Path, extra_env: Optional[dict[str, str]] = None,
-                 hub_enabled: bool = False, cwd: Optional[Path] = None) -> subprocess.Popen:
-    """Start a long-running command (a server) in env, in its own process group, output to log_path.
-    Stop it with stop_process_group(proc): by its PID, never by name."""
+def env_command(env: str, argv: Sequence[str], *, hub_enabled: bool = False,
+                extra_env: Optional[dict[str, str]] = None) -> tuple[list[str], dict[str, str]]:
+    """(argv with its program resolved in env's bin/, the environment to run it with): what
+    workspace.processes.ManagedProcess needs to start a long-running server in that environment."""
     program = env_bin(env, argv[0])
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a", encoding="utf-8")
-    try:
-        return subprocess.Popen([str(program), *argv[1:]], cwd=cwd or ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=_child_env(env, program, hub_enabled, extra_env),
-                                start_new_session=True)
-    finally:
-        log.close()  # the child holds its own descriptor
+    return [str(program), *argv[1:]], _child_env(env, program, hub_enabled, extra_env)
 
 
 def run_in_env(
@@ -172,21 +166,3 @@ def run_in_env(
             f"{what} (in the {env} environment) failed with exit code {proc.returncode}.{hint}{where}\n"
             f"  last lines:\n    {last}", proc.returncode, list(tail), log_path)
     return EnvResult(proc.returncode, seconds, list(tail), log_path)
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group of proc (started with start_new_session), SIGKILL after `grace` seconds."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=grace)

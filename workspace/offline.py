@@ -1,8 +1,11 @@
-"""The offline and telemetry environment variables, applied in one place (ENVIRONMENT.md, "Telemetry").
+"""The offline and telemetry environment variables, applied once, by the entry points (flows/*, make targets).
 
-`apply()` sets them in this process (call it before importing deepeval, mlflow, prefect, transformers);
+`apply(hub_enabled)` sets them in this process before deepeval, mlflow, prefect or transformers are imported;
 `subprocess_env()` returns a copy of os.environ with them, for commands run in the train/serve envs.
-Hub access is a configuration switch (`hub.enabled`): only then are the HF_*_OFFLINE variables left unset.
+Telemetry is always off. The hub is off unless the configuration switches it on (`hub.enabled`), and then the
+HF_*_OFFLINE variables are removed. A user's own settings are respected: HF_HOME, HF_HUB_CACHE and every
+cache folder a user has already set are left as they are (a team's shared Hugging Face cache on a GPU host
+stays in use); only what is unset gets a folder inside the workspace.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import os
 
 from workspace.paths import CACHE, ROOT
 
-# Always: no telemetry, no update checks, caches inside the workspace.
+# Always: no telemetry, no update checks.
 TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -26,36 +29,48 @@ TELEMETRY_OFF = {
 HUB_OFF = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _workspace_dirs() -> dict[str, str]:
+def workspace_dirs() -> dict[str, str]:
+    """Cache folders for what the workspace itself generates. HF_HOME / HF_HUB_CACHE are deliberately absent:
+    models come from the user's own Hugging Face cache; only lm-eval's `datasets` cache of the local task files
+    (workspace junk) is kept inside the workspace."""
     return {
         "DEEPEVAL_HOME": str(CACHE / "deepeval"),
-        "HF_HOME": str(CACHE / "huggingface"),
+        "HF_DATASETS_CACHE": str(CACHE / "hf-datasets"),
         "VLLM_CACHE_ROOT": str(CACHE / "vllm"),
         "MPLCONFIGDIR": str(CACHE / "matplotlib"),
-        "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(ROOT / ".prefect")),
-        "PREFECT_LOCAL_STORAGE_PATH": os.environ.get("PREFECT_LOCAL_STORAGE_PATH", str(ROOT / ".prefect" / "storage")),
+        "PREFECT_HOME": str(ROOT / ".prefect"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(ROOT / ".prefect" / "storage"),
     }
 
 
-def variables(hub_enabled: bool = False) -> dict[str, str]:
+def variables(hub_enabled: bool = False, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """What to set: telemetry off (forced), cache folders (only those not already set), hub off (unless enabled)."""
+    environ = os.environ if environ is None else environ
     out = dict(TELEMETRY_OFF)
-    out.update(_workspace_dirs())
+    out.update({k: v for k, v in workspace_dirs().items() if not environ.get(k)})
     if not hub_enabled:
         out.update(HUB_OFF)
     return out
 
 
 def apply(hub_enabled: bool = False) -> None:
-    for key, value in variables(hub_enabled).items():
-        os.environ[key] = value
+    """Idempotent; call at an entry point (and again with the config's hub switch once it is loaded)."""
+    os.environ.update(variables(hub_enabled))
     if hub_enabled:
         for key in HUB_OFF:
             os.environ.pop(key, None)
 
 
+def telemetry_off() -> None:
+    """Only the telemetry switches (never a folder): for modules that import deepeval and may be imported from a
+    notebook or a test that has not called apply()."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+
+
 def subprocess_env(hub_enabled: bool = False, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(variables(hub_enabled))
+    env.update(variables(hub_enabled, env))
     if hub_enabled:
         for key in HUB_OFF:
             env.pop(key, None)

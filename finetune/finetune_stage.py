@@ -1,7 +1,9 @@
-"""The finetune stage end to end: train (or resume, or skip) -> verify the adapter -> loss curve -> optional
-merge -> manifest, with a progress bar in the terminal and the trainer's numbers as live MLflow metrics.
+"""The finetune stage end to end, under the stage contract (workspace/stage.py): train (or resume, or skip) ->
+verify the adapter -> loss curve -> optional merge -> manifest, with a progress bar in the terminal and the
+trainer's numbers as live MLflow metrics. The cache key is the run key (finetune/train.py: everything that
+changes the adapter); the output folder is named by it, so a finished run is found again without Prefect.
 
-Called by flows/finetune.py inside an MLflow stage run; tests call it directly.
+Wired by flows/finetune.py and flows/pipeline.py; tests call `run_finetune` directly.
 """
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from finetune.train import (
-    RENDERED, TRAIN_LOG, TRAINER_LOG, FinetuneResult, loss_curve_png, merge_adapter, plain_config,
-    render_llamafactory_config, train, verify_adapter, write_manifest,
+    MANIFEST, RENDERED, TRAIN_LOG, TRAINER_LOG, FinetuneError, FinetuneResult, finished_run, loss_curve_png,
+    merge_adapter, plain_config, render_llamafactory_config, run_key, train, verify_adapter, write_manifest,
 )
 from workspace.config import LoadedConfig
+from workspace.model_ref import ModelNotFound
+from workspace.stage import Stage, StageData
+from workspace.tracking import stage_run
 
 
 def _metric_logger(progress: Progress, task_id, mlflow_run_id: str | None):
@@ -60,6 +65,9 @@ def run_finetune(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, 
                        timeout=ft.timeout_s, output_root=output_root, force=force)
     if result.skipped:
         console.print(f"[finetune] cache hit: {result.output_dir} holds a finished run with the same inputs")
+        if ft.merge and ft.method != "full" and not result.manifest.get("merged_model"):
+            console.print("[finetune] merging the cached adapter onto the full-precision base (llamafactory-cli export) ...")
+            write_manifest(result, {"merged_model": str(merge_adapter(loaded, result))})
         return result
     val = Path(dataset_dir) / "val.jsonl"
     verification = {}
@@ -122,3 +130,56 @@ def summary_table(result: FinetuneResult) -> Table:
         if val is not None:
             t.add_row(k, f"{val:.4f}" if isinstance(val, float) and val < 100 else str(val))
     return t
+
+
+# ------------------------------------------------------------------------------------------ the contract
+class FinetuneInputs(StageData):
+    dataset_dir: str
+    dataset_hash: str
+    force: bool = False  # train from scratch even when a finished run exists (not part of the key)
+
+
+class FinetuneOutputs(StageData):
+    adapter_dir: str
+    run_key: str
+    manifest: dict
+    run_id: str
+    skipped: bool
+
+
+class FinetuneStage(Stage[FinetuneInputs, FinetuneOutputs]):
+    name = "finetune"
+    Inputs, Outputs = FinetuneInputs, FinetuneOutputs
+    error = FinetuneError
+    deterministic = (FinetuneError, ModelNotFound)
+
+    def cache_key(self, loaded: LoadedConfig, inputs: FinetuneInputs) -> str:
+        return run_key(loaded, inputs.dataset_hash)
+
+    def outputs_present(self, loaded: LoadedConfig, outputs: FinetuneOutputs) -> bool:
+        return (Path(outputs.adapter_dir) / MANIFEST).exists()
+
+    def run(self, loaded: LoadedConfig, inputs: FinetuneInputs, console: Console | None = None) -> FinetuneOutputs:
+        console = console or Console()
+        with stage_run(loaded, "finetune") as run:
+            result = run_finetune(loaded, Path(inputs.dataset_dir), inputs.dataset_hash, mlflow_run_id=run.info.run_id,
+                                  console=console, force=inputs.force)
+            log_finetune(result, loaded)
+        console.print(summary_table(result))
+        return FinetuneOutputs(adapter_dir=str(result.adapter_dir), run_key=result.manifest["run_key"],
+                               manifest=result.manifest, run_id=run.info.run_id, skipped=result.skipped)
+
+    def finished(self, loaded: LoadedConfig, dataset_hash: str) -> FinetuneOutputs:
+        """The finished run of this configuration and dataset, without training (`make eval`, `make gate`).
+        Raises FinetuneError when there is none."""
+        import json
+
+        adapter = finished_run(loaded, dataset_hash)
+        if adapter is None:
+            raise FinetuneError("no finished finetune run for this config and dataset: run `make finetune` first")
+        manifest = json.loads((adapter / MANIFEST).read_text())
+        return FinetuneOutputs(adapter_dir=str(adapter), run_key=manifest["run_key"], manifest=manifest, run_id="",
+                               skipped=True)
+
+
+FINETUNE = FinetuneStage()

@@ -1,9 +1,9 @@
 """Benchmark of the evaluation stage on the default profile: quality (base vs finetuned candidate, KoBEST and the
 custom metrics) and speed (items/s of each scorer: in-process hf vs the vLLM server with concurrency).
 
-    .venv/bin/python -m eval.bench_eval        (make bench-eval; needs `make finetune` first)
+    .venv/bin/python -m flows.bench_eval        (make bench-eval; needs `make finetune` first)
 
-Writes docs/BENCHMARKS.md.
+Writes docs/BENCHMARKS.md (section eval). Lives in flows/ because it wires stages (prepare, finetune, evaluate).
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from workspace import offline
 
 offline.apply()
 
-from eval.evaluate import ModelRef, evaluate  # noqa: E402
+from eval.evaluate import evaluate  # noqa: E402
+from finetune.finetune_stage import FINETUNE  # noqa: E402
 from finetune.prepare import prepare_dataset  # noqa: E402
-from finetune.train import FinetuneError, base_model_ref, finished_run  # noqa: E402
-from serving.vllm_server import VllmServer  # noqa: E402
 from workspace.benchmarks import update_section  # noqa: E402
 from workspace.config import add_cli_args, load_from_args  # noqa: E402
+from workspace.model_ref import base_model  # noqa: E402
+from workspace.vllm_server import VllmServer  # noqa: E402
 
 SHOWN = ["kobest/boolq/acc", "kobest/copa/acc", "kobest/wic/acc", "kobest/hellaswag/acc", "kobest/sentineg/acc",
          "custom/screens/xml_valid", "custom/screens/xml_structure", "custom/screens/field_f1",
@@ -35,21 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     loaded = load_from_args(args)
     prepared = prepare_dataset(loaded)
-    adapter = finished_run(loaded, prepared.content_hash)
-    if adapter is None:
-        raise FinetuneError("no finished finetune run for this config: run `make finetune` first")
-    base, _ = base_model_ref(loaded)
+    adapter = FINETUNE.finished(loaded, prepared.content_hash).adapter_dir
+    ref = base_model(loaded)
+    base = ref.base
     test = prepared.path / "test.jsonl"
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     try:
-        models = [ModelRef("base", base), ModelRef("candidate", base, str(adapter))]
+        models = [ref, ref.with_adapter("candidate", str(adapter))]
         hf = {m.name: evaluate(loaded, m, test_file=test, backend="hf", out_root=work / "hf") for m in models}
         cfg = loaded.config
         with VllmServer(base, cfg.serving, lora_modules={"candidate": str(adapter)}, max_lora_rank=cfg.finetune.lora_rank,
                         served_model_name="base", log_path=work / "vllm.log") as srv:
-            ep = {"base_url": srv.base_url, "concurrency": cfg.eval.concurrency}
             served = {m.name: evaluate(loaded, m, test_file=test, backend="vllm", out_root=work / "vllm",
-                                       endpoint={**ep, "model": m.name}) for m in models}
+                                       endpoint=srv.endpoint(m.name, concurrency=cfg.eval.concurrency)) for m in models}
         lines = ["Quality (in-process hf scorer; KoBEST = the shipped 40-item samples per task, custom = "
                  f"{hf['base'].info['custom_items']} held-out screen requests whose field combinations never occur in training):", "",
                  "| metric | base | candidate | delta |", "|---|---|---|---|"]
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         body = "\n".join(lines)
         print(body)
         if not args.no_write:
-            update_section("eval", "Evaluation: base vs candidate, and scorer speed", "make bench-eval  (python -m eval.bench_eval)", body)
+            update_section("eval", "Evaluation: base vs candidate, and scorer speed", "make bench-eval  (python -m flows.bench_eval)", body)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,150 @@
+"""The gate stage under the stage contract (workspace/stage.py): the candidate against its reference on identical
+items (cache hits after the evaluate stage), the rules of `gate.rules` (eval/gate.py), plus any rows measured
+elsewhere (the serving SLOs, from serving/slo_stage.py), written as JSON and Markdown with the comparison report,
+logged in a `gate` stage run. A refusal raises GateFailed (exit code 3), carrying the decision.
+
+The reference is handed in by the flow: the registry's current champion, or, when the candidate already is the
+champion, the version it was compared with when it was promoted (serving.registry.gate_reference), or the base
+model. Its files are fetched here by their registry URI (`models:/<name>/<version>`), never by alias, so the
+version decided on is the version whose files were evaluated. Wired by flows/promote.py and flows/pipeline.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from eval.evaluate import compare_report, evaluate
+from eval.gate import GateDecision, GateError, GateFailed, decide, with_rules, write_decision
+from eval.judge import JudgeUnavailable
+from eval.kobest import EvalError
+from workspace.config import LoadedConfig
+from workspace.model_ref import ModelNotFound, base_model
+from workspace.stage import Stage, StageData, digest
+from workspace.tracking import stage_run
+
+GATE_VERSION = "2"
+
+
+class Reference(StageData):
+    version: str
+    run_key: str
+    artifact_uri: str  # models:/<name>/<version>
+
+    @property
+    def name(self) -> str:
+        return f"champion-v{self.version}"
+
+
+class GateInputs(StageData):
+    adapter_dir: str
+    run_key: str
+    verification: dict
+    test_file: str
+    reference: Optional[Reference] = None  # None: the base model
+    extra_rules: list[dict] = []  # rows measured by another stage (the SLO check), folded into the decision
+
+
+class GateOutputs(StageData):
+    passed: bool
+    adapter: str
+    run_key: str
+    reference: str
+    reference_version: Optional[str]
+    decided_by: str
+    gate_json: str
+    gate_md: str
+    report_md: str
+    report_png: Optional[str]
+    run_id: str
+    candidate_metrics: dict[str, float]
+    reference_metrics: dict[str, float]
+    rules: list[dict]
+
+
+def gate_table(d: GateDecision) -> Table:
+    t = Table(title=f"gate: {'PASS' if d.passed else 'FAIL'} (reference: {d.reference})")
+    for col in ("rule", "metric", "value", "threshold", "result", "detail"):
+        t.add_column(col, overflow="fold")
+    for r in d.rules:
+        t.add_row(r.name, r.metric, "-" if r.value is None else f"{r.value:.4f}",
+                  "-" if r.threshold is None else f"{r.threshold:.4f}",
+                  "[green]pass[/]" if r.passed else "[red]FAIL[/]", r.detail)
+    return t
+
+
+class GateStage(Stage[GateInputs, GateOutputs]):
+    name = "gate"
+    Inputs, Outputs = GateInputs, GateOutputs
+    error = GateError
+    deterministic = (GateError, GateFailed, EvalError, JudgeUnavailable, ModelNotFound)
+
+    def cache_key(self, loaded: LoadedConfig, inputs: GateInputs) -> str:
+        cfg = loaded.config
+        # rag_min_hit_at_5 is the rag stage's floor; the SLO settings reach the gate as measured rows
+        gate_cfg = cfg.gate.model_dump(mode="json", exclude={"rag_min_hit_at_5", "slo"})
+        return digest(inputs.run_key, inputs.reference and inputs.reference.model_dump(), gate_cfg,
+                      cfg.eval.model_dump(mode="json"), inputs.extra_rules, inputs.verification, GATE_VERSION)
+
+    def outputs_present(self, loaded: LoadedConfig, outputs: GateOutputs) -> bool:
+        return Path(outputs.gate_json).exists()
+
+    def run(self, loaded: LoadedConfig, inputs: GateInputs, console: Optional[Console] = None) -> GateOutputs:
+        import mlflow
+
+        cfg = loaded.config
+        adapter = Path(inputs.adapter_dir)
+        work = adapter / "promotion"
+        base = base_model(loaded)
+        candidate = base.with_adapter("candidate", str(adapter))
+        if inputs.reference:
+            ref_dir = _fetch(inputs.reference, work / f"reference-v{inputs.reference.version}")
+            reference = base.with_adapter(inputs.reference.name, str(ref_dir / "adapter"))
+        else:
+            reference = base
+        test = Path(inputs.test_file)
+        with stage_run(loaded, "gate") as gate_run:
+            cand_res, ref_res = evaluate(loaded, candidate, test_file=test), evaluate(loaded, reference, test_file=test)
+            decision = decide(cfg.gate, cand_res.metrics, ref_res.metrics, cand_res.items_path, ref_res.items_path,
+                              inputs.verification, reference.name)
+            if inputs.extra_rules:
+                decision = with_rules(decision, "slo", inputs.extra_rules)
+            js, md = write_decision(decision, work / "gate")
+            report_md, report_png = compare_report([ref_res, cand_res], work / "report")
+            mlflow.set_tags({"gate": "pass" if decision.passed else "fail", "gate_reference": reference.name,
+                             "adapter_dir": str(adapter), "decided_by": decision.decided_by[:250]})
+            mlflow.log_metric("gate/passed", float(decision.passed))
+            mlflow.log_table({"rule": [r.name for r in decision.rules], "metric": [r.metric for r in decision.rules],
+                              "value": [r.value for r in decision.rules], "threshold": [r.threshold for r in decision.rules],
+                              "passed": [r.passed for r in decision.rules], "detail": [r.detail for r in decision.rules]},
+                             artifact_file="gate/rules.json")
+            for p in (js, md, report_md, report_png):
+                if p:
+                    mlflow.log_artifact(str(p), "gate")
+        (console or Console()).print(gate_table(decision))
+        out = GateOutputs(passed=decision.passed, adapter=str(adapter), run_key=inputs.run_key, reference=reference.name,
+                          reference_version=inputs.reference.version if inputs.reference else None,
+                          decided_by=decision.decided_by, gate_json=str(js), gate_md=str(md), report_md=str(report_md),
+                          report_png=str(report_png) if report_png else None, run_id=gate_run.info.run_id,
+                          candidate_metrics=cand_res.metrics, reference_metrics=ref_res.metrics,
+                          rules=[json.loads(json.dumps(r.__dict__)) for r in decision.rules])
+        if not decision.passed:
+            raise GateFailed(f"gate failed: {decision.decided_by}. Table: {md}", out.model_dump(mode="json"))
+        return out
+
+
+def _fetch(ref: Reference, dest: Path) -> Path:
+    import mlflow
+
+    if (dest / "adapter").is_dir():
+        return dest
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.artifact_uri, dst_path=str(dest)))
+    except mlflow.exceptions.MlflowException as exc:
+        raise GateError(f"the reference {ref.artifact_uri} cannot be fetched: {exc}") from exc
+
+
+GATE = GateStage()

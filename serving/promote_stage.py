@@ -1,0 +1,103 @@
+"""The promotion stage under the stage contract (workspace/stage.py): a candidate that passed the gate is
+registered with its adapter, manifest, evaluation report, gate decision and vLLM serving configuration (rendered
+from the serving profile, fit-checked against its hardware, parsed by vLLM's own argument parser), as one new
+version of `tracking.registered_model`; `champion` moves last (serving/registry.py: all or nothing). A candidate
+that already is the champion registers nothing. A cached promotion is valid while the champion alias still points
+at its version (`make rollback` makes the next pipeline run promote again).
+Wired by flows/promote.py and flows/pipeline.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+from serving.config import FitError, fit_report, model_spec, render_vllm_config, validate_with_vllm, write_vllm_config
+from serving.registry import PromotionError, build_bundle, champion_info, promote
+from workspace.config import LoadedConfig
+from workspace.model_ref import ModelNotFound, base_model
+from workspace.stage import Stage, StageData, digest
+from workspace.tracking import configure, stage_run
+
+PROMOTE_VERSION = "2"
+
+
+class PromoteInputs(StageData):
+    passed: bool
+    adapter: str
+    run_key: str
+    gate_json: str
+    gate_md: str
+    report_md: str
+    gate_run_id: str = ""
+    reference_version: Optional[str] = None  # what the gate compared with (recorded on the version)
+
+
+class PromoteOutputs(StageData):
+    registered_model: str
+    version: str
+    previous: Optional[str]
+    unchanged: bool
+    alias: str = "champion"
+    run_id: str = ""
+
+
+class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
+    name = "promote"
+    Inputs, Outputs = PromoteInputs, PromoteOutputs
+    error = PromotionError
+    deterministic = (FitError, ModelNotFound)
+
+    def cache_key(self, loaded: LoadedConfig, inputs: PromoteInputs) -> str:
+        cfg = loaded.config
+        return digest(inputs.run_key, inputs.passed, inputs.reference_version, cfg.tracking.registered_model,
+                      cfg.serving.model_dump(mode="json", exclude={"bench"}), cfg.finetune.lora_rank, PROMOTE_VERSION)
+
+    def outputs_present(self, loaded: LoadedConfig, outputs: PromoteOutputs) -> bool:
+        configure(loaded)
+        champ = champion_info(outputs.registered_model)
+        return bool(champ and champ["version"] == outputs.version)
+
+    def run(self, loaded: LoadedConfig, inputs: PromoteInputs, console: Optional[Console] = None) -> PromoteOutputs:
+        console = console or Console()
+        cfg = loaded.config
+        name = cfg.tracking.registered_model
+        if not inputs.passed:
+            raise PromotionError("the candidate did not pass the gate: nothing to promote")
+        configure(loaded)
+        champ = champion_info(name)
+        if champ and champ["tags"].get("finetune_run_key") == inputs.run_key:
+            console.print(f"[promote] this candidate ({inputs.run_key}) already is {name}@champion (v{champ['version']})")
+            return PromoteOutputs(registered_model=name, version=champ["version"], previous=None, unchanged=True)
+        adapter = Path(inputs.adapter)
+        work = adapter / "promotion"
+        base = base_model(loaded).base
+        manifest = json.loads((adapter / "manifest.json").read_text())
+        serving = render_vllm_config(cfg.serving, base, lora_modules={cfg.serving.served_model_name: "adapter"},
+                                     max_lora_rank=cfg.finetune.lora_rank)
+        fit = fit_report(model_spec(base), cfg.serving)
+        if not fit.fits:
+            raise FitError(f"the serving profile does not fit its hardware:\n{fit.text()}")
+        check = work / "serving-check.yaml"
+        write_vllm_config({**serving, "lora-modules": [f"{cfg.serving.served_model_name}={adapter}"]}, check,
+                          cfg.serving.api_key_env)
+        validate_with_vllm(check)
+        bundle = build_bundle(work / "bundle", adapter, {
+            "manifest.json": adapter / "manifest.json", "gate.json": Path(inputs.gate_json),
+            "gate.md": Path(inputs.gate_md), "eval_report.md": Path(inputs.report_md),
+            "serving.yaml": write_vllm_config(serving, work / "serving.yaml", cfg.serving.api_key_env).read_text(),
+            "fit_check.txt": fit.text() + "\n"})
+        with stage_run(loaded, "promote") as run:
+            result = promote(name, run.info.run_id, bundle, {
+                "dataset_hash": manifest["dataset_hash"], "config_hash": loaded.hash, "git_commit": manifest["git_commit"],
+                "gate": "pass", "gate_run_id": inputs.gate_run_id, "finetune_run_key": inputs.run_key,
+                "gate_reference_version": inputs.reference_version or "", "base_model": base})
+        console.print(f"[promote] {name} v{result.version} is now @champion"
+                      + (f" (v{result.previous} is @previous; `make rollback` restores it)" if result.previous else " (first champion)"))
+        return PromoteOutputs(registered_model=name, version=result.version, previous=result.previous, unchanged=False,
+                              run_id=run.info.run_id)
+
+
+PROMOTE = PromoteStage()

@@ -1,0 +1,78 @@
+"""The serving-SLO stage under the stage contract (workspace/stage.py), on only when `gate.slo.required`: serve the
+candidate with the serving profile's settings, run the brief load step (`vllm bench serve`: `gate.slo.requests`
+requests, `gate.slo.concurrency` in flight, prompts of `gate.slo.prompt_tokens`), and return the service plan's
+KPIs as rule rows (TTFT p50, requests/min, error rate) that the gate folds into its decision and table. A
+candidate that cannot be served or benchmarked gets a failing row naming why, not a crash.
+Wired by flows/promote.py and flows/pipeline.py, between the evaluate and gate stages.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+from serving.bench import BenchError, slo_benchmark, slo_rules, workload_texts
+from workspace.config import LoadedConfig
+from workspace.endpoint import EndpointError
+from workspace.model_ref import ModelNotFound, base_model
+from workspace.paths import resolve
+from workspace.stage import Stage, StageData, digest
+from workspace.tracking import stage_run
+from workspace.vllm_server import ServerError
+
+SLO_VERSION = "1"
+
+
+class SloInputs(StageData):
+    adapter_dir: str
+    run_key: str
+
+
+class SloOutputs(StageData):
+    step: str
+    metrics: dict[str, float]
+    rules: list[dict]  # rows for the gate table: name, metric, value, threshold, passed, detail
+    run_id: str
+
+
+class SloStage(Stage[SloInputs, SloOutputs]):
+    name = "slo"
+    Inputs, Outputs = SloInputs, SloOutputs
+    error = BenchError
+    deterministic = (ModelNotFound, EndpointError)
+
+    def skip_reason(self, loaded: LoadedConfig) -> Optional[str]:
+        return None if loaded.config.gate.slo.required else "gate.slo.required is false"
+
+    def cache_key(self, loaded: LoadedConfig, inputs: SloInputs) -> str:
+        cfg = loaded.config
+        return digest(inputs.run_key, cfg.serving.model_dump(mode="json", exclude={"bench"}),
+                      cfg.gate.slo.model_dump(mode="json", exclude={"required"}), cfg.finetune.lora_rank, SLO_VERSION)
+
+    def run(self, loaded: LoadedConfig, inputs: SloInputs, console: Optional[Console] = None) -> SloOutputs:
+        import mlflow
+
+        cfg = loaded.config
+        slo = cfg.gate.slo
+        base = base_model(loaded).base
+        work = Path(inputs.adapter_dir) / "promotion" / "slo"
+        texts = workload_texts(resolve(cfg.data.test_source.path) if cfg.data.test_source else None, resolve(cfg.rag.corpus))
+        (console or Console()).print(f"[slo] serving the candidate and sending {slo.requests} requests, {slo.concurrency} "
+                                     f"at a time, ~{slo.prompt_tokens} prompt tokens ...")
+        with stage_run(loaded, "slo-check") as run:
+            try:
+                step = slo_benchmark(cfg.serving, slo, base, inputs.adapter_dir, cfg.finetune.lora_rank, texts, work)
+                rows, name, metrics = slo_rules(step, slo), step.step, step.metrics()
+            except (BenchError, ServerError) as exc:
+                rows = [{"name": "slo-benchmark", "metric": "serve/*", "value": None, "threshold": None, "passed": False,
+                         "detail": f"the candidate could not be served and benchmarked: {str(exc).splitlines()[0][:200]}"}]
+                name, metrics = "none", {}
+            mlflow.log_metrics({f"serve/{name}/{k}": v for k, v in metrics.items()})
+            mlflow.log_dict({"step": name, "rules": rows}, "slo/rules.json")
+        return SloOutputs(step=name, metrics=metrics, rules=[{k: (None if isinstance(v, float) and v != v else v)
+                                                              for k, v in r.items()} for r in rows],
+                          run_id=run.info.run_id)
+
+
+SLO = SloStage()

