@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs base-model data doctor test pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs base-model data doctor test test-fast bench-model-key pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -34,8 +34,13 @@ data:  ## regenerate the shipped data under data/raw from the seeded generators 
 doctor: envs  ## check the three environments and engines for real; non-zero exit names what is broken
 	@$(PY) -m workspace.doctor
 
-test: setup  ## the test suite (real engines on tiny inputs)
+test: setup  ## the architecture's import contracts, then every test (real engines on tiny inputs) in random order
+	@$(VENV)/bin/lint-imports --no-cache
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup  ## the inner loop: the import contracts and every test that launches no LLaMA-Factory or vLLM
+	@$(VENV)/bin/lint-imports --no-cache
+	@$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 pipeline: setup  ## the whole job (one Prefect flow): prepare -> finetune -> eval -> gate -> promote -> rag -> serve check; cached stages are skipped
 	@$(PY) -m flows.pipeline $(CFG_ARGS) $(if $(FORCE),--force)
@@ -67,7 +72,10 @@ rag: setup  ## index data/raw/rag into Qdrant (incremental) and measure dense/sp
 ask: setup  ## answer Q="..." from the corpus with the served model (`make serve` first), citing documents
 	@$(PY) -m flows.rag $(CFG_ARGS) --ask "$(Q)"
 
-bench: bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline  ## every benchmark; each writes its section of docs/BENCHMARKS.md
+bench: bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline bench-model-key  ## every benchmark; each writes its section of docs/BENCHMARKS.md
+
+bench-model-key: envs  ## the model fingerprint of a synthetic >= 4 GB safetensors folder (target < 1 s), and `make test-fast`'s time
+	@$(PY) -m workspace.bench_model_key
 
 bench-finetune: setup  ## the finetune stage on the profile vs plain llamafactory-cli (target < 5 min)
 	@$(PY) -m finetune.bench_finetune $(CFG_ARGS)

@@ -106,14 +106,15 @@ class GateStage(Stage[GateInputs, GateOutputs]):
         else:
             reference = base
         test = Path(inputs.test_file)
-        with stage_run(loaded, "gate") as gate_run:
+        decided = work / f"gate-{self.cache_key(loaded, inputs)}"  # one folder per question asked: a cached decision
+        with stage_run(loaded, "gate") as gate_run:                 # never points at files another one overwrote
             cand_res, ref_res = evaluate(loaded, candidate, test_file=test), evaluate(loaded, reference, test_file=test)
             decision = decide(cfg.gate, cand_res.metrics, ref_res.metrics, cand_res.items_path, ref_res.items_path,
                               inputs.verification, reference.name)
             if inputs.extra_rules:
                 decision = with_rules(decision, "slo", inputs.extra_rules)
-            js, md = write_decision(decision, work / "gate")
-            report_md, report_png = compare_report([ref_res, cand_res], work / "report")
+            js, md = write_decision(decision, decided)
+            report_md, report_png = compare_report([ref_res, cand_res], decided / "report")
             mlflow.set_tags({"gate": "pass" if decision.passed else "fail", "gate_reference": reference.name,
                              "adapter_dir": str(adapter), "decided_by": decision.decided_by[:250]})
             mlflow.log_metric("gate/passed", float(decision.passed))

@@ -1,6 +1,8 @@
 """`make doctor` names a broken environment and the fix (a real check against a missing venv)."""
 from __future__ import annotations
 
+import pytest
+
 from workspace import doctor, paths
 
 
@@ -12,6 +14,7 @@ def test_missing_environment_is_reported_with_the_fix(tmp_path, monkeypatch):
     assert "setup_env.py train --force" in results[0].fix and "no-venv missing" in results[0].detail
 
 
+@pytest.mark.slow
 def test_engines_answer(monkeypatch):
     results = doctor.checks("models/base-tiny")
     by = {(c.env, c.name): c for c in results}

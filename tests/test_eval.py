@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from eval.evaluate import EvalError, ModelRef, compare_report, evaluate
+from eval.evaluate import EvalError, compare_report, evaluate
+from workspace.model_ref import ModelRef
 from eval.judge import JudgeUnavailable, check_judge
 from eval.kobest import task_configs, validate_task_file
 from eval.metrics import METRICS

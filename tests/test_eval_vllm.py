@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from eval.evaluate import ModelRef, evaluate
+from eval.evaluate import evaluate
 from eval.judge import check_judge, judge_metric, score_with_judge
 from eval.kobest import run_kobest
-from serving.vllm_server import VllmServer
 from workspace.config import JudgeConfig, load_config
+from workspace.model_ref import ModelRef
 from workspace.paths import resolve
+from workspace.vllm_server import VllmServer
+
+pytestmark = pytest.mark.slow  # launches LLaMA-Factory or vLLM
 
 BASE = str(resolve(load_config().config.base_model.path))
 # float32 serving so that both scorers compute the same log-likelihoods (bf16 would flip near-ties)
@@ -32,8 +35,7 @@ def server(tmp_path_factory):
 def test_hf_and_vllm_scoring_agree_item_by_item(server):
     cfg = load_config(overrides=OVR).config.eval
     hf = run_kobest(cfg, BASE, None, backend="hf")
-    served = run_kobest(cfg, BASE, None, backend="vllm", endpoint={"base_url": server.base_url, "model": "base",
-                                                                    "concurrency": 4})
+    served = run_kobest(cfg, BASE, None, backend="vllm", endpoint=server.endpoint("base"))
     assert hf.n_items == served.n_items == 50
     by_id = {i["id"]: i for i in served.items}
     for item in hf.items:
@@ -51,7 +53,7 @@ def test_custom_suite_through_the_endpoint(server, tmp_path):
     loaded = load_config(overrides=OVR + ["eval.custom_limit=4", "eval.max_new_tokens=48", f"data.output_dir={tmp_path}"])
     prepared = prepare_dataset(loaded)
     res = evaluate(loaded, ModelRef("base", BASE), suites=("custom",), test_file=prepared.path / "test.jsonl",
-                   backend="vllm", endpoint={"base_url": server.base_url, "model": "base", "concurrency": 4},
+                   backend="vllm", endpoint=server.endpoint("base"),
                    out_root=tmp_path / "evals")
     assert res.info["custom_items"] == 4 and res.metrics["eval/custom/screens/gen_tokens_per_s"] > 0
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from serving.vllm_server import free_port
+from workspace.processes import free_port
 from workspace import offline
 from workspace.locks import LockBusy, workspace_lock
 from workspace.paths import ROOT
@@ -34,9 +34,9 @@ def ws(tmp_path_factory):
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         return proc, time.monotonic() - t0
 
-    first, first_s = run()
+    first, _ = run()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    return {"tmp": tmp, "run": run, "env": env, "overrides": overrides, "first": first, "first_s": first_s}
+    return {"tmp": tmp, "run": run, "env": env, "overrides": overrides, "first": first}
 
 
 def _mlflow(ws):
@@ -53,10 +53,10 @@ def _parents(ws):
     return mlflow, runs
 
 
+@pytest.mark.slow
 def test_first_run_registers_serves_and_records_everything(ws):
     mlflow, parents = _parents(ws)
-    assert len(parents) == 1
-    parent = parents[0]
+    parent = parents[0]  # the fixture's run; other tests (in any order) add later ones
     tags = parent.data.tags
     for stage in ("prepare", "finetune", "evaluate", "gate", "promote", "rag", "serve"):
         assert tags[f"stage.{stage}"] == "ran", stage
@@ -93,16 +93,18 @@ def test_first_run_registers_serves_and_records_everything(ws):
     assert "pipeline done" in ws["first"].stdout and "candidate vs base" in ws["first"].stdout
 
 
+@pytest.mark.slow
 def test_immediate_rerun_is_all_cache_hits(ws):
     proc, seconds = ws["run"]()
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, parents = _parents(ws)
     tags = parents[-1].data.tags
     assert {tags[f"stage.{s}"] for s in ("prepare", "finetune", "evaluate", "gate", "promote", "rag", "serve")} == {"cached"}
-    assert proc.stdout.count("cached in") == 7
-    assert seconds < 0.25 * ws["first_s"], (seconds, ws["first_s"])
+    assert proc.stdout.count("cached in") == 7 and " done in " not in proc.stdout
+    assert tags["stage.slo"] == "skipped"  # gate.slo.required is false in the profile
 
 
+@pytest.mark.slow
 def test_a_config_change_reruns_only_what_depends_on_it(ws):
     proc, _ = ws["run"]("--set", "gate.rag_min_hit_at_5=0.8", "--no-serve-check")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -112,6 +114,7 @@ def test_a_config_change_reruns_only_what_depends_on_it(ws):
     assert all(tags[f"stage.{s}"] == "cached" for s in ("prepare", "finetune", "evaluate", "gate", "promote"))
 
 
+@pytest.mark.slow
 def test_a_failing_stage_keeps_the_earlier_ones_cached(ws):
     # a configured LLM judge that is down stops the evaluate stage with its URL named
     proc, _ = ws["run"]("--set", "eval.judge.base_url=http://127.0.0.1:9/v1", "--set", "eval.judge.model=judge",
@@ -130,6 +133,7 @@ def test_a_failing_stage_keeps_the_earlier_ones_cached(ws):
     assert again.returncode == 0 and again.stdout.count("cached in") == 6, again.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_a_second_pipeline_is_refused_while_the_workspace_is_busy(ws):
     with workspace_lock("test holds the workspace"):
         proc, _ = ws["run"]("--lock-timeout", "1", "--no-serve-check", timeout=300)
@@ -167,6 +171,7 @@ def test_busy_lock_with_no_wait_raises_with_the_holder(tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_pipeline_deployment_runs_through_a_local_server_and_worker(ws):
     """prefect.yaml -> `prefect deploy` on a process work pool -> worker -> `prefect deployment run ... --watch`."""
     port = free_port()
@@ -200,24 +205,31 @@ def _promote_gate_only(ws, *sets: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=ROOT, env=ws["env"], capture_output=True, text=True, timeout=900)
 
 
+def _newest(ws, pattern: str):
+    return max(ws["tmp"].glob(pattern), key=lambda p: p.stat().st_mtime_ns)
+
+
+@pytest.mark.slow
 def test_slo_beyond_reach_refuses_the_candidate(ws):
     """The candidate is served, benchmarked briefly, and refused: the SLO rows are in the gate table."""
     proc = _promote_gate_only(ws, "gate.slo.ttft_p50_ms=1", "gate.slo.requests=4", "gate.slo.prompt_tokens=128")
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "slo-ttft-p50" in proc.stderr and "TTFT p50 must be < 1 ms" in proc.stderr
-    gate_md = next(ws["tmp"].glob("adapters/*/promotion/gate/gate.md")).read_text()
+    gate_md = _newest(ws, "adapters/*/promotion/gate-*/gate.md").read_text()
     assert "| slo-ttft-p50 | slo |" in gate_md and "| slo-error-rate | slo | serve/c5_p128/error_rate | 0.0000" in gate_md
 
 
+@pytest.mark.slow
 def test_slo_passes_with_the_cpu_profile_defaults(ws):
     proc = _promote_gate_only(ws)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    gate = json.loads(next(ws["tmp"].glob("adapters/*/promotion/gate/gate.json")).read_text())
+    gate = json.loads(_newest(ws, "adapters/*/promotion/gate-*/gate.json").read_text())
     slo = {r["name"]: r for r in gate["rules"] if r["kind"] == "slo"}
     assert set(slo) == {"slo-ttft-p50", "slo-requests-per-min", "slo-error-rate"} and all(r["passed"] for r in slo.values())
     assert slo["slo-requests-per-min"]["value"] >= 5 and slo["slo-error-rate"]["value"] == 0
 
 
+@pytest.mark.slow
 def test_load_benchmark_against_vllm_and_the_transformers_baseline(ws, tmp_path):
     from rich.console import Console
 
@@ -228,7 +240,7 @@ def test_load_benchmark_against_vllm_and_the_transformers_baseline(ws, tmp_path)
         "serving.bench.concurrency=[2]", "serving.bench.prompt_tokens=[64]", "serving.bench.requests_per_step=4",
         "serving.bench.vllm_merged=false"])
     doc = tmp_path / "BENCHMARKS.md"
-    out = run_bench(loaded, Console(width=200), doc=doc)
+    out = run_bench(loaded, Console(width=200), doc=doc, work_root=tmp_path / "bench-serve")
     steps = {s["server"]: s for s in out["steps"]}
     assert set(steps) == {"vllm", "transformers"}
     for s in steps.values():

@@ -2,6 +2,8 @@
 runs a few LoRA steps on the shipped data's dataset_info.json and writes an adapter."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import yaml
@@ -10,6 +12,8 @@ from finetune.prepare import prepare_dataset
 from workspace.config import load_config
 from workspace.envrunner import run_in_env
 from workspace.paths import resolve
+
+pytestmark = pytest.mark.slow  # launches LLaMA-Factory or vLLM
 
 
 def test_llamafactory_trains_a_few_steps_on_the_prepared_dataset(tmp_path):

@@ -14,6 +14,7 @@ from rag.index import (
     open_client, retrieval_metrics, search,
 )
 from workspace.config import load_config
+from workspace.endpoint import Endpoint, EndpointError
 from workspace.paths import DATA_RAW
 
 
@@ -116,5 +117,5 @@ def test_citations_are_checked_and_a_down_endpoint_is_named():
     hits = [{"doc_id": "doc-001", "title": "t", "text": "x"}]
     assert citation_check("답입니다 [doc-001]", hits) == {"cited": ["doc-001"], "cites_something": True, "all_cited_retrieved": True}
     assert citation_check("답 [doc-999]", hits)["all_cited_retrieved"] is False
-    with pytest.raises(RuntimeError, match=r"http://127.0.0.1:9/v1 did not answer.*make serve"):
-        answer("질문", hits, "http://127.0.0.1:9/v1", "screen-xml")
+    with pytest.raises(EndpointError, match=r"did not answer: http://127.0.0.1:9/v1 is unreachable.*make serve"):
+        answer("질문", hits, Endpoint("http://127.0.0.1:9/v1", "screen-xml", max_retries=0))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from deepeval.test_case import LLMTestCase
 
-from eval.evaluate import ModelRef
-from eval.rag_quality import AnswerHasGold, CitationsValid, CitesGold, CitesSomething, score_rag_answers
+from workspace.model_ref import ModelRef
+from eval.rag_quality import AnswerHasGold, CitationsValid, CitesGold, CitesSomething, cited, score_rag_answers
 from workspace.config import load_config
 from workspace.paths import resolve
 
@@ -29,4 +29,8 @@ def test_real_answers_are_scored():
               "messages": [{"role": "user", "content": "[doc-003] 가온 지사는 부산에 있는 사무소이다.\n질문: 가온 지사는 어디에 있나요?"}]}]
     metrics, rows, note = score_rag_answers(cfg, ModelRef("base", str(resolve(load_config().config.base_model.path))), items)
     assert set(metrics) == {f"eval/rag/qa/{m}" for m in ("cites_something", "citations_valid", "cites_gold", "answer_has_gold")}
-    assert rows[0]["output"] is not None and "no judge configured" in note
+    assert len(rows) == 1 and isinstance(rows[0]["output"], str) and rows[0]["output"].strip()
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    # each aggregate is exactly the item's rule score on the real answer
+    assert metrics["eval/rag/qa/cites_something"] == float(bool(cited(rows[0]["output"])))
+    assert "no judge configured" in note

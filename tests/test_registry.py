@@ -8,14 +8,16 @@ from serving.registry import (
     CANDIDATE, CHAMPION, PREVIOUS, PromotionError, alias_version, build_bundle, fetch_champion, promote, rollback,
 )
 from workspace.config import load_config
-from workspace.tracking import stage_run
+from workspace.tracking import configure, stage_run
 
 NAME = "screen-xml-test"
 
 
 @pytest.fixture
 def loaded(tmp_tracking):
-    return load_config(overrides=tmp_tracking)
+    loaded = load_config(overrides=tmp_tracking)
+    configure(loaded)  # before any registry call: MLflow's default store would be ./mlflow.db in the CWD
+    return loaded
 
 
 def bundle(tmp_path, tag: str):

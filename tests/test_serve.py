@@ -12,11 +12,13 @@ import yaml
 from serving.config import render_vllm_config
 from serving.registry import build_bundle, promote
 from serving.serve import champion_server
-from serving.vllm_server import ServerError, VllmServer, free_port
+from workspace.vllm_server import ServerError, VllmServer, free_port
 from workspace.config import load_config
 from workspace.envrunner import run_in_env
 from workspace.paths import resolve
 from workspace.tracking import stage_run
+
+pytestmark = pytest.mark.slow  # launches LLaMA-Factory or vLLM
 
 BASE = str(resolve(load_config().config.base_model.path))
 

@@ -29,6 +29,7 @@ def rendered(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
 def test_every_profile_renders_passes_vllms_parser_and_fits(profile, rendered):
     cfg, conf, path = rendered[profile]
@@ -39,6 +40,7 @@ def test_every_profile_renders_passes_vllms_parser_and_fits(profile, rendered):
     assert report.fits, report.text()
 
 
+@pytest.mark.slow
 def test_vllms_parser_rejects_a_bad_config(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: x\nmax-model-len: not-a-number\n")

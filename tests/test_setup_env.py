@@ -1,17 +1,13 @@
 """`make setup` is idempotent: a current stamp means no work, and the stamp follows the lock file."""
 from __future__ import annotations
 
-import time
-
 from workspace import setup_env
 from workspace.paths import ROOT
 
 
 def test_stamps_are_current_and_rebuild_is_a_no_op():
-    t0 = time.time()
     for env in setup_env.ENVS:
         assert setup_env.build(env) is False, f"{env} was rebuilt: its stamp does not match its lock"
-    assert time.time() - t0 < 5
 
 
 def test_stamp_key_follows_the_lock_contents(tmp_path, monkeypatch):

@@ -39,8 +39,8 @@ class Endpoint:
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise EndpointError(f"{self.base_url} needs an API key: the environment variable {self.api_key_env} "
-                                f"(named by the configuration) is not set. Export it, e.g. `export {self.api_key_env}=...`")
+            raise EndpointError(f"{self.base_url} needs an API key: the environment variable {self.api_key_env} is not set "
+                                f"(the configuration names it). Export it, e.g. `export {self.api_key_env}=...`")
         return key
 
     def client(self):

@@ -16,7 +16,7 @@ DATA_RAW = ROOT / "data" / "raw"
 DATA_PROCESSED = ROOT / "data" / "processed"
 MODELS = ROOT / "models"
 MLRUNS = ROOT / "mlruns"
-CACHE = ROOT / ".cache"
+CACHE = Path(os.environ["LLMOPS_CACHE"]) if os.environ.get("LLMOPS_CACHE") else ROOT / ".cache"  # tests: a temp folder
 
 
 def resolve(path: str | os.PathLike) -> Path:
