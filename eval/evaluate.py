@@ -26,6 +26,7 @@ from eval.kobest import EvalError, local_files, run_kobest
 
 EVAL_VERSION = "1"
 SUITES = ("kobest", "custom")
+SCORER_MODULES = ("evaluate.py", "kobest.py", "generate.py", "metrics.py", "judge.py")
 
 
 @dataclass
@@ -54,7 +55,8 @@ def cache_key(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...], te
             data += list(local_files(task, resolve(cfg.kobest_dir)).values())
     if "custom" in suites and test_file:
         data.append(Path(test_file))
-    task_cfg = _files_hash(list((CONFIGS / "tasks").glob("*")) + list(Path(__file__).parent.glob("*.py")))
+    scorer_code = [Path(__file__).with_name(n) for n in SCORER_MODULES]  # what computes a score; not the stages
+    task_cfg = _files_hash([p for p in (CONFIGS / "tasks").glob("*") if p.is_file()] + scorer_code)
     blob = json.dumps({"model": model.fingerprint(), "data": _files_hash(data), "tasks": task_cfg,
                        "eval": cfg.model_dump(mode="json"), "suites": sorted(suites), "backend": backend,
                        "version": EVAL_VERSION}, sort_keys=True)

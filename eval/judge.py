@@ -3,7 +3,8 @@
 
 Without a configured judge the metric is reported as skipped with the reason; it never passes silently.
 Structured outputs: DeepEval hands pydantic schemas; they are sent as `response_format` json_schema with bounded
-strings and an integer score (a weak judge otherwise pads JSON forever; see ../shared/ENVIRONMENT.md, "DeepEval").
+strings and an integer score (a weak judge otherwise pads JSON forever: measured with the tiny model on vLLM, which needs
+`--structured-outputs-config {"backend": "xgrammar", "disable_any_whitespace": true}`).
 Requests go through workspace.endpoint (the openai client, timeouts, retries, the key from `api_key_env`).
 Called by eval/evaluate.py and eval/rag_quality.py.
 """

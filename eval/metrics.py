@@ -3,7 +3,7 @@
 Screen XML task: `xml_valid` (well-formed), `xml_structure` (Screen root with an id and exactly one element per
 requested field), `field_f1` (requested vs produced fields), `char_ngram_f1` (character n-gram F1 against the
 reference, suited to Korean). Structured JSON task (the seeds' TIL report): `json_schema_valid`.
-Each metric has a threshold and a direction from config (MetricSpec). Called by eval/custom.py.
+Each metric has a threshold and a direction from config (MetricSpec). Called by eval/evaluate.py.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ tells before launch whether weights + KV cache fit the profile's GPUs:
     KV       = KV/token x max_model_len x max_num_seqs
     need per GPU = (weights + KV) / tensor_parallel_size + runtime overhead
     budget per GPU = gpu_memory_gib x gpu_memory_utilization
-A config that does not fit is refused with the numbers and a suggestion. Called by flows/promote.py and
-flows/serve.py; `validate_with_vllm` runs vLLM's own argument parser in the serve environment.
+A config that does not fit is refused with the numbers and a suggestion. Called by serving/promote_stage.py and by
+tests/test_serving_config.py; `validate_with_vllm` runs vLLM's own argument parser in the serve environment.
 """
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ class BaseModelBuild(Strict):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}")
         # bitsandbytes 4-bit inference on AVX512-BF16 CPUs crashes when a linear size is not a multiple of 32
-        # (ENVIRONMENT.md); keep every linear size a multiple of 64.
+        # (bitsandbytes 0.50, "N must be divisible by block_n"); keep every linear size a multiple of 64.
         for name in ("hidden_size", "intermediate_size"):
             if getattr(self, name) % 64:
                 raise ValueError(f"{name} {getattr(self, name)} must be a multiple of 64 (bitsandbytes 4-bit kernels)")

