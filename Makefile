@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs base-model data doctor test test-fast bench-model-key pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs base-model data doctor test test-fast bench-model-key bench-tests pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -74,8 +74,11 @@ ask: setup  ## answer Q="..." from the corpus with the served model (`make serve
 
 bench: bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline bench-model-key  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 
-bench-model-key: envs  ## the model fingerprint of a synthetic >= 4 GB safetensors folder (target < 1 s), and `make test-fast`'s time
+bench-model-key: envs  ## the model fingerprint of a synthetic >= 4 GB safetensors folder (target < 1 s)
 	@$(PY) -m workspace.bench_model_key
+
+bench-tests: setup  ## time `make test-fast` (FULL=1: and `make test`) -> docs/BENCHMARKS.md (section tests)
+	@$(PY) -m workspace.bench_test_lanes $(if $(FULL),--full)
 
 bench-finetune: setup  ## the finetune stage on the profile vs plain llamafactory-cli (target < 5 min)
 	@$(PY) -m finetune.bench_finetune $(CFG_ARGS)

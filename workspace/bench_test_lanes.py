@@ -1,0 +1,57 @@
+"""`make bench-tests`: how long the two test lanes take on this machine, in the order pytest-randomly drew.
+
+Runs `make test-fast` (and, with --full, `make test`) as a developer would, times each from the shell's point of
+view (setup check and import contracts included), reads pytest's own summary (passed, deselected, seconds) and
+the random seed, and writes docs/BENCHMARKS.md (section tests). A lane that fails writes nothing and exits 1.
+Tests themselves never assert times; this is where the times live.
+
+    .venv/bin/python -m workspace.bench_test_lanes [--full]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+
+from workspace.benchmarks import update_section
+from workspace.paths import ROOT
+
+SUMMARY = re.compile(r"^=*\s*(\d+ passed.*?) in ([\d.]+)s", re.M)
+SEED = re.compile(r"--randomly-seed=(\d+)")
+
+
+def run_lane(target: str) -> dict:
+    t0 = time.monotonic()
+    proc = subprocess.run(["make", target], cwd=ROOT, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    summary, seed = SUMMARY.findall(out), SEED.search(out)
+    if proc.returncode != 0 or not summary:
+        print(out[-4000:], file=sys.stderr)
+        raise SystemExit(f"[bench-tests] `make {target}` failed (exit {proc.returncode})")
+    counts, pytest_s = summary[-1]
+    return {"target": target, "wall_s": wall, "pytest_s": float(pytest_s), "counts": counts.strip(" ="),
+            "seed": seed.group(1) if seed else "-"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="also time `make test` (everything, as CI runs it)")
+    args = ap.parse_args(argv)
+    lanes = [run_lane("test-fast")] + ([run_lane("test")] if args.full else [])
+    rows = "\n".join(f"| `make {l['target']}` | {l['wall_s'] / 60:.1f} min ({l['wall_s']:.0f} s) | {l['pytest_s']:.0f} s | "
+                     f"{l['counts']} | {l['seed']} |" for l in lanes)
+    body = ("Wall time of each lane as a developer runs it (environments current; the setup check and the import "
+            "contracts included), pytest's own time, its counts and the random order's seed (`PYTEST_ARGS=--randomly-"
+            "seed=N` repeats it). Targets: `make test-fast` under 3 min, `make test` well under 20 min.\n\n"
+            "| lane | wall | pytest | result | seed |\n|---|---|---|---|---|\n" + rows + "\n")
+    print(body)
+    update_section("tests", "Test lanes: make test-fast and make test", "make bench-tests" + ("  (--full)" if args.full else ""),
+                   body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
