@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rag.answer import build_prompt
-from rag.index import DenseEmbedder, RagError, SparseEncoder, build_index, open_client, retrieval_metrics, search
+from rag.index import DenseEmbedder, RagError, SparseEncoder, build_and_open, retrieval_metrics, search
 from workspace.config import LoadedConfig
 from workspace.paths import resolve
 from workspace.stage import Stage, StageData, digest, file_digest
@@ -88,11 +88,10 @@ class RagStage(Stage[RagInputs, RagOutputs]):
         cfg = loaded.config.rag
         out = resolve(loaded.config.data.output_dir) / "rag" / self.cache_key(loaded, inputs)
         out.mkdir(parents=True, exist_ok=True)
-        client = open_client(cfg)
+        embedder, sparse = DenseEmbedder(cfg.embedder), SparseEncoder()
+        client, stats = build_and_open(cfg, embedder, sparse)
         try:
-            embedder, sparse = DenseEmbedder(cfg.embedder), SparseEncoder()
             with stage_run(loaded, "rag") as run:
-                stats = build_index(client, cfg, embedder, sparse)
                 metrics, rows = retrieval_metrics(client, stats.collection, resolve(cfg.qa_set), embedder, sparse)
                 contexts = retrieve_for_questions(client, stats.collection, loaded, embedder, sparse)
                 mlflow.log_params({"rag.collection": stats.collection, "rag.embedder": cfg.embedder, "rag.mode": cfg.mode,
@@ -122,11 +121,10 @@ def ask(loaded: LoadedConfig, question: str, endpoint) -> dict:
     from rag.answer import answer
 
     cfg = loaded.config
-    client = open_client(cfg.rag)
+    embedder, sparse = DenseEmbedder(cfg.rag.embedder), SparseEncoder()
+    client, stats = build_and_open(cfg.rag, embedder, sparse)
     try:
-        embedder, sparse = DenseEmbedder(cfg.rag.embedder), SparseEncoder()
-        name = build_index(client, cfg.rag, embedder, sparse).collection
-        hits = search(client, name, question, cfg.rag.mode, cfg.rag.top_k, embedder, sparse)
+        hits = search(client, stats.collection, question, cfg.rag.mode, cfg.rag.top_k, embedder, sparse)
     finally:
         client.close()
     return answer(question, hits, endpoint)

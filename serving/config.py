@@ -19,7 +19,7 @@ from typing import Optional
 
 import yaml
 
-from workspace.config import LoadedConfig, ServingConfig
+from workspace.config import ServingConfig
 from workspace.envrunner import EnvCommandError, run_in_env
 
 GIB = 1024 ** 3

@@ -32,3 +32,35 @@ def tmp_tracking(tmp_path):
     """Overrides that point MLflow at a database and artifact root inside tmp_path."""
     return [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
             "tracking.experiment=test-exp"]
+
+
+RANDOM_LORA = (
+    "import sys, torch; from transformers import AutoModelForCausalLM; from peft import LoraConfig, get_peft_model\n"
+    "torch.manual_seed(0); m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+    "get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules='all-linear', init_lora_weights=False))"
+    ".save_pretrained(sys.argv[2])\n")
+
+
+@pytest.fixture(scope="session")
+def promote_random_adapter():
+    """A function that registers a random (non-zero) rank-8 LoRA of the base model as the champion of `name` in the
+    MLflow store `loaded` points at, with its rendered serving configuration: what `make promote` leaves behind."""
+    import yaml
+
+    from serving.config import render_vllm_config
+    from serving.registry import build_bundle, promote
+    from workspace.envrunner import run_in_env
+    from workspace.tracking import configure, stage_run
+
+    def register(loaded, tmp: Path, name: str, base: str) -> None:
+        configure(loaded)
+        adapter = tmp / "adapter"
+        run_in_env("train", ["python", "-c", RANDOM_LORA, base, str(adapter)], timeout=300, echo=False)
+        cfg = loaded.config.serving
+        conf = render_vllm_config(cfg, base, lora_modules={cfg.served_model_name: "adapter"}, max_lora_rank=8)
+        bundle = build_bundle(tmp / "bundle", adapter, {"manifest.json": {"run_key": "t"}, "gate.json": {"passed": True},
+                                                        "serving.yaml": yaml.safe_dump(conf)})
+        with stage_run(loaded, "promote") as run:
+            promote(name, run.info.run_id, bundle, {})
+
+    return register

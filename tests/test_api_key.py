@@ -9,21 +9,16 @@ import sys
 
 import httpx
 import pytest
-import yaml
 
 from eval.evaluate import evaluate
 from eval.judge import JudgeUnavailable, check_judge, judge_metric, score_with_judge
 from eval.kobest import EvalError, run_kobest
 from finetune.prepare import prepare_dataset
 from serving.bench import build_prompts, run_step, slo_benchmark, workload_texts, write_dataset
-from serving.config import render_vllm_config
-from serving.registry import build_bundle, promote
 from serving.serve import smoke_test
 from workspace.config import JudgeConfig, load_config
 from workspace.endpoint import Endpoint, EndpointError
-from workspace.envrunner import run_in_env
 from workspace.paths import ROOT, resolve
-from workspace.tracking import configure, stage_run
 from workspace.vllm_server import VllmServer
 
 pytestmark = pytest.mark.slow  # launches vLLM
@@ -107,22 +102,10 @@ def test_the_slo_check_sends_the_key(keyed, tmp_path):
     assert step.completed == 3 and step.error_rate == 0
 
 
-def test_the_serve_check_sends_the_key(keyed, tmp_path):
+def test_the_serve_check_sends_the_key(keyed, tmp_path, promote_random_adapter):
     loaded = load_config(overrides=OVR + [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                                           f"tracking.artifact_root={tmp_path}/artifacts", "tracking.registered_model=keyed"])
-    configure(loaded)
-    adapter = tmp_path / "adapter"
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM; from peft import LoraConfig, get_peft_model\n"
-            "torch.manual_seed(0); m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
-            "get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules='all-linear', init_lora_weights=False))"
-            ".save_pretrained(sys.argv[2])\n")
-    run_in_env("train", ["python", "-c", code, BASE, str(adapter)], timeout=300, echo=False)
-    s = loaded.config.serving
-    conf = render_vllm_config(s, BASE, lora_modules={s.served_model_name: "adapter"}, max_lora_rank=8)
-    bundle = build_bundle(tmp_path / "bundle", adapter, {"manifest.json": {"run_key": "k"}, "gate.json": {"passed": True},
-                                                         "serving.yaml": yaml.safe_dump(conf)})
-    with stage_run(loaded, "promote") as run:
-        promote("keyed", run.info.run_id, bundle, {})
+    promote_random_adapter(loaded, tmp_path, "keyed", BASE)
     out = smoke_test(loaded, "회원 목록 화면을 생성해주세요. 필드: 이름", dest=tmp_path / "champion", max_tokens=8)
     assert out["version"] == "1" and out["completion_tokens"] > 0
 

@@ -4,13 +4,12 @@ errors that must name their cause."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from rag.answer import answer, citation_check
 from rag.index import (
-    Chunk, DenseEmbedder, RagError, SparseEncoder, build_index, chunk_document, collection_name, load_documents,
+    DenseEmbedder, RagError, SparseEncoder, build_index, chunk_document, collection_name, load_documents,
     open_client, retrieval_metrics, search,
 )
 from workspace.config import load_config

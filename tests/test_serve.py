@@ -3,20 +3,14 @@ served by vLLM with its promoted configuration; the openai client gets a chat co
 adapter by model name, and /metrics is exposed. Plus the start-up failures that must name their cause."""
 from __future__ import annotations
 
-import socket
 
 import httpx
 import pytest
-import yaml
 
-from serving.config import render_vllm_config
-from serving.registry import build_bundle, promote
 from serving.serve import champion_server
 from workspace.vllm_server import ServerError, VllmServer, free_port
 from workspace.config import load_config
-from workspace.envrunner import run_in_env
 from workspace.paths import resolve
-from workspace.tracking import stage_run
 
 pytestmark = pytest.mark.slow  # launches LLaMA-Factory or vLLM
 
@@ -24,22 +18,11 @@ BASE = str(resolve(load_config().config.base_model.path))
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, promote_random_adapter):
     tmp = tmp_path_factory.mktemp("serve")
     loaded = load_config(overrides=[f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts",
                                     "tracking.registered_model=serve-test", "serving.max_model_len=1024"])
-    adapter = tmp / "adapter"
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM; from peft import LoraConfig, get_peft_model\n"
-            "torch.manual_seed(0); m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
-            "p = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules='all-linear', init_lora_weights=False))\n"
-            "p.save_pretrained(sys.argv[2])\n")
-    run_in_env("train", ["python", "-c", code, BASE, str(adapter)], timeout=300, echo=False)
-    cfg = loaded.config.serving
-    conf = render_vllm_config(cfg, BASE, lora_modules={cfg.served_model_name: "adapter"}, max_lora_rank=8)
-    bundle = build_bundle(tmp / "bundle", adapter, {"manifest.json": {"run_key": "t"}, "gate.json": {"passed": True},
-                                                    "serving.yaml": yaml.safe_dump(conf)})
-    with stage_run(loaded, "promote") as run:
-        promote("serve-test", run.info.run_id, bundle, {})
+    promote_random_adapter(loaded, tmp, "serve-test", BASE)
     server, info = champion_server(loaded, port=free_port(), dest=tmp / "champion")
     server.start(timeout=400)
     yield server, info

@@ -16,7 +16,7 @@ import sys
 import time
 
 from workspace.benchmarks import update_section
-from workspace.paths import ROOT
+from workspace.paths import CACHE, ROOT
 
 SUMMARY = re.compile(r"^=*\s*(\d+ passed.*?) in ([\d.]+)s", re.M)
 SEED = re.compile(r"--randomly-seed=(\d+)")
@@ -27,10 +27,13 @@ def run_lane(target: str) -> dict:
     proc = subprocess.run(["make", target], cwd=ROOT, capture_output=True, text=True)
     wall = time.monotonic() - t0
     out = proc.stdout + proc.stderr
+    log = CACHE / f"bench-tests-{target}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(out, encoding="utf-8")
     summary, seed = SUMMARY.findall(out), SEED.search(out)
     if proc.returncode != 0 or not summary:
-        print(out[-4000:], file=sys.stderr)
-        raise SystemExit(f"[bench-tests] `make {target}` failed (exit {proc.returncode})")
+        print("\n".join(l for l in out.splitlines() if l.startswith(("FAILED", "ERROR")))[-4000:], file=sys.stderr)
+        raise SystemExit(f"[bench-tests] `make {target}` failed (exit {proc.returncode}); full output: {log}")
     counts, pytest_s = summary[-1]
     return {"target": target, "wall_s": wall, "pytest_s": float(pytest_s), "counts": counts.strip(" ="),
             "seed": seed.group(1) if seed else "-"}

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 from workspace import offline
 from workspace.envrunner import EnvCommandError, run_in_env
