@@ -36,11 +36,11 @@ doctor: envs  ## check the three environments and engines for real; non-zero exi
 
 test: setup  ## the architecture's import contracts, then every test (real engines on tiny inputs) in random order
 	@$(VENV)/bin/lint-imports --no-cache
-	@$(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup  ## the inner loop: the import contracts and every test that launches no LLaMA-Factory or vLLM
 	@$(VENV)/bin/lint-imports --no-cache
-	@$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 pipeline: setup  ## the whole job (one Prefect flow): prepare -> finetune -> eval -> gate -> promote -> rag -> serve check; cached stages are skipped
 	@$(PY) -m flows.pipeline $(CFG_ARGS) $(if $(FORCE),--force)
