@@ -10,7 +10,7 @@ version decided on is the version whose files were evaluated. Wired by flows/pro
 """
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -131,7 +131,7 @@ class GateStage(Stage[GateInputs, GateOutputs]):
                           decided_by=decision.decided_by, gate_json=str(js), gate_md=str(md), report_md=str(report_md),
                           report_png=str(report_png) if report_png else None, run_id=gate_run.info.run_id,
                           candidate_metrics=cand_res.metrics, reference_metrics=ref_res.metrics,
-                          rules=[json.loads(json.dumps(r.__dict__)) for r in decision.rules])
+                          rules=[asdict(r) for r in decision.rules])
         if not decision.passed:
             raise GateFailed(f"gate failed: {decision.decided_by}. Table: {md}", out.model_dump(mode="json"))
         return out

@@ -14,7 +14,6 @@ from rich.table import Table
 from finetune.prepare import PrepareError, PreparedDataset, TokenCounter, content_hash, log_to_mlflow, prepare_dataset, tokenizer_path
 from workspace.config import LoadedConfig
 from workspace.model_ref import ModelNotFound
-from workspace.paths import resolve
 from workspace.stage import Stage, StageData
 from workspace.tracking import stage_run
 
@@ -82,7 +81,3 @@ class PrepareStage(Stage[PrepareInputs, PrepareOutputs]):
 
 PREPARE = PrepareStage()
 
-
-def processed_path(loaded: LoadedConfig) -> str:
-    """Where the processed folder of this configuration is (whether or not it exists yet)."""
-    return str(resolve(loaded.config.data.output_dir) / PREPARE.cache_key(loaded, PrepareInputs()))

@@ -72,10 +72,11 @@ def _alive(name: str) -> Optional[int]:
     return recorded_pid(_pidfile(name))
 
 
-def _process(name: str, argv: list[str], port: int, marker: str, health_url: Optional[str] = None) -> ManagedProcess:
+def _process(name: str, argv: list[str], port: int, marker: str, health_url: Optional[str] = None,
+             healthy=None) -> ManagedProcess:
     return ManagedProcess(argv, log_path=prefect_home() / f"{name}.log", env=_env(port), cwd=ROOT,
-                          pidfile=_pidfile(name), marker=marker, health_url=health_url, what=f"the Prefect {name}",
-                          record={"port": port})
+                          pidfile=_pidfile(name), marker=marker, health_url=health_url, healthy=healthy,
+                          what=f"the Prefect {name}", record={"port": port})
 
 
 def _stop(name: str, grace: float = 15.0) -> bool:
@@ -117,7 +118,7 @@ def start_server(port: int, timeout: float = 120) -> None:
     except ProcessError as exc:
         raise DeployError(str(exc)) from None
     print(f"[prefect] server up at http://127.0.0.1:{port} (PID {server.pid}; log {server.log_path})")
-    server.proc = None  # it outlives this command: `make prefect-down` stops it by its recorded PID
+    server.detach()  # it outlives this command: `make prefect-down` stops it by its recorded PID
 
 
 def deploy(port: int) -> None:
@@ -134,16 +135,15 @@ def start_worker(port: int) -> None:
         print(f"[prefect] worker already running (PID {_alive('worker')})")
         return
     started = time.monotonic()
-    worker = _process("worker", _prefect("worker", "start", "--pool", POOL, "--name", "workspace-worker", "--limit", "1"),
-                      port, marker="worker start", health_url=None)
     # a worker has no health endpoint: healthy once it has run for 2 s without exiting
-    worker._healthy = lambda: time.monotonic() - started > 2
+    worker = _process("worker", _prefect("worker", "start", "--pool", POOL, "--name", "workspace-worker", "--limit", "1"),
+                      port, marker="worker start", healthy=lambda: time.monotonic() - started > 2)
     try:
         worker.start(timeout=30)
     except ProcessError as exc:
         raise DeployError(str(exc)) from None
     print(f"[prefect] worker polling '{POOL}' (PID {worker.pid}; log {worker.log_path})")
-    worker.proc = None  # it outlives this command: `make prefect-down` stops it by its recorded PID
+    worker.detach()  # it outlives this command: `make prefect-down` stops it by its recorded PID
 
 
 def up(port: int) -> None:

@@ -57,7 +57,7 @@ from workspace.tracking import configure, pipeline_run  # noqa: E402
 def run_stages(loaded: LoadedConfig, runner: StageRunner, serve_check: bool) -> None:
     prepared = runner.run(PREPARE, PrepareInputs())
     tuned = runner.run(FINETUNE, FinetuneInputs(dataset_dir=prepared.path, dataset_hash=prepared.content_hash))
-    indexed, _ = evaluate_candidate(runner, prepared, tuned)
+    evaluate_candidate(runner, prepared, tuned)
     gate = gate_candidate(runner, loaded, prepared, tuned)
     promote_candidate(runner, gate)
     if serve_check:

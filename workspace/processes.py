@@ -162,6 +162,12 @@ class ManagedProcess:
             self.pidfile.unlink(missing_ok=True)
         return was_running
 
+    def detach(self) -> None:
+        """Let the process outlive this object (and this command): it is stopped later by `stop_recorded(pidfile)`."""
+        if self.pidfile is None:
+            raise ProcessError(f"this {self.what} has no pid file: detached, nothing could stop it")
+        self.proc = None
+
     def __enter__(self):
         return self.start()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Optional, TypeVar
 
@@ -33,7 +34,7 @@ I = TypeVar("I", bound=StageData)
 O = TypeVar("O", bound=StageData)
 
 
-class Stage(Generic[I, O]):
+class Stage(ABC, Generic[I, O]):
     name: ClassVar[str]
     Inputs: ClassVar[type[StageData]]
     Outputs: ClassVar[type[StageData]]
@@ -41,11 +42,13 @@ class Stage(Generic[I, O]):
     # errors that a second attempt cannot fix (bad config, a refusal, a missing file): never retried
     deterministic: ClassVar[tuple[type[Exception], ...]] = ()
 
+    @abstractmethod
     def cache_key(self, loaded: LoadedConfig, inputs: I) -> str:
-        raise NotImplementedError
+        """Only what changes the result; cheap."""
 
+    @abstractmethod
     def run(self, loaded: LoadedConfig, inputs: I) -> O:
-        raise NotImplementedError
+        """The work, with its MLflow stage run."""
 
     def outputs_present(self, loaded: LoadedConfig, outputs: O) -> bool:
         return True
