@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs base-model data doctor test test-fast bench-model-key bench-tests pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs base-model data doctor test test-fast bench-model-key bench-tests pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -72,7 +72,7 @@ rag: setup  ## index data/raw/rag into Qdrant (incremental) and measure dense/sp
 ask: setup  ## answer Q="..." from the corpus with the served model (`make serve` first), citing documents
 	@$(PY) -m flows.rag $(CFG_ARGS) --ask "$(Q)"
 
-bench: bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline bench-model-key  ## every benchmark; each writes its section of docs/BENCHMARKS.md
+bench: bench-prepare bench-finetune bench-eval bench-gate bench-rag bench-serve bench-pipeline bench-model-key  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 
 bench-model-key: envs  ## the model fingerprint of a synthetic >= 4 GB safetensors folder (target < 1 s)
 	@$(PY) -m workspace.bench_model_key
@@ -85,6 +85,9 @@ bench-finetune: setup  ## the finetune stage on the profile vs plain llamafactor
 
 bench-eval: setup  ## base vs candidate quality, hf vs vLLM scoring speed (needs `make finetune`)
 	@$(PY) -m flows.bench_eval $(CFG_ARGS)
+
+bench-gate: setup  ## the gate's error rates: seeds gated against each other, simulated power, reproducibility (~1 h first run)
+	@$(PY) -m flows.bench_gate $(CFG_ARGS)
 
 bench-rag: setup  ## RAG indexing speed (shipped + 10k synthetic chunks), query latency, retrieval per mode
 	@$(PY) -m rag.bench_rag

@@ -1,16 +1,25 @@
 """The benchmark gate: a candidate is promoted only if every rule of `gate.rules` holds.
 
-Rule kinds: `floor` (candidate metric >= threshold), `no_regression` (candidate >= reference - tolerance on every
-metric matching a glob such as eval/kobest/*/acc), `improvement` (the lower bound of a paired bootstrap confidence
-interval of candidate - reference over the SAME items is above zero, so noise on a small eval set promotes
-nothing), `adapter_changes_outputs` (the finetune verification saw changed greedy outputs). The reference is the
-current champion, or the base model when there is none. Writes the decision and the rule table as JSON and
-Markdown. Called by eval/gate_stage.py; tests call `decide` directly.
+Rule kinds:
+- `floor`: candidate metric >= threshold.
+- `no_regression`: paired non-inferiority per metric matching a glob such as eval/kobest/*/acc: the one-sided upper
+  confidence bound of mean(reference - candidate) over the SAME items must be below `tolerance`; Holm's procedure
+  keeps the familywise error across the matched tasks at 1 - confidence.
+- `improvement`: the lower bound of the paired BCa bootstrap interval of mean(candidate - reference) over the SAME
+  items must exceed `min_effect` (the smallest gain that retraining with another seed does not produce by itself;
+  measured by `make bench-gate`).
+- `adapter_changes_outputs`: the finetune verification saw changed greedy outputs.
+Both statistical rules refuse to decide below `gate.min_items` paired items. The intervals come from
+scipy.stats.bootstrap (paired, BCa), Holm from statsmodels. The reference is the current champion, or the base
+model when there is none. Writes the decision and the rule table (n, estimate, interval, method for every
+statistical row) as JSON and Markdown. Called by eval/gate_stage.py; tests and flows/bench_gate.py call `decide`,
+`improvement_result` and `no_regression_results` directly.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -40,10 +49,29 @@ class RuleResult:
     name: str
     kind: str
     metric: str
-    value: Optional[float]
+    value: Optional[float]       # what is compared with the threshold (a bound, a p-value, a metric)
     threshold: Optional[float]
     passed: bool
     detail: str
+    n: Optional[int] = None      # statistical rows: paired items,
+    estimate: Optional[float] = None  # mean(candidate - reference),
+    ci_low: Optional[float] = None    # its interval (None: open side),
+    ci_high: Optional[float] = None
+    method: Optional[str] = None      # and how it was computed
+
+    def as_row(self) -> dict:
+        row = asdict(self)
+        for k in ("value", "estimate", "ci_low", "ci_high"):
+            if row[k] is not None and not math.isfinite(row[k]):
+                row[k] = None  # JSON has no infinity: an open side is null
+        return row
+
+    def interval(self) -> str:
+        if self.ci_low is None and self.ci_high is None:
+            return "-"
+        lo = "-inf" if self.ci_low is None or self.ci_low == -math.inf else f"{self.ci_low:+.4f}"
+        hi = "+inf" if self.ci_high is None or self.ci_high == math.inf else f"{self.ci_high:+.4f}"
+        return f"[{lo}, {hi}]"
 
 
 @dataclass
@@ -55,15 +83,21 @@ class GateDecision:
 
     def to_json(self) -> dict:
         return {"passed": self.passed, "decided_by": self.decided_by, "reference": self.reference,
-                "rules": [asdict(r) for r in self.rules]}
+                "rules": [r.as_row() for r in self.rules]}
 
     def markdown(self) -> str:
         lines = [f"# Gate: {'PASS' if self.passed else 'FAIL'}", "", f"Reference: {self.reference}. Decided by: {self.decided_by}.",
-                 "", "| rule | kind | metric | value | threshold | result | detail |", "|---|---|---|---|---|---|---|"]
+                 "", "Statistical rows: n = paired items, estimate = mean(candidate - reference), interval = its "
+                 "confidence interval (method column).", "",
+                 "| rule | kind | metric | n | estimate | interval | method | value | threshold | result | detail |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.rules:
             v = "-" if r.value is None else f"{r.value:.4f}"
             t = "-" if r.threshold is None else f"{r.threshold:.4f}"
-            lines.append(f"| {r.name} | {r.kind} | {r.metric} | {v} | {t} | {'pass' if r.passed else '**FAIL**'} | {r.detail} |")
+            n = "-" if r.n is None else str(r.n)
+            e = "-" if r.estimate is None else f"{r.estimate:+.4f}"
+            lines.append(f"| {r.name} | {r.kind} | {r.metric} | {n} | {e} | {r.interval()} | {r.method or '-'} | {v} | "
+                         f"{t} | {'pass' if r.passed else '**FAIL**'} | {r.detail} |")
         return "\n".join(lines) + "\n"
 
 
@@ -88,20 +122,98 @@ def item_scores(items_path: Path, metric: str) -> dict[str, float]:
     return out
 
 
-def paired_bootstrap_ci(cand: dict[str, float], ref: dict[str, float], confidence: float, samples: int,
-                        seed: int = 0) -> tuple[float, float, float, int]:
-    """(mean difference, CI low, CI high, n) of candidate - reference over the same item ids."""
+@dataclass(frozen=True)
+class Interval:
+    """A paired comparison: the estimate (mean of per-item differences), its confidence interval, how many items
+    and how it was computed. `low`/`high` are -inf/+inf on the open side of a one-sided interval."""
+    estimate: float
+    low: float
+    high: float
+    n: int
+    method: str
+
+
+def paired_scores(cand: dict[str, float], ref: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate and reference scores aligned on the same item ids (refused when the items differ)."""
     if set(cand) != set(ref):
         only_c, only_r = sorted(set(cand) - set(ref))[:3], sorted(set(ref) - set(cand))[:3]
         raise GateError(f"candidate and reference were not evaluated on the same items (only candidate: {only_c}, "
                         f"only reference: {only_r}); evaluate both with the same eval config and test split")
     ids = sorted(cand)
-    diff = np.array([cand[i] - ref[i] for i in ids])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(samples, len(diff)))
-    means = diff[idx].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return float(diff.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)), len(diff)
+    return np.array([cand[i] for i in ids], dtype=float), np.array([ref[i] for i in ids], dtype=float)
+
+
+def _mean_diff(c, r, axis=-1):
+    return np.mean(c - r, axis=axis)
+
+
+def paired_interval(cand: np.ndarray, ref: np.ndarray, confidence: float, samples: int, seed: int = 0,
+                    alternative: str = "two-sided") -> Interval:
+    """Confidence interval of mean(candidate - reference) over paired items: scipy.stats.bootstrap with
+    paired=True (items are resampled together with their pair) and BCa, which corrects the bias and skew that
+    make plain percentile intervals under-cover on small, skewed samples. When every difference is the same the
+    interval is that value (BCa is undefined there). `alternative` as in scipy: 'greater' gives [low, +inf),
+    'less' gives (-inf, high]."""
+    from scipy import stats
+
+    diff = cand - ref
+    n = len(diff)
+    est = float(diff.mean()) if n else float("nan")
+    sides = "two-sided" if alternative == "two-sided" else "one-sided"
+    if n == 0:
+        return Interval(est, float("nan"), float("nan"), 0, "no items")
+    if np.ptp(diff) == 0:
+        low = est if alternative != "less" else -np.inf
+        high = est if alternative != "greater" else np.inf
+        return Interval(est, low, high, n, f"all {n} differences equal")
+    res = stats.bootstrap((cand, ref), _mean_diff, paired=True, vectorized=True, n_resamples=samples,
+                          confidence_level=confidence, method="BCa", alternative=alternative,
+                          random_state=np.random.default_rng(seed))
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return Interval(est, low, high, n, f"paired bootstrap BCa, {sides} {confidence:.0%}, {samples} resamples")
+
+
+def noninferiority_p(cand: np.ndarray, ref: np.ndarray, tolerance: float, samples: int, seed: int = 0) -> tuple[float, Interval]:
+    """p-value of H0 'reference - candidate >= tolerance' (the candidate is worse by the tolerance or more),
+    from the same paired BCa bootstrap, by inverting its one-sided upper bound: the smallest alpha at which the
+    (1 - alpha) upper bound of mean(reference - candidate) is below the tolerance. Also the 95% bound."""
+    from scipy import stats
+
+    diff = ref - cand
+    n = len(diff)
+    at95 = paired_interval(ref, cand, 0.95, samples, seed, alternative="less")
+    if n and np.ptp(diff) == 0:
+        return (0.0 if diff[0] < tolerance else 1.0), at95
+    boot = stats.bootstrap((ref, cand), _mean_diff, paired=True, vectorized=True, n_resamples=samples,
+                           confidence_level=0.95, method="BCa", alternative="less",
+                           random_state=np.random.default_rng(seed))
+
+    def upper(alpha: float) -> float:  # the same resamples at another level (n_resamples=0 reuses them)
+        r = stats.bootstrap((ref, cand), _mean_diff, paired=True, vectorized=True, n_resamples=0,
+                            confidence_level=1 - alpha, method="BCa", alternative="less", bootstrap_result=boot)
+        return float(r.confidence_interval.high)
+
+    lo_a, hi_a = 1e-4, 1 - 1e-4  # the bound shrinks as alpha grows
+    if upper(lo_a) < tolerance:
+        return lo_a, at95
+    if upper(hi_a) >= tolerance:
+        return 1.0, at95
+    for _ in range(30):
+        mid = (lo_a + hi_a) / 2
+        if upper(mid) < tolerance:
+            hi_a = mid
+        else:
+            lo_a = mid
+    return hi_a, at95
+
+
+def holm(pvalues: list[float], alpha: float) -> tuple[list[bool], list[float]]:
+    """Holm's step-down procedure (statsmodels): which hypotheses are rejected at familywise error alpha, and the
+    adjusted p-values."""
+    from statsmodels.stats.multitest import multipletests
+
+    reject, adjusted, _, _ = multipletests(pvalues, alpha=alpha, method="holm")
+    return [bool(x) for x in reject], [float(x) for x in adjusted]
 
 
 def _matching(metrics: dict[str, float], pattern: str) -> list[str]:
@@ -111,8 +223,67 @@ def _matching(metrics: dict[str, float], pattern: str) -> list[str]:
     return keys
 
 
-def _rule(rule: GateRule, cand: dict, ref: dict, cand_items: Path, ref_items: Path, verification: dict,
-          samples: int) -> list[RuleResult]:
+def _fmt(x: float) -> str:
+    return "-inf" if x == -np.inf else "+inf" if x == np.inf else f"{x:+.4f}"
+
+
+def improvement_result(rule: GateRule, metric: str, cand: np.ndarray, ref: np.ndarray, cfg: GateConfig,
+                       seed: int = 0) -> RuleResult:
+    """The improvement rule on aligned per-item scores: at least gate.min_items paired items, and the lower bound
+    of the two-sided paired BCa interval of candidate - reference above the rule's minimum effect."""
+    n = len(cand)
+    min_effect = rule.min_effect
+    if n < cfg.min_items:
+        est = float((cand - ref).mean()) if n else None
+        return RuleResult(rule.name, rule.kind, metric, None, min_effect, False,
+                          f"too few paired items: {n} < gate.min_items {cfg.min_items}; no decision on so little "
+                          "evidence (evaluate more items: eval.custom_limit / eval.limit)", n=n, estimate=est,
+                          method="not tested")
+    ci = paired_interval(cand, ref, rule.confidence, cfg.bootstrap_samples, seed)
+    ok = ci.low > min_effect + EPS
+    return RuleResult(rule.name, rule.kind, metric, ci.low, min_effect, ok,
+                      f"mean diff {ci.estimate:+.4f}, {rule.confidence:.0%} CI [{_fmt(ci.low)}, {_fmt(ci.high)}] over "
+                      f"{n} paired items; lower bound {'>' if ok else '<='} minimum effect {min_effect:+.4f}",
+                      n=n, estimate=ci.estimate, ci_low=ci.low, ci_high=ci.high, method=ci.method)
+
+
+def no_regression_results(rule: GateRule, keys: list[str], pairs: dict[str, tuple[np.ndarray, np.ndarray]],
+                          cfg: GateConfig, seed: int = 0) -> list[RuleResult]:
+    """Paired non-inferiority per metric (task): H0 'reference - candidate >= tolerance' is rejected when the
+    one-sided upper bound of mean(reference - candidate) is below the tolerance; Holm's procedure keeps the
+    familywise error across the tasks at 1 - confidence. A task passes when its H0 is rejected."""
+    alpha = 1 - rule.confidence
+    out: dict[str, RuleResult] = {}
+    tested, pvals, bounds = [], [], {}
+    for k in keys:
+        cand, ref = pairs[k]
+        if len(cand) < cfg.min_items:
+            out[k] = RuleResult(rule.name, rule.kind, k, None, rule.tolerance, False,
+                                f"too few paired items: {len(cand)} < gate.min_items {cfg.min_items}; no decision on "
+                                "so little evidence", n=len(cand), estimate=float((cand - ref).mean()) if len(cand) else None,
+                                method="not tested")
+            continue
+        p, at95 = noninferiority_p(cand, ref, rule.tolerance, cfg.bootstrap_samples, seed)
+        tested.append(k)
+        pvals.append(p)
+        bounds[k] = at95
+    if tested:
+        reject, adjusted = holm(pvals, alpha)
+        m = len(tested)
+        for k, rej, p_adj in zip(tested, reject, adjusted):
+            b = bounds[k]
+            out[k] = RuleResult(
+                rule.name, rule.kind, k, p_adj, alpha, rej,
+                f"reference - candidate: mean {b.estimate:+.4f}, one-sided 95% upper bound {_fmt(b.high)} vs "
+                f"tolerance {rule.tolerance}; Holm-adjusted p {p_adj:.4f} over {m} tasks "
+                f"({'non-inferior' if rej else 'regression not ruled out'})",
+                n=b.n, estimate=-b.estimate, ci_low=-b.high, ci_high=np.inf,
+                method=f"paired bootstrap BCa non-inferiority, Holm over {m} at {alpha:.0%}")
+    return [out[k] for k in keys]
+
+
+def _rule(rule: GateRule, cfg: GateConfig, cand: dict, ref: dict, cand_items: Path, ref_items: Path,
+          verification: dict) -> list[RuleResult]:
     if rule.kind == "adapter_changes_outputs":
         n, total = verification.get("outputs_differ"), verification.get("prompts")
         ok = bool(n)
@@ -128,17 +299,16 @@ def _rule(rule: GateRule, cand: dict, ref: dict, cand_items: Path, ref_items: Pa
             out.append(RuleResult(rule.name, rule.kind, k, cand[k], rule.threshold, cand[k] >= rule.threshold - EPS,
                                   f"{cand[k]:.4f} >= {rule.threshold}" if cand[k] >= rule.threshold else f"{cand[k]:.4f} < {rule.threshold}"))
     elif rule.kind == "no_regression":
-        for k in _matching(cand, rule.metric):
+        keys = _matching(cand, rule.metric)
+        for k in keys:
             if k not in ref:
                 raise GateError(f"gate rule '{rule.name}': reference has no {k}")
-            floor = ref[k] - rule.tolerance
-            out.append(RuleResult(rule.name, rule.kind, k, cand[k], floor, cand[k] >= floor - EPS,
-                                  f"candidate {cand[k]:.4f} vs reference {ref[k]:.4f} (tolerance {rule.tolerance})"))
+        pairs = {k: paired_scores(item_scores(cand_items, k), item_scores(ref_items, k)) for k in keys}
+        out += no_regression_results(rule, keys, pairs, cfg)
     elif rule.kind == "improvement":
         for k in _matching(cand, rule.metric):
-            mean, lo, hi, n = paired_bootstrap_ci(item_scores(cand_items, k), item_scores(ref_items, k), rule.confidence, samples)
-            out.append(RuleResult(rule.name, rule.kind, k, lo, 0.0, lo > 0,
-                                  f"mean diff {mean:+.4f}, {rule.confidence:.0%} CI [{lo:+.4f}, {hi:+.4f}] over {n} paired items"))
+            c, r = paired_scores(item_scores(cand_items, k), item_scores(ref_items, k))
+            out.append(improvement_result(rule, k, c, r, cfg))
     return out
 
 
@@ -146,8 +316,8 @@ def decide(cfg: GateConfig, candidate_metrics: dict, reference_metrics: dict, ca
            verification: dict, reference_name: str) -> GateDecision:
     results: list[RuleResult] = []
     for rule in cfg.rules:
-        results += _rule(rule, candidate_metrics, reference_metrics, candidate_items, reference_items, verification,
-                         cfg.bootstrap_samples)
+        results += _rule(rule, cfg, candidate_metrics, reference_metrics, candidate_items, reference_items,
+                         verification)
     failed = [r for r in results if not r.passed]
     return GateDecision(not failed, f"rule '{failed[0].name}' ({failed[0].metric}): {failed[0].detail}" if failed
                         else "all rules passed", reference_name, results)
@@ -156,7 +326,7 @@ def decide(cfg: GateConfig, candidate_metrics: dict, reference_metrics: dict, ca
 def with_rules(decision: GateDecision, kind: str, rows: list[dict]) -> GateDecision:
     """The decision with more rule rows (e.g. the serving SLOs, measured outside this package) folded in."""
     rules = decision.rules + [RuleResult(r["name"], kind, r["metric"], r.get("value"), r.get("threshold"), bool(r["passed"]),
-                                         r.get("detail", "")) for r in rows]
+                                         r.get("detail", ""), n=r.get("n"), method=r.get("method")) for r in rows]
     failed = [r for r in rules if not r.passed]
     return GateDecision(not failed, f"rule '{failed[0].name}' ({failed[0].metric}): {failed[0].detail}" if failed
                         else "all rules passed", decision.reference, rules)

@@ -10,7 +10,6 @@ version decided on is the version whose files were evaluated. Wired by flows/pro
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +25,7 @@ from workspace.model_ref import ModelNotFound, base_model
 from workspace.stage import Stage, StageData, digest
 from workspace.tracking import stage_run
 
-GATE_VERSION = "2"
+GATE_VERSION = "3"  # 3: BCa bootstrap, min_items, min_effect, non-inferiority with Holm
 
 
 class Reference(StageData):
@@ -67,12 +66,14 @@ class GateOutputs(StageData):
 
 def gate_table(d: GateDecision) -> Table:
     t = Table(title=f"gate: {'PASS' if d.passed else 'FAIL'} (reference: {d.reference})")
-    for col in ("rule", "metric", "value", "threshold", "result", "detail"):
+    for col in ("rule", "metric", "n", "estimate", "interval", "method", "value", "threshold", "result"):
         t.add_column(col, overflow="fold")
     for r in d.rules:
-        t.add_row(r.name, r.metric, "-" if r.value is None else f"{r.value:.4f}",
+        t.add_row(r.name, r.metric, "-" if r.n is None else str(r.n), "-" if r.estimate is None else f"{r.estimate:+.4f}",
+                  r.interval(), r.method or "-", "-" if r.value is None else f"{r.value:.4f}",
                   "-" if r.threshold is None else f"{r.threshold:.4f}",
-                  "[green]pass[/]" if r.passed else "[red]FAIL[/]", r.detail)
+                  "[green]pass[/]" if r.passed else "[red]FAIL[/]")
+    t.caption = f"decided by: {d.decided_by}"
     return t
 
 
@@ -118,9 +119,8 @@ class GateStage(Stage[GateInputs, GateOutputs]):
             mlflow.set_tags({"gate": "pass" if decision.passed else "fail", "gate_reference": reference.name,
                              "adapter_dir": str(adapter), "decided_by": decision.decided_by[:250]})
             mlflow.log_metric("gate/passed", float(decision.passed))
-            mlflow.log_table({"rule": [r.name for r in decision.rules], "metric": [r.metric for r in decision.rules],
-                              "value": [r.value for r in decision.rules], "threshold": [r.threshold for r in decision.rules],
-                              "passed": [r.passed for r in decision.rules], "detail": [r.detail for r in decision.rules]},
+            rows = [r.as_row() for r in decision.rules]
+            mlflow.log_table({col: [row[col] for row in rows] for col in rows[0]} if rows else {"rule": []},
                              artifact_file="gate/rules.json")
             for p in (js, md, report_md, report_png):
                 if p:
@@ -131,7 +131,7 @@ class GateStage(Stage[GateInputs, GateOutputs]):
                           decided_by=decision.decided_by, gate_json=str(js), gate_md=str(md), report_md=str(report_md),
                           report_png=str(report_png) if report_png else None, run_id=gate_run.info.run_id,
                           candidate_metrics=cand_res.metrics, reference_metrics=ref_res.metrics,
-                          rules=[asdict(r) for r in decision.rules])
+                          rules=[r.as_row() for r in decision.rules])
         if not decision.passed:
             raise GateFailed(f"gate failed: {decision.decided_by}. Table: {md}", out.model_dump(mode="json"))
         return out

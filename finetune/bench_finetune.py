@@ -1,6 +1,7 @@
 """Benchmark of the finetune stage on the configured profile (default: QLoRA 4-bit on the embedded base model,
-2 CPU cores): wall time, training tokens/s, validation loss of base vs candidate, and the workspace's overhead
-against plain `llamafactory-cli train` on the same rendered YAML.
+2 CPU cores), with the other LoRA method beside it (QLoRA <-> LoRA): wall time, training tokens/s, peak memory of
+the training process, validation losses, the quantized layers the trained model really held, and the workspace's
+overhead against plain `llamafactory-cli train` on the same rendered YAML.
 
     .venv/bin/python -m finetune.bench_finetune [--set finetune.max_steps=300]      (make bench-finetune)
 
@@ -23,7 +24,7 @@ from finetune.prepare import prepare_dataset  # noqa: E402
 from finetune.finetune_stage import run_finetune  # noqa: E402
 from finetune.train import dump_rendered, plain_config  # noqa: E402
 from workspace.benchmarks import update_section  # noqa: E402
-from workspace.config import add_cli_args, load_from_args  # noqa: E402
+from workspace.config import add_cli_args, load_config, load_from_args  # noqa: E402
 from workspace.envrunner import run_in_env  # noqa: E402
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     loaded = load_from_args(args)
+    ft0 = loaded.config.finetune
     prepared = prepare_dataset(loaded)
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-", dir=Path.cwd() / "models"))
     try:
@@ -49,33 +51,50 @@ def main(argv: list[str] | None = None) -> int:
                    extra_env={"DISABLE_VERSION_CHECK": "1"})
         plain_s = time.perf_counter() - t1
 
-        t0 = time.perf_counter()
-        result = run_finetune(loaded, prepared.path, prepared.content_hash, output_root=work / "stage")
-        stage_s = time.perf_counter() - t0
+        rows, results = [], {}
+        methods = [ft0.method] + (["lora"] if ft0.method == "qlora" else ["qlora"] if ft0.method == "lora" else [])
+        for method in methods:  # the profile's method first (it is the one with a target), then the other one
+            over = [f"finetune.method={method}", "finetune.quantization_bit=" + ("4" if method == "qlora" else "null")]
+            lm = load_config(args.config, profile=args.profile, overrides=list(args.overrides) + over)
+            t0 = time.perf_counter()
+            result = run_finetune(lm, prepared.path, prepared.content_hash, output_root=work / f"stage-{method}")
+            stage_s = time.perf_counter() - t0
+            m = result.manifest
+            v = m.get("verification") or {}
+            mc = m.get("method_check") or {}
+            results[method] = (result, stage_s)
+            rows.append(f"| {method}{' (profile)' if method == ft0.method else ''} | "
+                        f"{(str(mc.get('quantized_layers')) + ' x ' + mc['quantized_layer_type']) if mc.get('quantized_layers') else 'none'} | "
+                        f"{stage_s:.0f} s | {m['stage_wall_s']:.0f} s | {m.get('tokens_per_s')} | {mc.get('peak_rss_mb')} MB | "
+                        f"{m.get('final_val_loss'):.3f} | {v.get('val_loss_base'):.3f} | {v.get('val_loss_candidate'):.3f} | "
+                        f"{v.get('outputs_differ')}/{v.get('prompts')} |")
+            print(f"{method}: stage {stage_s:.0f} s (training {m['stage_wall_s']:.0f} s), tokens/s {m.get('tokens_per_s')}, "
+                  f"peak RSS {mc.get('peak_rss_mb')} MB, quantized layers {mc.get('quantized_layers')}", flush=True)
+        result, stage_s = results[ft0.method]
         m = result.manifest
         v = m.get("verification") or {}
         train_part = m["stage_wall_s"]
-        ft = loaded.config.finetune
-        print(f"stage {stage_s:.0f} s (training {train_part:.0f} s, verification {v.get('seconds')} s); plain "
-              f"llamafactory-cli {plain_s:.0f} s; tokens/s {m.get('tokens_per_s')}; val loss base "
-              f"{v.get('val_loss_base'):.3f} -> candidate {v.get('val_loss_candidate'):.3f}")
         verdict = "meets" if stage_s < 300 else "MISSES"
         example = (v and json.loads((result.output_dir / "verification.json").read_text())["examples"][0]) or {}
         body = (
-            f"Profile `{loaded.profile}`: {ft.method} (4-bit nf4) r{ft.lora_rank}/a{ft.lora_alpha}, target {ft.lora_target}, "
-            f"{ft.max_steps} steps x batch {ft.batch_size}, cutoff {ft.cutoff_len}, base {m['base_model']} "
-            f"({m.get('total_params') or '?'} params, {m.get('trainable_params'):,} trainable).\n\n"
-            "| stage wall (train + verify) | training (in stage) | plain `llamafactory-cli train`, same YAML | workspace overhead | training tokens/s | val loss base | val loss candidate | outputs changed | target |\n"
-            "|---|---|---|---|---|---|---|---|---|\n"
-            f"| {stage_s:.0f} s | {train_part:.0f} s | {plain_s:.0f} s | {train_part - plain_s:+.0f} s | {m.get('tokens_per_s')} | "
-            f"{v.get('val_loss_base'):.3f} | {v.get('val_loss_candidate'):.3f} | {v.get('outputs_differ')}/{v.get('prompts')} | "
-            f"stage < 300 s: {verdict} |\n\n"
-            f"Val loss = mean cross-entropy of the answer tokens on the validation split (base model vs base + adapter). "
-            f"Example (validation prompt `{example.get('prompt', '')[:60]}`), candidate's first 48 tokens: "
+            f"Profile `{loaded.profile}`: r{ft0.lora_rank}/a{ft0.lora_alpha}, target {ft0.lora_target}, {ft0.max_steps} "
+            f"steps x batch {ft0.batch_size}, cutoff {ft0.cutoff_len}, base {m['base_model']} "
+            f"({m.get('total_params') or '?'} params as loaded, {m.get('trainable_params'):,} trainable). Each method trained "
+            "from scratch by the stage; `quantized layers` is what the model being trained held when training began "
+            "(finetune/lf_train.py), not what was asked.\n\n"
+            "| method | quantized layers (seen in training) | stage wall (train + verify) | training | training tokens/s | "
+            "peak RSS (training process) | final val loss (trainer) | val loss base | val loss candidate | outputs changed |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            f"Workspace overhead on the profile's method: plain `llamafactory-cli train` on the same YAML {plain_s:.0f} s vs "
+            f"{train_part:.0f} s of training in the stage ({train_part - plain_s:+.0f} s). Target: the stage under 5 minutes: "
+            f"{stage_s:.0f} s, {verdict}.\n\n"
+            f"Val loss base/candidate = mean cross-entropy of the answer tokens on the validation split, computed by "
+            f"finetune/verify_adapter.py on the full-precision base with and without the adapter. Example (validation "
+            f"prompt `{example.get('prompt', '')[:60]}`), candidate's first 48 tokens: "
             f"`{example.get('candidate', '')[:160].replace(chr(10), ' ')}`"
         )
         if not args.no_write:
-            update_section("finetune", "Finetune stage (QLoRA on the embedded base model)",
+            update_section("finetune", "Finetune stage: QLoRA 4-bit beside LoRA on the embedded base model",
                            "make bench-finetune  (python -m finetune.bench_finetune)", body)
         return 0 if stage_s < 300 else 1
     finally:

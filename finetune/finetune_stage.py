@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from finetune.train import (
-    MANIFEST, RENDERED, TRAIN_LOG, TRAINER_LOG, FinetuneError, FinetuneResult, finished_run, loss_curve_png,
+    MANIFEST, METHOD_REPORT, RENDERED, TRAIN_LOG, TRAINER_LOG, FinetuneError, FinetuneResult, finished_run, loss_curve_png,
     merge_adapter, plain_config, render_llamafactory_config, run_key, train, verify_adapter, write_manifest,
 )
 from workspace.config import LoadedConfig
@@ -95,6 +95,12 @@ def log_finetune(result: FinetuneResult, loaded: LoadedConfig) -> None:
     mlflow.log_params({"finetune.run_key": m["run_key"], "base_model": m["base_model"],
                        "base_model_revision": m["base_model_revision"], "dataset_hash": m["dataset_hash"]})
     mlflow.set_tags({"adapter_dir": str(out), "cache": "hit" if result.skipped else "miss"})
+    mc = m.get("method_check") or {}
+    if mc:  # what the live model was when training began (finetune/lf_train.py), checked against the config
+        mlflow.set_tags({"finetune.method_verified": str(mc.get("verified")).lower(),
+                         "finetune.quantized_layer_type": mc.get("quantized_layer_type") or "none"})
+        mlflow.log_metrics({"train/quantized_layers": float(mc.get("quantized_layers") or 0),
+                            "train/lora_modules": float(mc.get("lora_modules") or 0)})
     v = m.get("verification") or {}
     summary = {"train/final_loss": m.get("final_train_loss"), "train/final_val_loss": m.get("final_val_loss"),
                "train/best_val_loss": m.get("best_val_loss"), "train/trainable_params": m.get("trainable_params"),
@@ -103,7 +109,7 @@ def log_finetune(result: FinetuneResult, loaded: LoadedConfig) -> None:
                "verify/val_loss_candidate": v.get("val_loss_candidate"),
                "verify/outputs_differ_fraction": v.get("differ_fraction")}
     mlflow.log_metrics({k: float(x) for k, x in summary.items() if x is not None})
-    for name in ("manifest.json", RENDERED, TRAINER_LOG, TRAIN_LOG, "loss_curve.png", "verification.json",
+    for name in ("manifest.json", RENDERED, METHOD_REPORT, TRAINER_LOG, TRAIN_LOG, "loss_curve.png", "verification.json",
                  "trainer_state.json"):
         if (out / name).exists():
             mlflow.log_artifact(str(out / name), "finetune")
@@ -119,7 +125,12 @@ def summary_table(result: FinetuneResult) -> Table:
     t = Table(title=f"finetune: {result.output_dir}" + ("  (cache hit)" if result.skipped else ""))
     t.add_column("item")
     t.add_column("value", justify="right")
-    rows = [("method", m.get("method")), ("steps", m.get("global_step")),
+    mc = m.get("method_check") or {}
+    layers = (f"{mc['quantized_layers']} x {mc['quantized_layer_type']}" if mc.get("quantized_layers")
+              else "none (full precision)") if mc else None
+    rows = [("method", m.get("method")), ("quantized layers (seen in training)", layers),
+            ("LoRA modules x rank", f"{mc['lora_modules']} x r{mc['lora_rank']}" if mc.get("lora_modules") else None),
+            ("steps", m.get("global_step")),
             ("resumed from step", m.get("resumed_from_step")),
             ("trainable params", f"{m['trainable_params']:,}" if m.get("trainable_params") else None),
             ("final train loss", m.get("final_train_loss")), ("best val loss", m.get("best_val_loss")),

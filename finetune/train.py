@@ -23,13 +23,16 @@ from workspace.config import LoadedConfig
 from workspace.envrunner import EnvCommandError, run_in_env
 from workspace.model_ref import ModelNotFound, base_model
 from workspace.paths import resolve
+from workspace.processes import free_port
 from workspace.tracking import git_commit
 
-FINETUNE_VERSION = "1"
+FINETUNE_VERSION = "2"  # 2: QLoRA really quantizes (quantization_method bnb); version-1 runs were LoRA
 MANIFEST = "manifest.json"
 RENDERED = "llamafactory_train.yaml"
 TRAINER_LOG = "trainer_log.jsonl"
 TRAIN_LOG = "train.log"
+METHOD_REPORT = "method_report.json"
+EXIT_INVALID = 4  # finetune/lf_train.py: the rendered YAML does not pass LLaMA-Factory's parser
 RUN_KEY_EXCLUDES = ("output_dir", "merge", "verify_prompts", "timeout_s", "logging_steps")
 
 
@@ -70,7 +73,9 @@ def render_llamafactory_config(loaded: LoadedConfig, dataset_dir: Path, output_d
         cfg.update({"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_dropout": ft.lora_dropout,
                     "lora_target": ft.lora_target})
     if ft.method == "qlora":
-        cfg.update({"quantization_bit": ft.quantization_bit, "quantization_method": "bitsandbytes",
+        # LLaMA-Factory's enum value is `bnb` (QuantizationMethod.BNB); it accepted `bitsandbytes` without a word
+        # and trained unquantized. finetune/lf_train.py now checks every enum value before training starts.
+        cfg.update({"quantization_bit": ft.quantization_bit, "quantization_method": "bnb",
                     "quantization_type": "nf4", "double_quantization": True})
     if ft.deepspeed:
         cfg["deepspeed"] = str(resolve(ft.deepspeed))
@@ -204,8 +209,14 @@ _TRAINABLE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
 _OOM = ("out of memory", "OutOfMemoryError", "Killed", "Cannot allocate memory")
 
 
-def explain_failure(exc: EnvCommandError, log_path: Path) -> str:
+def explain_failure(exc: EnvCommandError, log_path: Path, rendered: Path | None = None) -> str:
     text = "\n".join(exc.tail)
+    invalid = [l.strip() for l in exc.tail if l.strip().startswith("INVALID ")]
+    if exc.returncode == EXIT_INVALID and invalid:
+        return (f"finetune refused before training: LLaMA-Factory's argument parser rejects the rendered config "
+                f"{rendered}: " + "; ".join(i.removeprefix("INVALID ") for i in invalid) +
+                ". The workspace renders this file from configs/: fix the setting there (or report a bug if the "
+                "workspace rendered it on its own).")
     if exc.returncode in (-9, 137) or any(s in text for s in _OOM):
         cause = "the training process ran out of memory (killed). Lower finetune.batch_size or finetune.cutoff_len, or use method qlora"
     elif "dataset_info.json" in text or "Cannot open" in text and "dataset_info" in text:
@@ -218,6 +229,60 @@ def explain_failure(exc: EnvCommandError, log_path: Path) -> str:
         last = next((l for l in reversed(exc.tail) if l.strip()), "no output")
         cause = f"LLaMA-Factory crashed (exit code {exc.returncode}): {last.strip()[:300]}"
     return f"finetune failed: {cause}. Full log: {log_path}. Checkpoints written so far are kept in {log_path.parent}."
+
+
+class MethodMismatch(FinetuneError):
+    """Training ran, but not with the method the config asked for (e.g. QLoRA that did not quantize)."""
+
+
+_QUANT_LAYER = {4: "Linear4bit", 8: "Linear8bitLt"}
+
+
+def check_method(loaded: LoadedConfig, report_path: Path) -> dict:
+    """Compare what finetune/lf_train.py saw on the live model when training began with what was asked: 4-bit (or
+    8-bit) bitsandbytes layers under every LoRA module for qlora and none for lora; the LoRA rank and alpha; the
+    targets (`all`: every linear projection but lm_head). Returns the evidence for the manifest and MLflow;
+    raises MethodMismatch naming the difference."""
+    ft = loaded.config.finetune
+    if not report_path.exists():
+        raise MethodMismatch(f"training finished but wrote no method report ({report_path}): the workspace cannot "
+                             "tell which method was trained. See train.log beside it.")
+    rep = json.loads(report_path.read_text())
+    base_types = rep.get("lora_base_layer_types", {})
+    quant = {k: v for k, v in rep.get("layer_types", {}).items() if k.startswith("bnb.")}
+    problems = []
+    if ft.method == "qlora":
+        want = _QUANT_LAYER[ft.quantization_bit]
+        wrong = {k: v for k, v in base_types.items() if not k.endswith("." + want)}
+        if not quant or wrong:
+            problems.append(f"method qlora ({ft.quantization_bit}-bit) asked for bitsandbytes {want} layers under "
+                            f"every LoRA module; the model had {base_types or 'no LoRA modules'}")
+    elif quant:
+        problems.append(f"method {ft.method} asked for full-precision weights; the model had quantized layers {quant}")
+    if ft.method == "full":
+        if rep.get("lora_modules"):
+            problems.append(f"method full, but {rep['lora_modules']} LoRA modules were trained")
+    else:
+        if not rep.get("lora_modules"):
+            problems.append(f"method {ft.method}, but the model had no LoRA modules")
+        if rep.get("lora_ranks") != [ft.lora_rank]:
+            problems.append(f"finetune.lora_rank is {ft.lora_rank}; the LoRA modules had rank {rep.get('lora_ranks')}")
+        if rep.get("lora_alphas") and rep["lora_alphas"] != [ft.lora_alpha]:
+            problems.append(f"finetune.lora_alpha is {ft.lora_alpha}; the LoRA modules had {rep['lora_alphas']}")
+        if ft.lora_target == "all":
+            if rep.get("unwrapped_linear"):
+                problems.append(f"finetune.lora_target is 'all'; linear layers without LoRA: {rep['unwrapped_linear']}")
+        elif set(rep.get("lora_targets", [])) != {t.strip() for t in ft.lora_target.split(",")}:
+            problems.append(f"finetune.lora_target is {ft.lora_target!r}; LoRA was put on {rep.get('lora_targets')}")
+    if problems:
+        raise MethodMismatch("finetune trained something else than configured: " + "; ".join(problems) +
+                             f". Evidence: {report_path}")
+    return {"method": ft.method, "quantization_bit": ft.quantization_bit if ft.method == "qlora" else None,
+            "quantized_layers": sum(quant.values()), "quantized_layer_type": next(iter(quant), None),
+            "lora_modules": rep.get("lora_modules"), "lora_rank": (rep.get("lora_ranks") or [None])[0],
+            "lora_targets": rep.get("lora_targets"), "trainable_params": rep.get("trainable_params"),
+            "quantization_config": rep.get("quantization_config"), "verified": True,
+            "peak_rss_mb": rep.get("peak_rss_mb"), "cuda_peak_mb": rep.get("cuda_peak_mb")}
 
 
 def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entry: Callable[[dict], None] | None = None,
@@ -256,23 +321,29 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
             trainable["total"] = int(m.group(2).replace(",", ""))
 
     log_path = output_dir / TRAIN_LOG
+    report_path = output_dir / METHOD_REPORT
+    report_path.unlink(missing_ok=True)
     extra_env = {"DISABLE_VERSION_CHECK": "1", "LLAMAFACTORY_VERBOSITY": "INFO"}
     ft = loaded.config.finetune
-    if ft.device == "cuda" and ft.num_gpus > 1:
-        extra_env.update({"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": str(ft.num_gpus)})
+    entry = ["-m", "finetune.lf_train", str(rendered), "--report", str(report_path)]
+    if ft.device == "cuda" and ft.num_gpus > 1:  # what `llamafactory-cli train` does with FORCE_TORCHRUN, on our entry
+        argv = ["torchrun", "--nnodes", "1", "--nproc_per_node", str(ft.num_gpus), "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), *entry]
+    else:
+        argv = ["python", *entry]
     t0 = time.time()
     try:
         with TrainerLogFollower(output_dir / TRAINER_LOG, on_entry or (lambda e: None)):
-            run_in_env("train", ["llamafactory-cli", "train", str(rendered)], timeout=timeout, log_path=log_path,
-                       on_line=on_line, echo=echo, hub_enabled=loaded.config.hub.enabled, extra_env=extra_env,
-                       what="llamafactory-cli train")
+            run_in_env("train", argv, timeout=timeout, log_path=log_path, on_line=on_line, echo=echo,
+                       hub_enabled=loaded.config.hub.enabled, extra_env=extra_env, what="LLaMA-Factory training")
     except EnvCommandError as exc:
-        raise FinetuneError(explain_failure(exc, log_path)) from exc
+        raise FinetuneError(explain_failure(exc, log_path, rendered)) from exc
     seconds = time.time() - t0
     adapter_files = ("adapter_model.safetensors", "model.safetensors")
     if not any((output_dir / f).exists() for f in adapter_files):
         raise FinetuneError(f"llamafactory-cli train finished but wrote no adapter/model in {output_dir}. Log: {log_path}")
 
+    method_check = check_method(loaded, report_path)
     state = json.loads((output_dir / "trainer_state.json").read_text()) if (output_dir / "trainer_state.json").exists() else {}
     history = state.get("log_history", [])
     train_losses = [h["loss"] for h in history if "loss" in h]
@@ -303,6 +374,7 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
         "resumed_from_step": resumed_from,
         "rendered_config": RENDERED,
         "lora_rank": ft.lora_rank if ft.method != "full" else None,
+        "method_check": method_check,
     }
     return FinetuneResult(output_dir, output_dir, manifest, skipped=False, resumed_from=resumed_from)
 

@@ -42,6 +42,19 @@ RANDOM_LORA = (
 
 
 @pytest.fixture(scope="session")
+def random_adapter(tmp_path_factory) -> Path:
+    """A random (non-zero) rank-8 LoRA of the embedded base model, built once per session in the train env."""
+    from workspace.config import load_config
+    from workspace.envrunner import run_in_env
+    from workspace.paths import resolve
+
+    out = tmp_path_factory.mktemp("random-adapter") / "adapter"
+    base = str(resolve(load_config().config.base_model.path))
+    run_in_env("train", ["python", "-c", RANDOM_LORA, base, str(out)], timeout=300, echo=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def promote_random_adapter():
     """A function that registers a random (non-zero) rank-8 LoRA of the base model as the champion of `name` in the
     MLflow store `loaded` points at, with its rendered serving configuration: what `make promote` leaves behind."""

@@ -128,6 +128,20 @@ def test_evaluate_writes_per_item_evidence_metrics_and_is_cached(tmp_path, prepa
     assert "| eval/kobest/boolq/acc |" in text and "delta" in text and png.exists()
 
 
+def test_the_same_evaluation_twice_from_scratch_gives_identical_numbers(tmp_path, prepared, random_adapter):
+    """Reproducible evidence: base + adapter evaluated twice, nothing cached, gives the same generations, the same
+    per-item scores and the same aggregates (speeds aside)."""
+    loaded = load_config(overrides=SMALL)
+    model = ModelRef("candidate", BASE, adapter=str(random_adapter))
+    runs = [evaluate(loaded, model, test_file=prepared.path / "test.jsonl", out_root=tmp_path / f"run{i}", backend="hf")
+            for i in (1, 2)]
+    assert not runs[0].cached and not runs[1].cached
+    first, second = (r.items_path.read_text(encoding="utf-8") for r in runs)
+    assert first == second and first.count("\n") == 5 * 8 + 4
+    scores = [{k: v for k, v in r.metrics.items() if "per_s" not in k} for r in runs]
+    assert scores[0] == scores[1] and len(scores[0]) > 10
+
+
 def test_missing_test_split_and_unknown_suite_are_errors(tmp_path):
     loaded = load_config(overrides=SMALL)
     with pytest.raises(EvalError, match="run `make prepare`"):

@@ -15,11 +15,11 @@ import yaml
 from finetune.prepare import prepare_dataset
 from finetune.finetune_stage import log_finetune, run_finetune
 from finetune.train import (
-    RENDERED, AdapterNoEffectError, FinetuneError, dump_rendered, plain_config, render_llamafactory_config,
-    run_key, train, verify_adapter,
+    EXIT_INVALID, RENDERED, AdapterNoEffectError, FinetuneError, MethodMismatch, check_method, dump_rendered,
+    plain_config, render_llamafactory_config, run_key, train, verify_adapter,
 )
 from workspace.config import load_config
-from workspace.envrunner import run_in_env
+from workspace.envrunner import EnvCommandError, run_in_env
 from workspace.paths import ROOT, VENVS, resolve
 
 TINY = ["finetune.max_steps=6", "finetune.save_steps=3", "finetune.logging_steps=1", "finetune.lora_rank=8",
@@ -38,13 +38,68 @@ def test_rendered_config_for_the_cpu_default(tmp_path, prepared):
     cfg = render_llamafactory_config(loaded, prepared.path, tmp_path / "out")
     plain = plain_config(cfg)
     assert plain["stage"] == "sft" and plain["finetuning_type"] == "lora"
-    assert plain["quantization_bit"] == 4 and plain["quantization_method"] == "bitsandbytes"
+    assert plain["quantization_bit"] == 4 and plain["quantization_method"] == "bnb"  # QuantizationMethod.BNB
     assert plain["lora_rank"] == 64 and plain["lora_alpha"] == 128 and plain["lora_target"] == "all"
     assert plain["template"] == "chatml" and plain["use_cpu"] is True and plain["bf16"] is False
     assert plain["eval_dataset"] == "val" and plain["overwrite_output_dir"] is False
     text = dump_rendered(cfg, "llamafactory-cli train x.yaml")
     assert text.startswith("# llamafactory-cli train x.yaml")
     assert yaml.safe_load(text) == plain  # the rendered file is exactly the config, comments aside
+
+
+def _lf_check(path) -> tuple[int, str]:
+    try:
+        res = run_in_env("train", ["python", "-m", "finetune.lf_train", str(path), "--check-only"], echo=False)
+        return res.returncode, "\n".join(res.tail)
+    except EnvCommandError as exc:
+        return exc.returncode, "\n".join(exc.tail)
+
+
+def test_llamafactory_parser_accepts_the_rendering_and_names_a_bad_value(tmp_path, prepared):
+    """The rendered YAML passes LLaMA-Factory's own argument parser and enum types; the value every earlier
+    "QLoRA" run was rendered with (`bitsandbytes`, silently ignored by LLaMA-Factory) is refused by name."""
+    plain = plain_config(render_llamafactory_config(load_config(), prepared.path, tmp_path / "out"))
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(plain))
+    rc, out = _lf_check(good)
+    assert rc == 0 and "VALID" in out, out[-2000:]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**plain, "quantization_method": "bitsandbytes", "lora_rnak": 8}))
+    rc, out = _lf_check(bad)
+    assert rc == EXIT_INVALID
+    assert "INVALID quantization_method: 'bitsandbytes' is not one of ['bnb'" in out
+    assert "INVALID lora_rnak" in out
+
+
+def test_the_stage_refuses_an_invalid_rendering_before_training(tmp_path, prepared, monkeypatch):
+    import finetune.train as train_mod
+
+    rendered = train_mod.render_llamafactory_config
+    monkeypatch.setattr(train_mod, "render_llamafactory_config",
+                        lambda *a, **k: {**rendered(*a, **k), "quantization_method": "bitsandbytes"})
+    with pytest.raises(FinetuneError, match="argument parser rejects .*quantization_method: 'bitsandbytes' is not one of"):
+        train(load_config(overrides=TINY), prepared.path, prepared.content_hash, output_root=tmp_path)
+    assert not list(tmp_path.rglob("checkpoint-*")) and not list(tmp_path.rglob("adapter_model.safetensors"))
+
+
+def test_method_check_refuses_a_qlora_run_that_did_not_quantize(tmp_path):
+    loaded = load_config(overrides=["finetune.lora_rank=8", "finetune.lora_alpha=16"])
+    targets = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    report = {"layer_types": {"torch.nn.Linear": 29}, "lora_modules": 28, "lora_ranks": [8], "lora_alphas": [16],
+              "lora_base_layer_types": {"torch.nn.modules.linear.Linear": 28}, "lora_targets": targets,
+              "unwrapped_linear": []}
+    path = tmp_path / "method_report.json"
+    path.write_text(json.dumps(report))  # what the live model looked like with `quantization_method: bitsandbytes`
+    with pytest.raises(MethodMismatch, match="method qlora .4-bit. asked for bitsandbytes Linear4bit"):
+        check_method(loaded, path)
+    report.update({"layer_types": {"bnb.Linear4bit": 28, "torch.nn.Linear": 1},
+                   "lora_base_layer_types": {"bitsandbytes.nn.modules.Linear4bit": 28}})
+    path.write_text(json.dumps(report))
+    assert check_method(loaded, path)["quantized_layers"] == 28
+    report.update({"lora_ranks": [16], "unwrapped_linear": ["o_proj"]})
+    path.write_text(json.dumps(report))
+    with pytest.raises(MethodMismatch, match="lora_rank is 8; the LoRA modules had rank .16.*without LoRA: .'o_proj'"):
+        check_method(loaded, path)
 
 
 def test_rendered_config_for_gpu_profiles_and_lora(tmp_path, prepared):
@@ -85,6 +140,13 @@ def test_qlora_run_logs_live_metrics_verifies_and_is_skipped_when_unchanged(tmp_
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "finetune")}
     assert {"finetune/loss_curve.png", f"finetune/{RENDERED}", "finetune/manifest.json"} <= arts
     assert client.get_run(run.info.run_id).data.params["lf.quantization_bit"] == "4"
+    # QLoRA that quantized: every LoRA module sat on a bitsandbytes 4-bit layer of the model being trained
+    mc = m["method_check"]
+    assert mc["verified"] and mc["quantized_layer_type"] == "bnb.Linear4bit" and mc["quantized_layers"] == mc["lora_modules"] > 0
+    assert mc["lora_rank"] == 8 and {"q_proj", "v_proj", "down_proj"} <= set(mc["lora_targets"])
+    assert "Quantizing model to 4 bit" in (out / "train.log").read_text()
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["finetune.method_verified"] == "true" and tags["finetune.quantized_layer_type"] == "bnb.Linear4bit"
 
     stamp = (out / "adapter_model.safetensors").stat().st_mtime_ns
     again = run_finetune(loaded, prepared.path, prepared.content_hash, output_root=tmp_path / "adapters")

@@ -1,12 +1,15 @@
-"""The gate's rules on synthetic per-item evidence: floors, no-regression with tolerance, the paired bootstrap
-improvement rule (noise promotes nothing), the adapter check, and the report naming the deciding rule."""
+"""The gate's rules on synthetic per-item evidence: floors, paired non-inferiority per task with Holm, the paired
+BCa bootstrap improvement rule with its minimum effect and its floor on evidence (gate.min_items), the adapter
+check, and the report naming the deciding rule with n, estimate, interval and method."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from eval.gate import GateError, decide, paired_bootstrap_ci, write_decision
+import numpy as np
+
+from eval.gate import GateError, decide, improvement_result, no_regression_results, paired_interval, paired_scores, write_decision
 from workspace.config import GateConfig, GateRule, load_config
 
 
@@ -25,52 +28,100 @@ def metrics(f1, acc, xml=1.0):
 
 def setup(tmp_path, cand_f1, ref_f1, cand_acc=None, ref_acc=None):
     ids = [f"t:{i}" for i in range(len(cand_f1))]
-    k = [f"kobest_boolq:{i}" for i in range(4)]
-    cand_acc = cand_acc or [1, 1, 0, 0]
-    ref_acc = ref_acc or [1, 1, 0, 0]
+    cand_acc = cand_acc or [1, 1, 0, 0] * 10
+    ref_acc = ref_acc or list(cand_acc)
+    k = [f"kobest_boolq:{i}" for i in range(len(cand_acc))]
     c = items(tmp_path / "c.jsonl", dict(zip(ids, cand_f1)), dict(zip(k, cand_acc)))
     r = items(tmp_path / "r.jsonl", dict(zip(ids, ref_f1)), dict(zip(k, ref_acc)))
-    cm = metrics(sum(cand_f1) / len(cand_f1), sum(cand_acc) / 4)
-    rm = metrics(sum(ref_f1) / len(ref_f1), sum(ref_acc) / 4)
+    cm = metrics(sum(cand_f1) / len(cand_f1), sum(cand_acc) / len(cand_acc))
+    rm = metrics(sum(ref_f1) / len(ref_f1), sum(ref_acc) / len(ref_acc))
     return cm, rm, c, r
+
+
+VERIFIED = {"outputs_differ": 5, "prompts": 5}
 
 
 def test_default_rules_pass_a_real_improvement(tmp_path):
     cfg = load_config().config.gate
-    cm, rm, c, r = setup(tmp_path, [0.8] * 30, [0.1] * 30)
-    d = decide(cfg, cm, rm, c, r, {"outputs_differ": 5, "prompts": 5}, "base")
+    rng = np.random.default_rng(0)
+    cand = list(np.clip(0.6 + rng.normal(0, 0.1, 100), 0, 1))
+    ref = list(np.clip(0.1 + rng.normal(0, 0.1, 100), 0, 1))
+    cm, rm, c, r = setup(tmp_path, cand, ref)
+    d = decide(cfg, cm, rm, c, r, VERIFIED, "base")
     assert d.passed and d.decided_by == "all rules passed"
     js, md = write_decision(d, tmp_path / "gate")
-    assert json.loads(js.read_text())["passed"] is True and "| field-f1-improves | improvement |" in md.read_text()
+    assert json.loads(js.read_text())["passed"] is True
+    text = md.read_text()
+    assert "| field-f1-improves | improvement |" in text and "paired bootstrap BCa" in text and "Holm" in text
+    imp = next(x for x in d.rules if x.kind == "improvement")
+    assert imp.n == 100 and imp.ci_low < imp.estimate < imp.ci_high and imp.value == imp.ci_low
 
 
 def test_noise_does_not_promote(tmp_path):
     cfg = load_config().config.gate
-    cand = [1.0, 0.0] * 10          # mean 0.5
-    ref = [0.0, 1.0] * 9 + [0.0, 0.0]  # mean 0.45: a small gain that is noise
+    cand = [1.0, 0.0] * 20           # mean 0.5
+    ref = [0.0, 1.0] * 18 + [0.0] * 4  # mean 0.45: a small gain that is noise
     cm, rm, c, r = setup(tmp_path, cand, ref)
-    d = decide(cfg, cm, rm, c, r, {"outputs_differ": 5, "prompts": 5}, "champion v3")
+    d = decide(cfg, cm, rm, c, r, VERIFIED, "champion v3")
     assert not d.passed and d.decided_by.startswith("rule 'field-f1-improves'")
     rule = next(x for x in d.rules if x.kind == "improvement")
-    assert rule.value <= 0 and "CI [" in rule.detail
+    assert rule.value <= 0 and "CI [" in rule.detail and rule.n == 40
+
+
+def test_three_improving_items_are_too_few_to_decide(tmp_path):
+    cfg = load_config().config.gate
+    cm, rm, c, r = setup(tmp_path, [0.9, 0.8, 0.95], [0.1, 0.2, 0.1])
+    d = decide(cfg, cm, rm, c, r, VERIFIED, "base")
+    rule = next(x for x in d.rules if x.kind == "improvement")
+    assert not d.passed and not rule.passed and rule.n == 3
+    assert f"too few paired items: 3 < gate.min_items {cfg.min_items}" in rule.detail
+    # the same three items are promoted by an interval alone: the floor on evidence is what refuses them
+    assert paired_interval(np.array([0.9, 0.8, 0.95]), np.array([0.1, 0.2, 0.1]), 0.95, 2000).low > 0
+
+
+def test_a_planted_one_task_regression_is_caught_and_holm_is_said(tmp_path):
+    rule = GateRule(name="kobest-no-regression", kind="no_regression", metric="eval/kobest/*/acc", tolerance=0.1)
+    cfg = GateConfig(rules=[rule], min_items=30)
+    rng = np.random.default_rng(1)
+    pairs = {}
+    for task in ("boolq", "copa", "wic", "hellaswag", "sentineg"):
+        ref = (rng.random(200) < 0.6).astype(float)
+        cand = ref.copy()
+        flip = rng.choice(200, 6, replace=False)  # the adapter changes a few answers either way
+        cand[flip] = 1 - cand[flip]
+        pairs[f"eval/kobest/{task}/acc"] = (cand, ref)
+    cand, ref = pairs["eval/kobest/copa/acc"]
+    right = np.flatnonzero(ref == 1)[:60]  # copa: 60 right answers turned wrong, a 0.30 drop
+    cand = cand.copy()
+    cand[right] = 0
+    pairs["eval/kobest/copa/acc"] = (cand, ref)
+    rows = no_regression_results(rule, sorted(pairs), pairs, cfg)
+    failed = [x.metric for x in rows if not x.passed]
+    assert failed == ["eval/kobest/copa/acc"]
+    assert all(x.n == 200 and "Holm" in x.method for x in rows)
+    copa = next(x for x in rows if x.metric == "eval/kobest/copa/acc")
+    assert copa.estimate < -0.2 and "regression not ruled out" in copa.detail
+    # with as few items as the cpu_smoke profile evaluates, the rule refuses to decide instead of guessing
+    few = {k: (c[:8], r[:8]) for k, (c, r) in pairs.items()}
+    assert all(not x.passed and "too few paired items" in x.detail for x in no_regression_results(rule, sorted(few), few, cfg))
 
 
 def test_floor_regression_and_adapter_failures(tmp_path):
     cfg = load_config().config.gate
-    cm, rm, c, r = setup(tmp_path, [0.9] * 20, [0.1] * 20, cand_acc=[0, 0, 0, 0], ref_acc=[1, 1, 1, 0])
+    cm, rm, c, r = setup(tmp_path, [0.9] * 40, [0.1] * 40, cand_acc=[0] * 40, ref_acc=[1, 1, 1, 0] * 10)
     cm["eval/custom/screens/xml_valid"] = 0.5
     d = decide(cfg, cm, rm, c, r, {"outputs_differ": 0, "prompts": 5}, "base")
     failed = {x.name for x in d.rules if not x.passed}
     assert failed == {"xml-valid-floor", "kobest-no-regression", "adapter-changes-outputs"}
     assert d.decided_by.startswith("rule 'xml-valid-floor'")
     reg = next(x for x in d.rules if x.name == "kobest-no-regression")
-    assert reg.value == 0.0 and reg.threshold == pytest.approx(0.75 - 0.05)
+    assert reg.estimate == pytest.approx(-0.75) and reg.n == 40
     assert "**FAIL**" in d.markdown()
 
 
 def test_unpaired_items_and_unknown_metrics_are_refused(tmp_path):
     with pytest.raises(GateError, match="not evaluated on the same items"):
-        paired_bootstrap_ci({"a": 1.0, "b": 0.0}, {"a": 1.0, "c": 0.0}, 0.95, 100)
+        paired_scores({"a": 1.0, "b": 0.0}, {"a": 1.0, "c": 0.0})
     cfg = GateConfig(rules=[GateRule(name="x", kind="floor", metric="eval/custom/screens/nope", threshold=0.5)])
     cm, rm, c, r = setup(tmp_path, [0.5] * 4, [0.5] * 4)
     with pytest.raises(GateError, match="matches no evaluated metric"):
@@ -78,9 +129,21 @@ def test_unpaired_items_and_unknown_metrics_are_refused(tmp_path):
 
 
 def test_bootstrap_is_deterministic_and_brackets_the_mean():
-    cand = {str(i): float(i % 3 == 0) for i in range(60)}
-    ref = {str(i): float(i % 4 == 0) for i in range(60)}
-    a = paired_bootstrap_ci(cand, ref, 0.95, 2000)
-    assert a == paired_bootstrap_ci(cand, ref, 0.95, 2000)
-    mean, lo, hi, n = a
-    assert lo < mean < hi and n == 60
+    cand = np.array([float(i % 3 == 0) for i in range(60)])
+    ref = np.array([float(i % 4 == 0) for i in range(60)])
+    a = paired_interval(cand, ref, 0.95, 2000)
+    assert a == paired_interval(cand, ref, 0.95, 2000)
+    assert a.low < a.estimate < a.high and a.n == 60 and "BCa" in a.method
+    same = paired_interval(ref, ref, 0.95, 2000)  # every difference 0: BCa is undefined, the interval is the point
+    assert same.low == same.high == 0.0
+
+
+def test_min_effect_raises_the_bar():
+    rule = GateRule(name="imp", kind="improvement", metric="m", min_effect=0.05)
+    cfg = GateConfig(rules=[rule])
+    rng = np.random.default_rng(2)
+    ref = rng.random(100)
+    small = improvement_result(rule, "m", ref + 0.04 + rng.normal(0, 0.01, 100), ref, cfg)
+    large = improvement_result(rule, "m", ref + 0.10 + rng.normal(0, 0.01, 100), ref, cfg)
+    assert small.ci_low > 0 and not small.passed and "minimum effect +0.0500" in small.detail
+    assert large.passed

@@ -84,3 +84,26 @@ def test_alias_to_a_deleted_version_is_named(loaded, tmp_path):
     mlflow.MlflowClient().delete_model_version(NAME, "1")
     with pytest.raises(PromotionError, match="no champion"):
         fetch_champion(NAME)
+
+
+def test_an_alias_that_moves_during_a_fetch_cannot_change_the_files(loaded, tmp_path, monkeypatch):
+    """@champion is resolved once; the files come from models:/<name>/<version>, so the version reported is the
+    version whose files were fetched even when a promotion moves the alias in between."""
+    import mlflow
+
+    import serving.registry as registry
+
+    do_promote(loaded, tmp_path, "one")
+    do_promote(loaded, tmp_path, "two")
+    mlflow.MlflowClient().set_registered_model_alias(NAME, CHAMPION, "1")
+    resolve = registry.champion_info
+
+    def resolve_then_move(name):
+        info = resolve(name)
+        mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, "2")  # a promotion lands right now
+        return info
+
+    monkeypatch.setattr(registry, "champion_info", resolve_then_move)
+    info, path = fetch_champion(NAME, tmp_path / "dl")
+    assert info["version"] == "1" and alias_version(NAME, CHAMPION) == "2"
+    assert (path / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights-one"

@@ -185,6 +185,9 @@ class GateRule(Strict):
     threshold: Optional[float] = None
     tolerance: float = Field(0.0, ge=0)
     confidence: float = Field(0.95, gt=0, lt=1)
+    # improvement: the lower confidence bound of mean(candidate - reference) must exceed this; the gain that
+    # retraining with another seed does not produce by itself (make bench-gate measures it)
+    min_effect: float = Field(0.0, ge=0)
 
 
 class SloConfig(Strict):
@@ -209,6 +212,8 @@ class GateConfig(Strict):
         GateRule(name="adapter-changes-outputs", kind="adapter_changes_outputs"),
     ]
     bootstrap_samples: int = Field(2000, ge=100)
+    # the statistical rules (improvement, no_regression) refuse to decide on fewer paired items than this
+    min_items: int = Field(30, ge=1)
     rag_min_hit_at_5: float = Field(0.9, ge=0, le=1)  # the RAG stage fails below this hybrid hit@5
     slo: SloConfig = SloConfig()
 
