@@ -1,7 +1,7 @@
 """LLaMA-Factory's training entry point with two additions, run in the train environment:
 
     .venv-train/bin/python -m finetune.lf_train <rendered.yaml> --report <method_report.json>
-    .venv-train/bin/python -m finetune.lf_train <rendered.yaml> --check-only
+    .venv-train/bin/python -m finetune.lf_train <rendered.yaml> --check-only [--other-machine]
     torchrun --nproc_per_node 2 -m finetune.lf_train <rendered.yaml> --report ...      (several GPUs)
 
 1. Before anything loads, the YAML goes through LLaMA-Factory's own argument parser (HfArgumentParser over its
@@ -45,8 +45,10 @@ def _enum_type(tp) -> type[enum.Enum] | None:
     return None
 
 
-def check_args(cfg: dict) -> list[str]:
-    """Problems LLaMA-Factory's parser would let through or reject, each naming the key. Empty: valid."""
+def check_args(cfg: dict, hardware: bool = True) -> list[str]:
+    """Problems LLaMA-Factory's parser would let through or reject, each naming the key. Empty: valid.
+    hardware=False checks a config meant for another machine (a GPU profile on a CPU box): the parser's own
+    checks run with bf16/fp16 off, since transformers refuses those where the hardware lacks them."""
     from transformers import HfArgumentParser
 
     from llamafactory.hparams import parser as lf_parser
@@ -71,7 +73,8 @@ def check_args(cfg: dict) -> list[str]:
     if problems:
         return problems
     try:  # the parser itself: types, and each dataclass's own __post_init__ checks
-        HfArgumentParser(classes).parse_dict(cfg, allow_extra_keys=False)
+        HfArgumentParser(classes).parse_dict(cfg if hardware else {**cfg, "bf16": False, "fp16": False},
+                                             allow_extra_keys=False)
     except (ValueError, TypeError) as exc:
         problems.append(f"INVALID arguments: {exc}")
     return problems
@@ -164,19 +167,27 @@ def _callback(path: str):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="the rendered LLaMA-Factory YAML")
+    ap.add_argument("config", nargs="+", help="the rendered LLaMA-Factory YAML (several only with --check-only)")
     ap.add_argument("--report", help="write the method report (JSON) here when training begins")
     ap.add_argument("--check-only", action="store_true", help="validate the YAML and exit")
+    ap.add_argument("--other-machine", action="store_true",
+                    help="with --check-only: the YAML is for another machine; do not check bf16/fp16 against this one")
     args = ap.parse_args(argv)
-    with open(args.config, encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh) or {}
-    problems = check_args(cfg)
-    for p in problems:
-        print(p, flush=True)
-    if problems:
+    if len(args.config) > 1 and not args.check_only:
+        ap.error("training takes one config")
+    invalid = False
+    for path in args.config:
+        with open(path, encoding="utf-8") as fh:
+            cfg = yaml.safe_load(fh) or {}
+        problems = check_args(cfg, hardware=not (args.check_only and args.other_machine))
+        for p in problems:
+            print(f"{p}  [{path}]" if len(args.config) > 1 else p, flush=True)
+        invalid = invalid or bool(problems)
+        if args.check_only and not problems:
+            print(f"VALID {path}", flush=True)
+    if invalid:
         return EXIT_INVALID
     if args.check_only:
-        print("VALID", flush=True)
         return 0
     from llamafactory.train.tuner import run_exp
 

@@ -111,7 +111,10 @@ def render_llamafactory_config(loaded: LoadedConfig, dataset_dir: Path, output_d
     if ft.device == "cpu":
         cfg.update({"use_cpu": True, "bf16": False, "fp16": False})
     else:
-        cfg.update({"bf16": ft.bf16, "fp16": not ft.bf16, "ddp_timeout": 180000000})
+        # full_determinism: transformers' enable_full_determinism (deterministic CUDA kernels, CUBLAS workspace):
+        # the same config, seed and code give the same adapter, at some cost in speed. On the CPU the same thread
+        # count already gives bit-identical adapters (make bench-gate, reproducibility).
+        cfg.update({"bf16": ft.bf16, "fp16": not ft.bf16, "ddp_timeout": 180000000, "full_determinism": True})
     if (dataset_dir / "val.jsonl").exists():
         cfg.update({"### eval": None, "eval_dataset": "val", "per_device_eval_batch_size": ft.batch_size,
                     "eval_strategy": "steps", "eval_steps": ft.save_steps})

@@ -9,7 +9,8 @@
    - the real null: every seed of the recipe gated against every other seed as if it were the champion (the full
      configured rule set, `eval.gate.decide`): how many are promoted;
    - a real improvement: every seed of the recipe gated against every seed of the reference recipe;
-   - the seed-to-seed spread of each candidate metric (what `min_effect` and the target metric are chosen from).
+   - the seed-to-seed spread of each candidate metric (what `min_effect` and the target metric are chosen from);
+   - the same recipe and seeds with the other LoRA method (qlora <-> lora), side by side.
 2. Simulation from the real per-item scores. The per-item differences of the target metric between two seeds of
    the same recipe (centred: the true effect is exactly 0, the item-level disagreement is real) are resampled to
    n items, a known effect is added, and the improvement rule decides; `--trials` trials per (effect, n), for the
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="space-separated overrides of the weaker recipe the real improvement is measured against")
     ap.add_argument("--trials", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3, help="trainings of the first seed for reproducibility (0: skip)")
+    ap.add_argument("--no-other-method", action="store_true",
+                    help="skip training the recipe's seeds with the other LoRA method (qlora <-> lora)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     loaded = load_from_args(args)
@@ -185,11 +188,27 @@ def main(argv: list[str] | None = None) -> int:
     # 1. real training noise
     recipe = [train_and_evaluate(args, "recipe", [], s, test, prepared) for s in seeds]
     weaker = [train_and_evaluate(args, "reference-recipe", ref_overrides, s, test, prepared) for s in seeds]
+    method = loaded.config.finetune.method
+    other = {"lora": "qlora", "qlora": "lora"}.get(method)
+    other_runs = []
+    if other and not args.no_other_method:  # the same recipe and seeds with the other LoRA method (cached by key)
+        over = [f"finetune.method={other}", "finetune.quantization_bit=" + ("4" if other == "qlora" else "null")]
+        other_runs = [train_and_evaluate(args, "recipe", over, s, test, prepared) for s in seeds]
     null = [(c, r, gate_pair(loaded, c, r)) for c, r in itertools.permutations(recipe, 2)]
     better = [(c, r, gate_pair(loaded, c, r)) for c, r in itertools.product(recipe, weaker)]
 
     def imp(d):
         return next(x for x in d.rules if x.kind == "improvement")
+
+    def worst_upper(d) -> str:  # no_regression: the largest one-sided 95% upper bound of reference - candidate
+        bounds = [-x.ci_low for x in d.rules if x.kind == "no_regression" and x.ci_low is not None]
+        return f"{max(bounds):+.3f}" if bounds else "-"
+
+    def row(c_name, r_name, d) -> str:
+        i = imp(d)
+        est = "-" if i.estimate is None else f"{i.estimate:+.4f}"
+        return (f"| {c_name} | {r_name} | {'**yes**' if d.passed else 'no'} | {'pass' if i.passed else 'fail'} | {est} | "
+                f"{i.interval()} | {worst_upper(d)} | {d.decided_by[:100]} |")
 
     spread = {}
     for m in SPREAD_METRICS:
@@ -235,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     # report
+    HEAD = ("| candidate | reference | promoted (all rules) | improvement rule | target: mean diff | interval | "
+            "KoBEST: worst 95% upper bound of reference - candidate | decided by |")
+    SEP = "|---|---|---|---|---|---|---|---|"
     promoted_null = sum(d.passed for _, _, d in null)
     promoted_better = sum(d.passed for _, _, d in better)
     lines = [f"Configured gate: {len(loaded.config.gate.rules)} rules; target metric `{target}`, improvement rule "
@@ -242,26 +264,37 @@ def main(argv: list[str] | None = None) -> int:
              f"{loaded.config.gate.bootstrap_samples} bootstrap resamples; {n_eval} evaluated items on the target. "
              f"Recipe = the configured profile `{loaded.profile}`; reference recipe = `{args.reference_recipe}`; seeds {seeds}.",
              "", "### Real training noise: seeds of one recipe gated against each other (the real null)", "",
-             "| candidate | reference | promoted | target estimate | interval | decided by |", "|---|---|---|---|---|---|"]
+             HEAD, SEP]
     for c, r, d in null:
-        i = imp(d)
-        lines.append(f"| seed {c.seed} | seed {r.seed} | {'**yes**' if d.passed else 'no'} | "
-                     f"{'-' if i.estimate is None else f'{i.estimate:+.4f}'} | {i.interval()} | {d.decided_by[:110]} |")
+        lines.append(row(f"seed {c.seed}", f"seed {r.seed}", d))
     lines += ["", f"Promoted: **{promoted_null} of {len(null)}** seed-only candidates.", "",
               "### A real improvement: the recipe vs the reference recipe, every seed against every seed", "",
-              "| candidate | reference | promoted | target estimate | interval | decided by |", "|---|---|---|---|---|---|"]
+              HEAD, SEP]
     for c, r, d in better:
-        i = imp(d)
-        lines.append(f"| recipe seed {c.seed} | reference recipe seed {r.seed} | {'**yes**' if d.passed else 'no'} | "
-                     f"{'-' if i.estimate is None else f'{i.estimate:+.4f}'} | {i.interval()} | {d.decided_by[:110]} |")
+        lines.append(row(f"recipe seed {c.seed}", f"reference recipe seed {r.seed}", d))
     lines += ["", f"Promoted: **{promoted_better} of {len(better)}**.", "",
               "### Seed-to-seed spread of the candidate metrics (what the target metric and min_effect are chosen from)", "",
-              "| metric | recipe, per seed | SD over seeds | largest seed-pair difference | reference recipe, per seed | recipe gain | gain / largest pair difference |",
-              "|---|---|---|---|---|---|---|"]
+              "| metric | recipe, per seed | SD over seeds | largest seed-pair difference | 2·√2·SD | reference recipe, per seed | recipe gain | gain / (2·√2·SD) |",
+              "|---|---|---|---|---|---|---|---|"]
     for m, s in spread.items():
-        ratio = s["gain"] / s["max_pair"] if s["max_pair"] else float("inf")
+        bar = 2 * np.sqrt(2) * s["sd"]  # two standard deviations of the difference between two seeds' means
+        ratio = s["gain"] / bar if bar else float("inf")
         lines.append(f"| {m} | {', '.join(f'{v:.3f}' for v in s['values'])} | {s['sd']:.3f} | {s['max_pair']:.3f} | "
-                     f"{', '.join(f'{v:.3f}' for v in s['weaker'])} | {s['gain']:+.3f} | {ratio:.1f} |")
+                     f"{bar:.3f} | {', '.join(f'{v:.3f}' for v in s['weaker'])} | {s['gain']:+.3f} | {ratio:.1f} |")
+    lines += ["", "2·√2·SD: a difference between two seeds of the same recipe exceeds it about 2.5% of the time if seed "
+              f"effects are normal; with {len(seeds)} seeds the SD itself is a rough estimate."]
+    if other_runs:
+        lines += ["", f"### The same recipe and seeds, {method} vs {other}", "",
+                  "| seed | method | quantized layers (seen in training) | training s | final val loss | xml_valid | "
+                  "field_f1 | char_ngram_f1 |", "|---|---|---|---|---|---|---|---|"]
+        for t in sorted(recipe + other_runs, key=lambda t: (t.seed, t.manifest.get("method"))):
+            mc, mm = t.manifest.get("method_check") or {}, t.result.metrics
+            layers = f"{mc['quantized_layers']} x {mc['quantized_layer_type']}" if mc.get("quantized_layers") else "none"
+            lines.append(f"| {t.seed} | {t.manifest.get('method')} | {layers} | {t.manifest.get('stage_wall_s')} | "
+                         f"{t.manifest.get('final_val_loss'):.3f} | {mm['eval/custom/screens/xml_valid']:.2f} | "
+                         f"{mm['eval/custom/screens/field_f1']:.3f} | {mm['eval/custom/screens/char_ngram_f1']:.3f} |")
+        lines.append("(training s: the training process's wall time when the run was made, on a machine that may "
+                     "have been busy; docs/BENCHMARKS.md, finetune, times both methods alone.)")
     lines += ["", f"### Simulation: {args.trials} trials per cell, real per-item differences of `{target}` between "
               "seeds (centred), a known effect added", "",
               "| min_effect | items | " + " | ".join(f"effect {e:+.2f}" for e in EFFECTS) + " |",

@@ -22,6 +22,7 @@ from workspace.config import load_config
 from workspace.envrunner import EnvCommandError, run_in_env
 from workspace.paths import ROOT, VENVS, resolve
 
+QLORA = ["finetune.method=qlora", "finetune.quantization_bit=4"]  # cpu_tiny trains LoRA; cpu_smoke and GPU profiles QLoRA
 TINY = ["finetune.max_steps=6", "finetune.save_steps=3", "finetune.logging_steps=1", "finetune.lora_rank=8",
         "finetune.lora_alpha=16", "finetune.batch_size=4", "finetune.verify_prompts=2"]
 
@@ -37,8 +38,9 @@ def test_rendered_config_for_the_cpu_default(tmp_path, prepared):
     loaded = load_config()
     cfg = render_llamafactory_config(loaded, prepared.path, tmp_path / "out")
     plain = plain_config(cfg)
-    assert plain["stage"] == "sft" and plain["finetuning_type"] == "lora"
-    assert plain["quantization_bit"] == 4 and plain["quantization_method"] == "bnb"  # QuantizationMethod.BNB
+    assert plain["stage"] == "sft" and plain["finetuning_type"] == "lora" and "quantization_bit" not in plain
+    q = plain_config(render_llamafactory_config(load_config(overrides=QLORA), prepared.path, tmp_path / "q"))
+    assert q["quantization_bit"] == 4 and q["quantization_method"] == "bnb"  # QuantizationMethod.BNB
     assert plain["lora_rank"] == 64 and plain["lora_alpha"] == 128 and plain["lora_target"] == "all"
     assert plain["template"] == "chatml" and plain["use_cpu"] is True and plain["bf16"] is False
     assert plain["eval_dataset"] == "val" and plain["overwrite_output_dir"] is False
@@ -47,9 +49,9 @@ def test_rendered_config_for_the_cpu_default(tmp_path, prepared):
     assert yaml.safe_load(text) == plain  # the rendered file is exactly the config, comments aside
 
 
-def _lf_check(path) -> tuple[int, str]:
+def _lf_check(*args) -> tuple[int, str]:
     try:
-        res = run_in_env("train", ["python", "-m", "finetune.lf_train", str(path), "--check-only"], echo=False)
+        res = run_in_env("train", ["python", "-m", "finetune.lf_train", *map(str, args), "--check-only"], echo=False)
         return res.returncode, "\n".join(res.tail)
     except EnvCommandError as exc:
         return exc.returncode, "\n".join(exc.tail)
@@ -58,7 +60,7 @@ def _lf_check(path) -> tuple[int, str]:
 def test_llamafactory_parser_accepts_the_rendering_and_names_a_bad_value(tmp_path, prepared):
     """The rendered YAML passes LLaMA-Factory's own argument parser and enum types; the value every earlier
     "QLoRA" run was rendered with (`bitsandbytes`, silently ignored by LLaMA-Factory) is refused by name."""
-    plain = plain_config(render_llamafactory_config(load_config(), prepared.path, tmp_path / "out"))
+    plain = plain_config(render_llamafactory_config(load_config(overrides=QLORA), prepared.path, tmp_path / "out"))
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(plain))
     rc, out = _lf_check(good)
@@ -82,8 +84,22 @@ def test_the_stage_refuses_an_invalid_rendering_before_training(tmp_path, prepar
     assert not list(tmp_path.rglob("checkpoint-*")) and not list(tmp_path.rglob("adapter_model.safetensors"))
 
 
+def test_every_profile_renders_what_llamafactory_accepts(tmp_path, prepared):
+    """GPU profiles too, on this CPU machine: keys and enum values through LLaMA-Factory's parser (bf16/fp16 are
+    not checked against hardware this machine lacks)."""
+    profiles = sorted(p.stem for p in (ROOT / "configs" / "profiles").glob("*.yaml"))
+    paths = []
+    for profile in profiles:
+        plain = plain_config(render_llamafactory_config(load_config(profile=profile), prepared.path, tmp_path / profile))
+        assert plain.get("quantization_method", "bnb") == "bnb"
+        paths.append(tmp_path / f"{profile}.yaml")
+        paths[-1].write_text(yaml.safe_dump(plain))
+    rc, out = _lf_check(*paths, "--other-machine")
+    assert rc == 0 and out.count("VALID ") == len(profiles) >= 6, out[-2000:]
+
+
 def test_method_check_refuses_a_qlora_run_that_did_not_quantize(tmp_path):
-    loaded = load_config(overrides=["finetune.lora_rank=8", "finetune.lora_alpha=16"])
+    loaded = load_config(overrides=QLORA + ["finetune.lora_rank=8", "finetune.lora_alpha=16"])
     targets = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     report = {"layer_types": {"torch.nn.Linear": 29}, "lora_modules": 28, "lora_ranks": [8], "lora_alphas": [16],
               "lora_base_layer_types": {"torch.nn.modules.linear.Linear": 28}, "lora_targets": targets,
@@ -107,6 +123,7 @@ def test_rendered_config_for_gpu_profiles_and_lora(tmp_path, prepared):
     plain = plain_config(render_llamafactory_config(loaded, prepared.path, tmp_path))
     assert plain["model_name_or_path"] == "Qwen/Qwen2.5-32B-Instruct" and plain["template"] == "qwen"
     assert plain["bf16"] is True and "use_cpu" not in plain and plain["gradient_accumulation_steps"] == 4
+    assert plain["full_determinism"] is True and plain["seed"] == 42  # reproducible on CUDA too
     lora = plain_config(render_llamafactory_config(load_config(overrides=["finetune.method=lora",
                                                                           "finetune.quantization_bit=null"]),
                                                    prepared.path, tmp_path))
@@ -119,7 +136,7 @@ def test_qlora_run_logs_live_metrics_verifies_and_is_skipped_when_unchanged(tmp_
 
     from workspace.tracking import stage_run
 
-    loaded = load_config(overrides=TINY + tmp_tracking)
+    loaded = load_config(overrides=TINY + QLORA + tmp_tracking)
     with stage_run(loaded, "finetune") as run:
         result = run_finetune(loaded, prepared.path, prepared.content_hash, mlflow_run_id=run.info.run_id,
                               output_root=tmp_path / "adapters")

@@ -16,14 +16,15 @@ from workspace.config import GateConfig, GateRule, load_config
 def items(path, custom: dict[str, float], kobest_acc: dict[str, float]):
     with open(path, "w", encoding="utf-8") as fh:
         for i, v in custom.items():
-            fh.write(json.dumps({"suite": "custom", "task": "screens", "id": i, "scores": {"field_f1": v, "xml_valid": 1.0}}) + "\n")
+            fh.write(json.dumps({"suite": "custom", "task": "screens", "id": i, "scores": {"field_f1": v, "char_ngram_f1": v, "xml_valid": 1.0}}) + "\n")
         for i, v in kobest_acc.items():
             fh.write(json.dumps({"suite": "kobest", "task": "kobest_boolq", "id": i, "acc": v}) + "\n")
     return path
 
 
 def metrics(f1, acc, xml=1.0):
-    return {"eval/custom/screens/field_f1": f1, "eval/custom/screens/xml_valid": xml, "eval/kobest/boolq/acc": acc}
+    return {"eval/custom/screens/field_f1": f1, "eval/custom/screens/char_ngram_f1": f1, "eval/custom/screens/xml_valid": xml,
+            "eval/kobest/boolq/acc": acc}
 
 
 def setup(tmp_path, cand_f1, ref_f1, cand_acc=None, ref_acc=None):
@@ -52,7 +53,7 @@ def test_default_rules_pass_a_real_improvement(tmp_path):
     js, md = write_decision(d, tmp_path / "gate")
     assert json.loads(js.read_text())["passed"] is True
     text = md.read_text()
-    assert "| field-f1-improves | improvement |" in text and "paired bootstrap BCa" in text and "Holm" in text
+    assert "| char-ngram-f1-improves | improvement |" in text and "paired bootstrap BCa" in text and "Holm" in text
     imp = next(x for x in d.rules if x.kind == "improvement")
     assert imp.n == 100 and imp.ci_low < imp.estimate < imp.ci_high and imp.value == imp.ci_low
 
@@ -63,7 +64,7 @@ def test_noise_does_not_promote(tmp_path):
     ref = [0.0, 1.0] * 18 + [0.0] * 4  # mean 0.45: a small gain that is noise
     cm, rm, c, r = setup(tmp_path, cand, ref)
     d = decide(cfg, cm, rm, c, r, VERIFIED, "champion v3")
-    assert not d.passed and d.decided_by.startswith("rule 'field-f1-improves'")
+    assert not d.passed and d.decided_by.startswith("rule 'char-ngram-f1-improves'")
     rule = next(x for x in d.rules if x.kind == "improvement")
     assert rule.value <= 0 and "CI [" in rule.detail and rule.n == 40
 
@@ -147,3 +148,17 @@ def test_min_effect_raises_the_bar():
     large = improvement_result(rule, "m", ref + 0.10 + rng.normal(0, 0.01, 100), ref, cfg)
     assert small.ci_low > 0 and not small.passed and "minimum effect +0.0500" in small.detail
     assert large.passed
+
+
+def test_the_simulation_measures_false_promotion_and_power():
+    """flows/bench_gate.simulate on differences like the real ones (most items tie, some move either way): no
+    promotion without an effect, nearly always with a large one, and min_effect trades power for safety."""
+    from flows.bench_gate import simulate
+
+    loaded = load_config()
+    rule = next(r for r in loaded.config.gate.rules if r.kind == "improvement")
+    rng = np.random.default_rng(3)
+    pools = [np.where(rng.random(100) < 0.3, rng.normal(0, 0.3, 100), 0.0) for _ in range(3)]
+    sim = simulate(loaded, rule, pools, [100], [0.0, 0.2], trials=60, min_effects=[0.0, 0.1])
+    assert sim[(0.0, 100, 0.0)] <= 0.1 and sim[(0.0, 100, 0.2)] >= 0.9
+    assert sim[(0.1, 100, 0.0)] <= sim[(0.0, 100, 0.0)] and sim[(0.1, 100, 0.2)] <= sim[(0.0, 100, 0.2)]
