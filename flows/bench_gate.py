@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     def row(c_name, r_name, d) -> str:
         i = imp(d)
         est = "-" if i.estimate is None else f"{i.estimate:+.4f}"
-        return (f"| {c_name} | {r_name} | {'**yes**' if d.passed else 'no'} | {'pass' if i.passed else 'fail'} | {est} | "
-                f"{i.interval()} | {worst_upper(d)} | {d.decided_by[:100]} |")
+        without = "-" if i.ci_low is None else ("would pass" if i.ci_low > 0 else "fails too")
+        return (f"| {c_name} | {r_name} | {'**yes**' if d.passed else 'no'} | {'pass' if i.passed else 'fail'} | {without} | "
+                f"{est} | {i.interval()} | {worst_upper(d)} | {d.decided_by[:100]} |")
 
     spread = {}
     for m in SPREAD_METRICS:
@@ -254,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     # report
-    HEAD = ("| candidate | reference | promoted (all rules) | improvement rule | target: mean diff | interval | "
-            "KoBEST: worst 95% upper bound of reference - candidate | decided by |")
-    SEP = "|---|---|---|---|---|---|---|---|"
+    HEAD = ("| candidate | reference | promoted (all rules) | improvement rule | the same rule with min_effect 0 | "
+            "target: mean diff | interval | KoBEST: worst 95% upper bound of reference - candidate | decided by |")
+    SEP = "|---|---|---|---|---|---|---|---|---|"
     promoted_null = sum(d.passed for _, _, d in null)
     promoted_better = sum(d.passed for _, _, d in better)
     lines = [f"Configured gate: {len(loaded.config.gate.rules)} rules; target metric `{target}`, improvement rule "
