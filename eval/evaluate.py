@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Optional
 
 from workspace.config import LoadedConfig
 from workspace.endpoint import Endpoint
+from workspace.fsutil import swap_in
 from workspace.model_ref import ModelRef
 from workspace.paths import CONFIGS, resolve
 
@@ -183,9 +183,9 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
             server.stop()
     metrics = {f"eval/{k}": v for k, v in metrics.items()}
     (partial / "metrics.json").write_text(json.dumps({"metrics": metrics, "info": info}, indent=2, ensure_ascii=False))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)  # complete results appear at once; a failure leaves the .partial folder to inspect
+    # complete results appear at once and replace older ones whole (a kill midway leaves the old folder intact);
+    # a failure leaves the .partial folder to inspect
+    swap_in(partial, out_dir)
     return EvalResult(model, metrics, out_dir / "items.jsonl", out_dir, cached=False, info=info)
 
 

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from workspace.config import DataSource, LoadedConfig
+from workspace.fsutil import recover, staging
+from workspace.pii import KINDS, mask_pii
 from workspace.paths import ROOT, resolve
 
-PREPARE_VERSION = "1"  # bump when the output of this module changes for the same inputs
-QUARANTINE_SNIPPET = 300  # characters of the (masked) raw row kept in quarantine.jsonl
+PREPARE_VERSION = "2"  # bump when the output of this module changes for the same inputs
+QUARANTINE_SNIPPET = 300  # characters of the raw row kept in quarantine.jsonl, cut AFTER masking (snippet())
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bot": "assistant", "model": "assistant"}
@@ -34,23 +36,8 @@ class PrepareError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ PII
-# Order matters: resident registration numbers and card numbers before phone numbers.
-PII_PATTERNS: list[tuple[str, str, re.Pattern]] = [
-    ("email", "<EMAIL>", re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")),
-    ("rrn", "<RRN>", re.compile(r"(?<!\d)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\s?-\s?[1-8]\d{6}(?!\d)")),
-    ("card", "<CARD>", re.compile(r"(?<!\d)\d{4}(?:[ \-]?\d{4}){3}(?!\d)")),
-    ("phone_mobile", "<PHONE>", re.compile(r"(?<!\d)(?:\+82[ \-]?1[016789]|01[016789])[ \-.]?\d{3,4}[ \-.]?\d{4}(?!\d)")),
-    ("phone_landline", "<PHONE>", re.compile(
-        r"(?<!\d)(?:\+82[ \-]?(?:2|[3-6][1-5])|02|0[3-6][1-5]|070)[ \-.)]?\d{3,4}[ \-.]?\d{4}(?!\d)")),
-]
-
-
-def mask_pii(text: str, counts: Counter | None = None) -> str:
-    for kind, placeholder, pattern in PII_PATTERNS:
-        text, n = pattern.subn(placeholder, text)
-        if n and counts is not None:
-            counts[kind] += n
-    return text
+# workspace/pii.py: one masker for the splits, the quarantine, stats, errors and MLflow (and the gateway's logs).
+PII_KINDS = KINDS
 
 
 # ------------------------------------------------------------------------------------------- cleaning
@@ -87,7 +74,12 @@ class RawRow:
     line: int  # 1-based line (jsonl, csv) or element index + 1 (json array)
     data: Any = None
     error: Optional[str] = None  # a reading failure (invalid_utf8, unparsable_json, not_an_object)
-    raw: str = ""
+    raw: str = ""  # the whole row as read; never written as is (snippet() masks, then cuts)
+
+
+def snippet(raw: str) -> str:
+    """What quarantine.jsonl keeps of a row: masked first, then cut, so a number cut in half is never written."""
+    return mask_pii(raw)[:QUARANTINE_SNIPPET]
 
 
 def read_rows(path: Path, display: str) -> Iterator[RawRow]:
@@ -104,12 +96,12 @@ def read_rows(path: Path, display: str) -> Iterator[RawRow]:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     yield RawRow(display, no, error="invalid_utf8",
-                                 raw=f"byte {exc.start}: " + raw.decode("utf-8", "replace")[:QUARANTINE_SNIPPET])
+                                 raw=f"byte {exc.start}: " + raw.decode("utf-8", "replace"))
                     continue
                 try:
                     data = json.loads(text)
                 except json.JSONDecodeError as exc:
-                    yield RawRow(display, no, error="unparsable_json", raw=f"{exc.msg} at column {exc.colno}: {text[:QUARANTINE_SNIPPET]}")
+                    yield RawRow(display, no, error="unparsable_json", raw=f"{exc.msg} at column {exc.colno}: {text}")
                     continue
                 yield _object_row(display, no, data, text)
     elif suffix == ".json":
@@ -139,7 +131,7 @@ def read_rows(path: Path, display: str) -> Iterator[RawRow]:
         for record in reader:
             no = reader.line_num
             if None in record:
-                yield RawRow(display, no, error="csv_extra_columns", raw=str(record)[:QUARANTINE_SNIPPET])
+                yield RawRow(display, no, error="csv_extra_columns", raw=str(record))
                 continue
             data = {}
             for key, value in record.items():
@@ -149,7 +141,7 @@ def read_rows(path: Path, display: str) -> Iterator[RawRow]:
                     except json.JSONDecodeError:
                         pass
                 data[key] = value
-            yield RawRow(display, no, data=data, raw=json.dumps(data, ensure_ascii=False)[:QUARANTINE_SNIPPET])
+            yield RawRow(display, no, data=data, raw=json.dumps(data, ensure_ascii=False))
     else:
         raise PrepareError(f"{display}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
 
@@ -157,8 +149,8 @@ def read_rows(path: Path, display: str) -> Iterator[RawRow]:
 def _object_row(display: str, no: int, data: Any, text: str) -> RawRow:
     raw = text or json.dumps(data, ensure_ascii=False)
     if not isinstance(data, dict):
-        return RawRow(display, no, error="not_an_object", raw=raw[:QUARANTINE_SNIPPET])
-    return RawRow(display, no, data=data, raw=raw[:QUARANTINE_SNIPPET])
+        return RawRow(display, no, error="not_an_object", raw=raw)
+    return RawRow(display, no, data=data, raw=raw)
 
 
 def detect_format(data: dict) -> Optional[str]:
@@ -230,7 +222,8 @@ def to_messages(data: dict, fmt: str) -> list[dict]:
             raise RowRejected(f"missing_field:{name}[{i}].{role_key}")
         role = turn[role_key]
         if not isinstance(role, str) or role not in role_map:
-            raise RowRejected(f"unknown_role:{role}", f"turn {i}; allowed: {', '.join(sorted(role_map))}")
+            shown = mask_pii(str(role))[:40]  # a role is user data too: masked and short before it becomes a reason
+            raise RowRejected(f"unknown_role:{shown}", f"turn {i}; allowed: {', '.join(sorted(role_map))}")
         content = turn.get(content_key)
         if content is None:
             raise RowRejected(f"missing_field:{name}[{i}].{content_key}")
@@ -319,15 +312,37 @@ def content_hash(loaded: LoadedConfig, tokenizer_fingerprint: str) -> str:
     data_cfg.pop("output_dir")
     h.update(json.dumps({"data": data_cfg, "cutoff_len": cfg.finetune.cutoff_len, "tokenizer": tokenizer_fingerprint,
                          "version": PREPARE_VERSION, "code": _file_sha(Path(__file__))}, sort_keys=True).encode())
-    sources = list(cfg.data.sources) + ([cfg.data.test_source] if cfg.data.test_source else [])
-    for src in sources:
-        path = resolve(src.path)
-        if not path.exists():
-            raise PrepareError(f"data source {src.path}: file not found (config key data.sources / data.test_source); "
-                               "fix the path in configs/pipeline.yaml")
+    for key, src in source_keys(loaded):
+        path = check_source_path(loaded, key, src)
         h.update(src.path.encode())
         h.update(_file_sha(path).encode())
     return h.hexdigest()[:16]
+
+
+def source_keys(loaded: LoadedConfig) -> list[tuple[str, DataSource]]:
+    """(config key, source) of every data source: data.sources[0], ..., data.test_source."""
+    cfg = loaded.config.data
+    out = [(f"data.sources[{i}]", src) for i, src in enumerate(cfg.sources)]
+    return out + ([("data.test_source", cfg.test_source)] if cfg.test_source else [])
+
+
+def check_source_path(loaded: LoadedConfig, key: str, src: DataSource) -> Path:
+    """The source's file, or a PrepareError naming the key, the file (or --set flag) that set it and the fix."""
+    path = resolve(src.path)
+    where = loaded.origin(key.split("[")[0])
+    suffixes = ".jsonl, .json or .csv"
+    if not path.exists():
+        raise PrepareError(f"{key}.path = {src.path}: file not found (set in {where}); fix the path there, or "
+                           f"remove the source")
+    if path.is_dir():
+        files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".jsonl", ".json", ".csv"))[:5]
+        hint = f" (it holds {', '.join(files)})" if files else ""
+        raise PrepareError(f"{key}.path = {src.path}: is a directory, not a file (set in {where}); list each "
+                           f"{suffixes} file{hint} as its own entry of data.sources")
+    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
+        raise PrepareError(f"{key}.path = {src.path}: unsupported file type {path.suffix!r} (set in {where}); "
+                           f"use {suffixes}")
+    return path
 
 
 def tokenizer_path(loaded: LoadedConfig) -> str:
@@ -357,38 +372,67 @@ def _display(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def _load_source(src: DataSource, counter: TokenCounter, cutoff: int, stratify_by: Optional[str],
-                 quarantine: list[dict], stats: Counter, pii: Counter) -> list[_Kept]:
-    path = resolve(src.path)
-    display = _display(path)
+@dataclass
+class SourceCount:
+    """One source's accounting: what was read, kept, rejected (by reason) and dropped as a duplicate."""
+    file: str
+    key: str  # data.sources[i] or data.test_source
+    split: str  # "train+val" (split by the stage) or "test" (the supplied test file)
+    format: str
+    rows_read: int = 0
+    kept: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    formats_seen: Counter = field(default_factory=Counter)  # what detect_format says of the rows (misdeclared format)
+
+    @property
+    def reject_ratio(self) -> float:
+        return self.rejected / self.rows_read if self.rows_read else 0.0
+
+    def top_reasons(self, n: int = 3) -> str:
+        return ", ".join(f"{r} x{k}" for r, k in self.reasons.most_common(n)) or "none"
+
+    def as_dict(self) -> dict:
+        return {"file": self.file, "key": self.key, "split": self.split, "format": self.format,
+                "rows_read": self.rows_read, "kept": self.kept, "rejected": self.rejected,
+                "duplicates": self.duplicates, "reject_ratio": round(self.reject_ratio, 4),
+                "rejected_by_reason": dict(self.reasons.most_common())}
+
+
+def _load_source(src: DataSource, path: Path, count: SourceCount, counter: TokenCounter, cutoff: int,
+                 stratify_by: Optional[str], quarantine: list[dict], pii: Counter) -> list[_Kept]:
+    display = count.file
     if path.stat().st_size == 0:
-        raise PrepareError(f"{display}: empty file (0 bytes). Remove it from data.sources or fill it.")
+        raise PrepareError(f"{display} ({count.key}): empty file (0 bytes). Remove it from data.sources or fill it.")
     kept: list[_Kept] = []
     pending: list[_Kept] = []
-    n_rows = 0
 
     def reject(row_file: str, line: int, reason: str, detail: str, raw: str) -> None:
-        stats[f"rejected:{reason.split(':')[0]}"] += 1
+        count.rejected += 1
+        count.reasons[reason] += 1
         quarantine.append({"file": row_file, "line": line, "reason": reason, "detail": mask_pii(detail),
-                           "raw": mask_pii(raw)})
+                           "raw": snippet(raw)})
 
     def flush() -> None:
         lengths = counter.count([k.messages for k in pending])
         for item, n in zip(pending, lengths):
             if n > cutoff:
                 reject(item.file, item.line, "over_token_budget", f"{n} tokens > finetune.cutoff_len {cutoff}",
-                       json.dumps(item.messages, ensure_ascii=False)[:QUARANTINE_SNIPPET])
+                       json.dumps(item.messages, ensure_ascii=False))
             else:
                 item.tokens = n
                 kept.append(item)
         pending.clear()
 
     for row in read_rows(path, display):
-        n_rows += 1
+        count.rows_read += 1
         if row.error:
             reject(row.file, row.line, row.error, "", row.raw)
             continue
-        fmt = src.format if src.format != "auto" else detect_format(row.data)
+        detected = detect_format(row.data)
+        count.formats_seen[detected or "unknown"] += 1
+        fmt = src.format if src.format != "auto" else detected
         try:
             if fmt is None:
                 raise RowRejected("unknown_format", "no instruction/output, conversations or messages key; "
@@ -405,33 +449,30 @@ def _load_source(src: DataSource, counter: TokenCounter, cutoff: int, stratify_b
         if len(pending) >= 2048:
             flush()
     flush()
-    if n_rows == 0:
-        raise PrepareError(f"{display}: no rows (only blank lines). Remove it from data.sources or fill it.")
-    stats["rows_read"] += n_rows
+    if count.rows_read == 0:
+        raise PrepareError(f"{display} ({count.key}): no rows (only blank lines). Remove it from data.sources or fill it.")
     return kept
 
 
-def _dedupe(rows: list[_Kept], quarantine: list[dict], stats: Counter, seen: dict[str, str],
+def _dedupe(rows: list[_Kept], count: SourceCount, quarantine: list[dict], stats: Counter, seen: dict[str, str],
             seen_norm: dict[str, str]) -> list[_Kept]:
     out = []
     for r in rows:
         exact = hashlib.sha1(json.dumps(r.messages, ensure_ascii=False).encode()).hexdigest()
         norm = dedup_key(r.messages)
         where = f"{r.file}:{r.line}"
-        if exact in seen:
-            stats["duplicates_exact"] += 1
-            quarantine.append({"file": r.file, "line": r.line, "reason": "duplicate_exact", "detail": f"same as {seen[exact]}",
-                               "raw": json.dumps(r.messages, ensure_ascii=False)[:QUARANTINE_SNIPPET]})
-            continue
-        if norm in seen_norm:
-            stats["duplicates_normalized"] += 1
-            quarantine.append({"file": r.file, "line": r.line, "reason": "duplicate_normalized",
-                               "detail": f"same as {seen_norm[norm]} up to case and whitespace",
-                               "raw": json.dumps(r.messages, ensure_ascii=False)[:QUARANTINE_SNIPPET]})
+        if exact in seen or norm in seen_norm:
+            kind = "duplicate_exact" if exact in seen else "duplicate_normalized"
+            detail = f"same as {seen[exact]}" if exact in seen else f"same as {seen_norm[norm]} up to case and whitespace"
+            stats[f"duplicates_{kind.split('_')[1]}"] += 1
+            count.duplicates += 1
+            quarantine.append({"file": r.file, "line": r.line, "reason": kind, "detail": detail,
+                               "raw": snippet(json.dumps(r.messages, ensure_ascii=False))})
             continue
         seen[exact] = where
         seen_norm[norm] = where
         out.append(r)
+    count.kept += len(out)
     return out
 
 
@@ -440,21 +481,37 @@ def _unit(seed: int, key: str) -> float:
 
 
 def split_rows(rows: list[_Kept], val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[_Kept]]:
-    """Deterministic: within each stratum, rows ordered by a seeded hash of their content; the first
-    round(n*test_ratio) go to test, the next round(n*val_ratio) to val, the rest to train."""
-    strata: dict[Optional[str], list[_Kept]] = {}
+    """Leak-free and deterministic: rows are grouped by their normalised prompt (every answer to one request stays
+    in one split). Within each stratum (the group's first row's category), groups are ordered by a seeded hash of
+    the prompt and dealt out: test until it holds round(n*test_ratio) rows, then val until round(n*val_ratio),
+    the rest to train (a split may overshoot its target by one group's rows)."""
+    groups: dict[str, list[_Kept]] = {}
     for r in rows:
-        strata.setdefault(r.category, []).append(r)
+        groups.setdefault(prompt_key(r.messages), []).append(r)
+    strata: dict[Optional[str], list[str]] = {}
+    for key, members in groups.items():
+        strata.setdefault(members[0].category, []).append(key)
     out: dict[str, list[_Kept]] = {"train": [], "val": [], "test": []}
-    for key in sorted(strata, key=lambda k: (k is None, str(k))):
-        group = sorted(strata[key], key=lambda r: _unit(seed, dedup_key(r.messages)))
-        n_test, n_val = round(len(group) * test_ratio), round(len(group) * val_ratio)
-        out["test"] += group[:n_test]
-        out["val"] += group[n_test:n_test + n_val]
-        out["train"] += group[n_test + n_val:]
+    for stratum in sorted(strata, key=lambda k: (k is None, str(k))):
+        keys = sorted(strata[stratum], key=lambda k: _unit(seed, k))
+        n = sum(len(groups[k]) for k in keys)
+        targets = (("test", round(n * test_ratio)), ("val", round(n * val_ratio)))
+        i = 0
+        for name, target in targets:
+            got = 0
+            while i < len(keys) and got < target:
+                out[name] += groups[keys[i]]
+                got += len(groups[keys[i]])
+                i += 1
+        for k in keys[i:]:
+            out["train"] += groups[k]
     for name in out:  # a stable, interleaved order in the written files
         out[name].sort(key=lambda r: _unit(seed + 1, dedup_key(r.messages)))
     return out
+
+
+def prompt_groups(rows: list[_Kept]) -> int:
+    return len({prompt_key(r.messages) for r in rows})
 
 
 def apply_weights(rows: list[_Kept], seed: int) -> list[_Kept]:
@@ -520,21 +577,54 @@ def _length_plot(path: Path, lengths: dict[str, list[int]], cutoff: int) -> None
     plt.close(fig)
 
 
+def _check_sources(counts: list[SourceCount], max_ratio: float) -> None:
+    """Per source: a source whose reject ratio exceeds data.max_reject_ratio, or that adds no row at all, fails the
+    stage, named with its key, its top reasons and (when the rows look like another format) the format to declare."""
+    problems = []
+    for c in counts:
+        if c.rows_read and (c.reject_ratio > max_ratio or c.kept == 0):
+            if c.kept == 0 and c.rejected == 0:
+                why = f"all {c.rows_read} rows duplicate earlier rows"
+            else:
+                why = (f"{c.rejected} of {c.rows_read} rows rejected ({c.reject_ratio:.1%} > data.max_reject_ratio "
+                       f"{max_ratio:.1%}), top reasons: {c.top_reasons()}")
+            seen = [f for f, _ in c.formats_seen.most_common() if f != "unknown"]
+            if c.format != "auto" and seen and seen[0] != c.format:
+                why += f"; its rows look like {seen[0]} but {c.key}.format is {c.format} (set it to {seen[0]} or auto)"
+            problems.append(f"{c.file} ({c.key}): {why}")
+    if problems:
+        raise PrepareError("; ".join(problems) + ". Fix the file (or its format), remove it from data.sources, or "
+                           "raise data.max_reject_ratio.")
+
+
+def _write_failed(folder: Path, quarantine: list[dict], counts: list[SourceCount], error: str) -> Path:
+    """A failed stage still leaves its evidence: quarantine.jsonl and the per-source counts (masked, like always)."""
+    with staging(folder) as tmp:
+        with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as fh:
+            for q in quarantine:
+                fh.write(json.dumps(q, ensure_ascii=False) + "\n")
+        (tmp / "stats.json").write_text(json.dumps({"failed": mask_pii(error), "by_source": [c.as_dict() for c in counts]},
+                                                   indent=2, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
 def prepare_dataset(loaded: LoadedConfig, force: bool = False) -> PreparedDataset:
-    """The stage. Returns the processed folder; skips all work when it exists for the same inputs."""
+    """The stage. Returns the processed folder; skips all work when it exists for the same inputs. On failure the
+    quarantine and per-source counts are written to <output_dir>/failed-<hash>/ and the error names that folder."""
     cfg = loaded.config
     t0 = time.time()
     counter = TokenCounter(tokenizer_path(loaded))
     digest = content_hash(loaded, counter.fingerprint)
     out_root = resolve(cfg.data.output_dir)
     final = out_root / digest
+    recover(final)
     if final.exists() and not force:
         stats = json.loads((final / "stats.json").read_text(encoding="utf-8"))
         return PreparedDataset(final, digest, stats, skipped=True,
                                splits={n: final / f"{n}.jsonl" for n in ("train", "val", "test") if (final / f"{n}.jsonl").exists()})
     if cfg.data.test_source and cfg.data.test_ratio:
-        raise PrepareError("data.test_source and data.test_ratio are both set: use one way to get a test split "
-                           "(set data.test_ratio: 0 when supplying a test file)")
+        raise PrepareError(f"data.test_source and data.test_ratio are both set (in {loaded.origin('data')}): use one "
+                           "way to get a test split (set data.test_ratio: 0 when supplying a test file)")
 
     quarantine: list[dict] = []
     stats: Counter = Counter()
@@ -543,53 +633,76 @@ def prepare_dataset(loaded: LoadedConfig, force: bool = False) -> PreparedDatase
     seen_norm: dict[str, str] = {}
     cutoff = cfg.finetune.cutoff_len
     rows: list[_Kept] = []
-    for src in cfg.data.sources:
-        loaded_rows = _load_source(src, counter, cutoff, cfg.data.stratify_by, quarantine, stats, pii)
-        rows += _dedupe(loaded_rows, quarantine, stats, seen, seen_norm)
-    splits = split_rows(rows, cfg.data.val_ratio, cfg.data.test_ratio, cfg.data.seed)
-
-    if cfg.data.test_source:
-        test_rows = _load_source(cfg.data.test_source, counter, cutoff, None, quarantine, stats, pii)
-        test_rows = _dedupe(test_rows, quarantine, stats, {}, {})
-        train_prompts = {prompt_key(r.messages): f"{r.file}:{r.line}" for r in splits["train"] + splits["val"]}
-        overlap = [(r, train_prompts[prompt_key(r.messages)]) for r in test_rows if prompt_key(r.messages) in train_prompts]
-        if overlap:
-            shown = "; ".join(f"{r.file}:{r.line} = {where}" for r, where in overlap[:5])
-            raise PrepareError(f"{len(overlap)} test example(s) from {cfg.data.test_source.path} also appear in the "
-                               f"training data (same prompt): {shown}. Remove them from one side; a test set that "
-                               "overlaps training measures memory, not generalisation.")
-        splits["test"] = test_rows
+    counts: list[SourceCount] = []
+    max_ratio = cfg.data.max_reject_ratio
+    try:
+        test_src = None
+        for key, src in source_keys(loaded):
+            path = check_source_path(loaded, key, src)
+            count = SourceCount(_display(path), key, "test" if key == "data.test_source" else "train+val", src.format)
+            counts.append(count)
+            if key == "data.test_source":
+                test_src = (src, path, count)
+                continue
+            loaded_rows = _load_source(src, path, count, counter, cutoff, cfg.data.stratify_by, quarantine, pii)
+            rows += _dedupe(loaded_rows, count, quarantine, stats, seen, seen_norm)
+        train_counts = [c for c in counts if c.split != "test"]
+        _check_sources(train_counts, max_ratio)
+        splits = split_rows(rows, cfg.data.val_ratio, cfg.data.test_ratio, cfg.data.seed)
+        if test_src:
+            src, path, count = test_src
+            test_rows = _load_source(src, path, count, counter, cutoff, None, quarantine, pii)
+            test_rows = _dedupe(test_rows, count, quarantine, stats, {}, {})
+            _check_sources([count], max_ratio)
+            train_prompts = {prompt_key(r.messages): f"{r.file}:{r.line}" for r in splits["train"] + splits["val"]}
+            overlap = [(r, train_prompts[prompt_key(r.messages)]) for r in test_rows if prompt_key(r.messages) in train_prompts]
+            if overlap:
+                shown = "; ".join(f"{r.file}:{r.line} = {where}" for r, where in overlap[:5])
+                raise PrepareError(f"{len(overlap)} test example(s) from {src.path} also appear in the training data "
+                                   f"(same prompt): {shown}. Remove them from one side; a test set that overlaps "
+                                   "training measures memory, not generalisation.")
+            splits["test"] = test_rows
+        rejected = sum(c.rejected for c in train_counts)
+        total = sum(c.rows_read for c in train_counts)
+        ratio = rejected / total if total else 0.0
+        if ratio > max_ratio:
+            top = Counter()
+            for c in train_counts:
+                top.update(c.reasons)
+            raise PrepareError(
+                f"{rejected} of {total} training rows rejected ({ratio:.1%} > data.max_reject_ratio {max_ratio:.1%}), "
+                f"top reasons: {', '.join(f'{r} x{k}' for r, k in top.most_common(3))}. Fix the source files, or "
+                "raise data.max_reject_ratio.")
+        if not splits["train"]:
+            raise PrepareError(f"no training rows left after the split ({len(rows)} kept rows all went to val/test); "
+                               "lower data.val_ratio / data.test_ratio or add data")
+    except PrepareError as exc:
+        failed = _write_failed(out_root / f"failed-{digest}", quarantine, counts, str(exc))
+        raise PrepareError(f"{exc} Rejected rows and per-source counts: {_display(failed)}/quarantine.jsonl, "
+                           "stats.json") from None
     splits["train"] = apply_weights(splits["train"], cfg.data.seed)
 
-    rejected = sum(v for k, v in stats.items() if k.startswith("rejected:"))
-    duplicates = stats["duplicates_exact"] + stats["duplicates_normalized"]
-    total = stats["rows_read"]
-    ratio = rejected / total if total else 0.0
     by_reason = Counter()
     for q in quarantine:
         by_reason[q["reason"]] += 1
-    if ratio > cfg.data.max_reject_ratio:
-        examples = "; ".join([f"{q['file']}:{q['line']} {q['reason']}" for q in quarantine
-                              if not q["reason"].startswith("duplicate")][:5])
-        raise PrepareError(
-            f"{rejected} of {total} rows rejected ({ratio:.1%} > data.max_reject_ratio {cfg.data.max_reject_ratio:.1%}). "
-            f"By reason: {dict(by_reason)}. First: {examples}. Fix the source files, or raise data.max_reject_ratio.")
-    if not splits["train"]:
-        raise PrepareError("no training rows survived validation; see the reasons above")
-
+    test_count = test_src[2] if test_src else None
     lengths = {name: [r.tokens for r in rows_] for name, rows_ in splits.items()}
     stats_out = {
         "content_hash": digest,
         "sources": [s.model_dump(mode="json") for s in cfg.data.sources],
         "test_source": cfg.data.test_source.model_dump(mode="json") if cfg.data.test_source else None,
-        "rows_read": total,
+        "rows_read": total,  # the training sources (split into train/val); the supplied test file is counted apart
         "rows_rejected": rejected,
         "reject_ratio": round(ratio, 4),
+        "test_rows_read": test_count.rows_read if test_count else 0,
+        "test_rows_rejected": test_count.rejected if test_count else 0,
         "rejected_by_reason": dict(sorted(by_reason.items())),
+        "by_source": [c.as_dict() for c in counts],
         "duplicates_exact": stats["duplicates_exact"],
         "duplicates_normalized": stats["duplicates_normalized"],
-        "pii_masked": {k: pii.get(k, 0) for k, _, _ in PII_PATTERNS},
+        "pii_masked": {k: pii.get(k, 0) for k in PII_KINDS},
         "splits": {name: len(r) for name, r in splits.items()},
+        "prompt_groups": {name: prompt_groups(r) for name, r in splits.items()},
         "tokens": {name: _percentiles(v) for name, v in lengths.items()},
         "cutoff_len": cutoff,
         "tokenizer": counter.tok.name_or_path,
@@ -597,9 +710,7 @@ def prepare_dataset(loaded: LoadedConfig, force: bool = False) -> PreparedDatase
     }
 
     out_root.mkdir(parents=True, exist_ok=True)
-    tmp = out_root / f".tmp-{digest}-{int(time.time() * 1000)}"
-    tmp.mkdir()
-    try:
+    with staging(final) as tmp:  # --force: the old folder stays whole until the new one replaces it
         for name, rows_ in splits.items():
             if rows_:
                 _write_jsonl(tmp / f"{name}.jsonl", rows_)
@@ -609,12 +720,7 @@ def prepare_dataset(loaded: LoadedConfig, force: bool = False) -> PreparedDatase
                 fh.write(json.dumps(q, ensure_ascii=False) + "\n")
         (tmp / "stats.json").write_text(json.dumps(stats_out, indent=2, ensure_ascii=False), encoding="utf-8")
         _length_plot(tmp / "length_hist.png", lengths, cutoff)
-        if final.exists():  # --force: replace the old folder only after the new one is complete
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    shutil.rmtree(out_root / f"failed-{digest}", ignore_errors=True)
     return PreparedDataset(final, digest, stats_out, skipped=False,
                            splits={n: final / f"{n}.jsonl" for n, r in splits.items() if r})
 
@@ -632,7 +738,8 @@ def log_to_mlflow(result: PreparedDataset) -> None:
                "data/duplicates_normalized": stats["duplicates_normalized"]}
     metrics.update({f"data/{name}_rows": n for name, n in stats["splits"].items()})
     metrics.update({f"data/pii_{k}": v for k, v in stats["pii_masked"].items()})
-    metrics.update({f"data/rejected_{k.replace(':', '_')}": v for k, v in stats["rejected_by_reason"].items()})
+    metrics.update({f"data/rejected_{re.sub(r'[^A-Za-z0-9_./ -]', '_', k)}"[:250]: v
+                    for k, v in stats["rejected_by_reason"].items()})
     for name, pct in stats["tokens"].items():
         metrics.update({f"data/{name}_tokens_{k}": v for k, v in pct.items()})
     mlflow.log_metrics(metrics)

@@ -38,15 +38,22 @@ def summary_table(result: PreparedDataset) -> Table:
     table = Table(title=f"prepare: {result.path}" + ("  (cache hit: inputs unchanged)" if result.skipped else ""))
     table.add_column("item")
     table.add_column("value", justify="right")
-    table.add_row("rows read", str(s["rows_read"]))
-    table.add_row("rejected (quarantine.jsonl)", f"{s['rows_rejected']} ({s['reject_ratio']:.1%})")
+    for src in s.get("by_source", []):  # every source is accounted for: none can vanish without a line here
+        reasons = ", ".join(f"{r} {n}" for r, n in list(src["rejected_by_reason"].items())[:3])
+        table.add_row(f"{src['file']} ({src['split']})",
+                      f"read {src['rows_read']}, kept {src['kept']}, rejected {src['rejected']}"
+                      + (f" ({reasons})" if reasons else "") + f", duplicates {src['duplicates']}")
+    table.add_row("training rows read", str(s["rows_read"]))
+    table.add_row("rejected (quarantine.jsonl)", f"{s['rows_rejected']} ({s['reject_ratio']:.1%})"
+                  + (f"; test file {s['test_rows_rejected']} of {s['test_rows_read']}" if s.get("test_rows_read") else ""))
     for reason, n in s["rejected_by_reason"].items():
         table.add_row(f"  {reason}", str(n))
     table.add_row("duplicates exact / normalised", f"{s['duplicates_exact']} / {s['duplicates_normalized']}")
     table.add_row("PII masked", ", ".join(f"{k} {v}" for k, v in s["pii_masked"].items() if v) or "none")
     for name, n in s["splits"].items():
         tok = s["tokens"].get(name) or {}
-        table.add_row(f"{name} rows", f"{n}  (tokens p50 {tok.get('p50', '-')}, p99 {tok.get('p99', '-')}, max {tok.get('max', '-')})")
+        groups = (s.get("prompt_groups") or {}).get(name)
+        table.add_row(f"{name} rows", f"{n}{f' in {groups} prompt groups' if groups is not None else ''}  (tokens p50 {tok.get('p50', '-')}, p99 {tok.get('p99', '-')}, max {tok.get('max', '-')})")
     table.add_row("seconds", str(s["seconds"]))
     return table
 

@@ -120,49 +120,94 @@ def test_csv_with_and_without_bom(tmp_path):
     assert "\ufeff" not in text and '<Screen id=\\"o3\\"/>' in text
 
 
-def test_pii_is_masked_everywhere_it_is_written(tmp_path, tmp_tracking):
-    rows = [{"instruction": f"고객 {i} 연락처는 {PII_VALUES[i % len(PII_VALUES)]} 입니다. 화면을 만들어 주세요.",
-             "input": "", "output": f"담당: {PII_VALUES[(i + 1) % len(PII_VALUES)]}"} for i in range(14)]
-    rows.append({"instruction": f"메일 {PII_VALUES[0]}", "output": ""})  # rejected row with PII -> quarantine
-    path = jsonl(tmp_path / "pii.jsonl", rows, raw_lines=[f'{{"broken": "{PII_VALUES[1]}'.encode()])
-    loaded = cfg(tmp_path, [(path, "alpaca")], "data.val_ratio=0.2", *tmp_tracking)
-    result = prepare_dataset(loaded)
-    written = all_written_text(result)
-    for value in PII_VALUES:
-        assert value not in written, value
-    assert "<EMAIL>" in written and "<PHONE>" in written and "<RRN>" in written and "<CARD>" in written
-    pii = result.stats["pii_masked"]
-    assert pii["email"] == 4 and pii["rrn"] == 4 and pii["card"] == 4
-    assert pii["phone_mobile"] == 8 and pii["phone_landline"] == 8
-    # and not in MLflow
-    import mlflow
-
-    from finetune.prepare import log_to_mlflow
-    from workspace.tracking import stage_run
-
-    with stage_run(loaded, "prepare") as run:
-        log_to_mlflow(result)
-    client = mlflow.MlflowClient()
-    r = client.get_run(run.info.run_id)
-    blob = json.dumps([r.data.params, r.data.metrics, r.data.tags], ensure_ascii=False)
-    art_dir = client.download_artifacts(run.info.run_id, "dataset", str(tmp_path / "dl"))
-    import pathlib
-
-    for p in pathlib.Path(art_dir).iterdir():
-        if p.suffix in (".json", ".jsonl"):
-            blob += p.read_text(encoding="utf-8")
-    for value in PII_VALUES:
-        assert value not in blob
-    assert r.data.metrics["data/pii_email"] == 4
-    inputs = r.inputs.dataset_inputs
-    assert {i.dataset.name.split("-")[-1] for i in inputs} == {"train", "val"}
-    assert all(i.dataset.digest.startswith(result.content_hash) for i in inputs)
+# PII planted in every way a row can carry it; each with fragments that must not survive either (a number cut in
+# half by a snippet is still PII)
+PLANTED = {
+    "rrn_hyphen": ("851203-2345678", ["851203-2"]),
+    "rrn_plain": ("9001011234567", ["9001011"]),
+    "landline_paren": ("(02) 3456-7890", ["3456-7890"]),
+    "card15": ("378282246310005", ["3782822463"]),
+    "card16": ("4111-1111-1111-1111", ["4111-1111-1111"]),
+    "mobile_intl": ("+82 10 9876 5432", ["9876 5432"]),
+    "mobile_dots": ("010.2468.1357", ["2468.1357"]),
+    "voip": ("070-8765-4321", ["8765-4321"]),
+    "email": ("hong.gildong@example.co.kr", ["hong.gildong@"]),
+}
 
 
-def test_mask_pii_leaves_ordinary_numbers_alone():
-    text = "주문 3건, 2024-01-15 등록, 수량 12345, 포트 8080"
-    assert mask_pii(text) == text
-    assert mask_pii("전화 010.2222.3333 / 053-123-4567") == "전화 <PHONE> / <PHONE>"
+def _assert_no_pii(text: str, where: str) -> None:
+    from workspace.pii import find_pii
+
+    for name, (value, fragments) in PLANTED.items():
+        for needle in [value, *fragments]:
+            assert needle not in text, f"{name} ({needle!r}) found in {where}"
+    assert not find_pii(text), f"{find_pii(text)} in {where}"
+
+
+def test_pii_never_reaches_a_written_file_or_mlflow(tmp_path, tmp_tracking):
+    """PII in good rows, in rejected rows (also straddling the quarantine snippet's cut), in JSON that fails to
+    parse, in a CSV with a BOM and in a role name: nothing under the processed folder, the MLflow database or its
+    artifacts carries any of it, whole or cut in half."""
+    from finetune.prepare import QUARANTINE_SNIPPET
+    from finetune.prepare_stage import PREPARE, PrepareInputs
+
+    values = [v for v, _ in PLANTED.values()]
+    rows = [{"instruction": f"고객 {i} 연락처는 {values[i % len(values)]} 입니다. 화면을 만들어 주세요.",
+             "input": "", "output": f"<Screen>담당: {values[(i + 3) % len(values)]}</Screen>"} for i in range(27)]
+    rows.append({"instruction": f"메일 {values[-1]}", "output": ""})  # rejected: PII in the quarantine snippet
+    head = '{"instruction": "'
+    filler = "가" * 0 + "a" * (QUARANTINE_SNIPPET - len(head) - 6)  # the RRN starts 6 characters before the cut
+    straddle = {"instruction": filler + "900101-1234567 끝", "output": ""}
+    assert json.dumps(straddle, ensure_ascii=False)[QUARANTINE_SNIPPET - 6:QUARANTINE_SNIPPET + 8] == "900101-1234567"
+    rows.append(straddle)
+    path = jsonl(tmp_path / "pii.jsonl", rows, raw_lines=[f'{{"instruction": "연락 {values[0]} {values[1]}'.encode()])
+    csv_path = tmp_path / "pii.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbf" + ("instruction,input,output\n" + "".join(
+        f'"주문 {i} 문의 {values[(i + 5) % len(values)]}",,"<Screen>{values[(i + 6) % len(values)]}</Screen>"\n'
+        for i in range(9))).encode("utf-8"))
+    share = jsonl(tmp_path / "roles.jsonl", [
+        {"conversations": [{"from": "human", "value": f"질문 {i}"}, {"from": "gpt", "value": f"답 {i}"}]} for i in range(9)]
+        + [{"conversations": [{"from": "010-5555-4444", "value": "x"}, {"from": "gpt", "value": "y"}]}])
+    PLANTED_ROLE = "010-5555-4444"
+    loaded = cfg(tmp_path, [(path, "alpaca"), (csv_path, "auto"), (share, "auto")], "data.val_ratio=0.2", *tmp_tracking)
+    out = PREPARE.run(loaded, PrepareInputs())
+    pii = json.loads((tmp_path / "processed" / out.content_hash / "stats.json").read_text())["pii_masked"]
+    assert pii["rrn"] >= 6 and pii["card"] >= 6 and pii["phone"] >= 12 and pii["email"] >= 3, pii
+    written = [p for p in (tmp_path / "processed").rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"train.jsonl", "val.jsonl", "quarantine.jsonl", "stats.json"}
+    quarantine = (tmp_path / "processed" / out.content_hash / "quarantine.jsonl").read_text(encoding="utf-8")
+    assert "<RRN>" in quarantine and "<EMAIL>" in quarantine and "unknown_role:<PHONE>" in quarantine
+    stores = written + [p for p in (tmp_path / "artifacts").rglob("*") if p.is_file()] + [tmp_path / "mlflow.db"]
+    assert len(stores) > len(written) + 3  # MLflow wrote artifacts and its database
+    for p in stores:
+        text = p.read_bytes().decode("utf-8", errors="replace")
+        _assert_no_pii(text, str(p))
+        assert PLANTED_ROLE not in text, p
+
+
+def test_mask_pii_masks_every_written_form_and_leaves_ordinary_numbers_alone():
+    from workspace.pii import mask_pii as mask
+
+    forms = {
+        "<RRN>": ["900101-1234567", "9001011234567", "900101 - 2234567", "020315-3234567", "020315 4234567"],
+        "<CARD>": ["378282246310005", "4111 1111 1111 1111", "4111-1111-1111-1111", "5555555555554444",
+                   "6011000990139424", "4222222222222"],
+        "<PHONE>": ["010-1234-5678", "010.1234.5678", "010 1234 5678", "01012345678", "(010) 1234-5678",
+                    "+82 10-1234-5678", "+821012345678", "+82-2-345-6789", "+82 (0)2 345 6789", "(02) 1234-5678",
+                    "02)1234-5678", "02-345-6789", "031-987-6543", "(031)987-6543", "064.123.4567", "070-8765-4321",
+                    "0505-123-4567"],
+        "<EMAIL>": ["a.b-c@example.co.kr", "x+y@mail.com"],
+    }
+    for placeholder, values in forms.items():
+        for v in values:
+            assert mask(f"연락처: {v} 입니다") == f"연락처: {placeholder} 입니다", v
+    ordinary = ["1234567890123",  # 13 digits, month 56: no RRN; fails Luhn: no card
+                "991332-1234567",  # no 13th month
+                "4111111111111112",  # Luhn fails
+                "주문 3건, 2024-01-15 등록, 수량 12345, 포트 8080, 버전 1.2.3, 100,000원, 3.14159265358979",
+                "2023년 10월 20일 14:30"]
+    for text in ordinary:
+        assert mask(text) == text, text
 
 
 def test_cleaning_normalises_unicode_and_whitespace_but_keeps_indentation():
@@ -173,21 +218,115 @@ def test_cleaning_normalises_unicode_and_whitespace_but_keeps_indentation():
 def test_empty_file_is_an_error_naming_it(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    with pytest.raises(PrepareError, match=r"empty.jsonl: empty file"):
+    with pytest.raises(PrepareError, match=r"empty.jsonl \(data.sources\[0\]\): empty file"):
         prepare_dataset(cfg(tmp_path, [(empty, "alpaca")]))
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n\n")
-    with pytest.raises(PrepareError, match=r"blank.jsonl: no rows"):
+    with pytest.raises(PrepareError, match=r"blank.jsonl \(data.sources\[0\]\): no rows"):
         prepare_dataset(cfg(tmp_path, [(blank, "alpaca")]))
-    assert not (tmp_path / "processed").exists() or not any((tmp_path / "processed").iterdir())
+    assert all(p.name.startswith("failed-") for p in (tmp_path / "processed").iterdir())  # evidence only, no dataset
 
 
-def test_reject_ceiling_fails_the_stage_and_writes_nothing(tmp_path):
+def test_reject_ceiling_fails_the_stage_and_writes_only_its_evidence(tmp_path):
     rows = [good_alpaca(i) for i in range(8)] + [{"instruction": "", "output": "x"}] * 2
     path = jsonl(tmp_path / "c.jsonl", rows)
-    with pytest.raises(PrepareError, match=r"2 of 10 rows rejected \(20.0% > data.max_reject_ratio 5.0%\).*empty_field:instruction"):
+    with pytest.raises(PrepareError, match=r"c.jsonl \(data.sources\[0\]\): 2 of 10 rows rejected \(20.0% > "
+                       r"data.max_reject_ratio 5.0%\), top reasons: empty_field:instruction x2.*failed-\w+/quarantine.jsonl"):
         prepare_dataset(cfg(tmp_path, [(path, "alpaca")], "data.max_reject_ratio=0.05"))
-    assert not any((tmp_path / "processed").glob("*")), "a failed run must leave nothing behind"
+    (failed,) = (tmp_path / "processed").iterdir()
+    assert failed.name.startswith("failed-") and not (failed / "train.jsonl").exists()
+    assert len((failed / "quarantine.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_source_cannot_vanish(tmp_path):
+    """A file whose rows are all rejected fails the stage by name even when other sources are good, with its top
+    reasons and the quarantine written; a misdeclared format says which format the rows look like; every source is
+    counted in stats.json, the supplied test file apart."""
+    good = jsonl(tmp_path / "good.jsonl", [good_alpaca(i) for i in range(40)])
+    bad = jsonl(tmp_path / "bad.jsonl", [{"instruction": "", "output": "x"}] * 3)
+    with pytest.raises(PrepareError, match=r"bad.jsonl \(data.sources\[1\]\): 3 of 3 rows rejected.*"
+                       r"empty_field:instruction x3.*failed-\w+/quarantine.jsonl"):
+        prepare_dataset(cfg(tmp_path, [(good, "alpaca"), (bad, "alpaca")], "data.max_reject_ratio=0.5"))
+    (failed,) = [p for p in (tmp_path / "processed").iterdir() if p.name.startswith("failed-")]
+    assert len((failed / "quarantine.jsonl").read_text().splitlines()) == 3
+    by_source = json.loads((failed / "stats.json").read_text())["by_source"]
+    assert [(s["file"].split("/")[-1], s["kept"], s["rejected"]) for s in by_source] == [("good.jsonl", 40, 0), ("bad.jsonl", 0, 3)]
+
+    alone = jsonl(tmp_path / "alone.jsonl", [{"instruction": 7, "output": "x"}] * 4)
+    with pytest.raises(PrepareError, match=r"alone.jsonl.*4 of 4 rows rejected.*wrong_type:instruction x4"):
+        prepare_dataset(cfg(tmp_path, [(alone, "alpaca")]))
+
+    share = jsonl(tmp_path / "share.jsonl", [{"conversations": [{"from": "human", "value": f"q{i}"},
+                                                                 {"from": "gpt", "value": f"a{i}"}]} for i in range(3)])
+    with pytest.raises(PrepareError, match=r"share.jsonl.*missing_field:instruction x3; its rows look like sharegpt but "
+                       r"data.sources\[1\].format is alpaca \(set it to sharegpt or auto\)"):
+        prepare_dataset(cfg(tmp_path, [(good, "alpaca"), (share, "alpaca")]))
+
+    test = jsonl(tmp_path / "test.jsonl", [good_alpaca(i) for i in range(100, 105)] + [{"output": "x"}])
+    ok = prepare_dataset(cfg(tmp_path, [(good, "alpaca"), (share, "sharegpt")], "data.max_reject_ratio=0.2",
+                             test_source=test))
+    s = ok.stats
+    assert s["rows_read"] == 43 and s["rows_rejected"] == 0  # the test file is counted apart
+    assert s["test_rows_read"] == 6 and s["test_rows_rejected"] == 1
+    assert [(x["key"], x["split"], x["kept"]) for x in s["by_source"]] == [
+        ("data.sources[0]", "train+val", 40), ("data.sources[1]", "train+val", 3), ("data.test_source", "test", 5)]
+
+
+def test_split_keeps_every_answer_to_one_prompt_in_one_split(tmp_path):
+    """Several answers to one (normalised) prompt never straddle train/val/test; the split is seeded and reported
+    in prompt groups."""
+    rows = []
+    for p in range(40):
+        for a in range(1 + p % 3):  # 1, 2 or 3 answers per prompt
+            prompt = f"화면 {p}번을 만들어 주세요." if a != 1 else f"  화면 {p}번을   만들어 주세요. "  # same, normalised
+            rows.append({"instruction": prompt, "output": f'<Screen id="p{p}-a{a}"/>'})
+    path = jsonl(tmp_path / "g.jsonl", rows)
+    loaded = cfg(tmp_path, [(path, "alpaca")], "data.val_ratio=0.2", "data.test_ratio=0.2")
+    result = prepare_dataset(loaded)
+    where: dict[str, set] = {}
+    for name in ("train", "val", "test"):
+        for line in (result.path / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
+            msgs = json.loads(line)["messages"]
+            where.setdefault(" ".join(msgs[0]["content"].split()), set()).add(name)
+    assert len(where) == 40 and all(len(s) == 1 for s in where.values()), {k: v for k, v in where.items() if len(v) > 1}
+    groups = result.stats["prompt_groups"]
+    assert sum(groups.values()) == 40 and all(groups[n] > 0 for n in ("train", "val", "test"))
+    assert sum(result.stats["splits"].values()) == len(rows)
+    again = prepare_dataset(loaded, force=True)
+    assert (again.path / "test.jsonl").read_text() == (result.path / "test.jsonl").read_text()
+
+
+def test_a_killed_force_rewrite_leaves_the_old_folder_whole(tmp_path):
+    """`--force` builds beside the old folder and swaps: killed while the old copy is being deleted (SIGKILL inside
+    the first rmtree), the processed folder is still complete; the next run cleans up what the killed one left."""
+    import subprocess
+    import sys
+
+    path = jsonl(tmp_path / "k.jsonl", [good_alpaca(i) for i in range(30)])
+    overrides = [f"data.sources=[{{path: '{path}', format: alpaca}}]", f"data.output_dir={tmp_path / 'processed'}",
+                 "data.test_source=null"]
+    first = prepare_dataset(load_config(overrides=overrides))
+    before = {p.name: p.read_bytes() for p in first.path.iterdir() if p.name not in ("stats.json", "length_hist.png")}
+    code = (
+        "import os, shutil, signal, sys\n"
+        "from pathlib import Path\n"
+        "def killing_rmtree(p, *a, **k):\n"
+        "    files = sorted(f for f in Path(p).rglob('*') if f.is_file())\n"
+        "    files[0].unlink()  # midway through deleting\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "shutil.rmtree = killing_rmtree\n"
+        "from finetune.prepare import prepare_dataset\n"
+        "from workspace.config import load_config\n"
+        "prepare_dataset(load_config(overrides=sys.argv[1:]), force=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    after = {p.name: p.read_bytes() for p in first.path.iterdir() if p.name not in ("stats.json", "length_hist.png")}
+    assert after == before and (first.path / "stats.json").exists() and (first.path / "length_hist.png").exists()
+    leftovers = [p.name for p in (tmp_path / "processed").iterdir() if p.name.startswith(".")]
+    assert leftovers, "the killed run left its staging folder (this test must have killed it midway)"
+    again = prepare_dataset(load_config(overrides=overrides))
+    assert again.skipped and not [p for p in (tmp_path / "processed").iterdir() if p.name.startswith(".")]
 
 
 def test_rerun_is_skipped_and_one_changed_row_changes_the_hash(tmp_path):

@@ -311,6 +311,11 @@ class LoadedConfig:
     def hash(self) -> str:
         return config_hash(self.config)
 
+    def origin(self, key: str) -> str:
+        """The file or --set flag that set `key` (or the nearest section above it that was set whole), for error
+        messages; the schema default when none did."""
+        return _origin_of(key, self.origins, "the built-in default (workspace/config.py)")
+
 
 def config_hash(cfg: PipelineConfig) -> str:
     canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
