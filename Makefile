@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs base-model data doctor test test-fast bench-model-key bench-tests pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs base-model rebuild-base-model data doctor test test-fast bench-model-key bench-tests pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -25,8 +25,11 @@ setup: envs base-model  ## build the three venvs from requirements/*.lock (idemp
 envs:  ## the three virtual environments only (GPU=1: CUDA vLLM in the serve env)
 	@GPU=$(GPU) $(PY3) workspace/setup_env.py
 
-base-model: envs  ## build models/base-tiny (skipped when current; FORCE=1 rebuilds)
-	@$(PY) -m finetune.base_model $(CFG_ARGS) $(if $(FORCE),--force)
+base-model: envs  ## build models/base-tiny when missing or its build settings changed (FORCE does not rebuild it)
+	@$(PY) -m finetune.base_model $(CFG_ARGS)
+
+rebuild-base-model: envs  ## rebuild models/base-tiny from scratch (~5 min on 2 cores; every cached result on it is redone)
+	@$(PY) -m finetune.base_model $(CFG_ARGS) --force
 
 data:  ## regenerate the shipped data under data/raw from the seeded generators in data/datagen
 	@$(PY3) -c "import sys; sys.path.insert(0, 'data'); import runpy; runpy.run_module('datagen', run_name='__main__')"

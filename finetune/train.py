@@ -209,10 +209,10 @@ class FinetuneResult:
 
 
 _TRAINABLE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
-_OOM = ("out of memory", "OutOfMemoryError", "Killed", "Cannot allocate memory")
+_OOM = ("out of memory", "OutOfMemoryError", "Cannot allocate memory")  # raised inside the process (CUDA, malloc)
 
 
-def explain_failure(exc: EnvCommandError, log_path: Path, rendered: Path | None = None) -> str:
+def explain_failure(exc: EnvCommandError, log_path: Path, rendered: Path | None = None, method: str | None = None) -> str:
     text = "\n".join(exc.tail)
     invalid = [l.strip() for l in exc.tail if l.strip().startswith("INVALID ")]
     if exc.returncode == EXIT_INVALID and invalid:
@@ -220,14 +220,16 @@ def explain_failure(exc: EnvCommandError, log_path: Path, rendered: Path | None 
                 f"{rendered}: " + "; ".join(i.removeprefix("INVALID ") for i in invalid) +
                 ". The workspace renders this file from configs/: fix the setting there (or report a bug if the "
                 "workspace rendered it on its own).")
-    if exc.returncode in (-9, 137) or any(s in text for s in _OOM):
-        cause = "the training process ran out of memory (killed). Lower finetune.batch_size or finetune.cutoff_len, or use method qlora"
+    fix = "lower finetune.batch_size or finetune.cutoff_len" + ("" if method == "qlora" else ", or use method qlora")
+    if exc.oom_killed or (exc.returncode is not None and exc.returncode >= 0 and any(s in text for s in _OOM)):
+        cause = f"the training process ran out of memory ({exc.killed or 'an out-of-memory error'}); {fix}"
+    elif exc.killed:
+        cause = (f"the training process did not finish: {exc.killed} Checkpoints are kept, so `make finetune` "
+                 f"resumes{'; if memory is short, ' + fix if exc.oom_killed is None else ''}")
     elif "dataset_info.json" in text or "Cannot open" in text and "dataset_info" in text:
         cause = "LLaMA-Factory could not read the dataset (dataset_info.json). Run `make prepare` first"
     elif "No such file or directory" in text and "config.json" in text:
         cause = "the base model folder is incomplete. Run `make base-model`"
-    elif exc.returncode is not None and exc.returncode < 0:
-        cause = f"the training process was stopped by signal {-exc.returncode}"
     else:
         last = next((l for l in reversed(exc.tail) if l.strip()), "no output")
         cause = f"LLaMA-Factory crashed (exit code {exc.returncode}): {last.strip()[:300]}"
@@ -340,7 +342,7 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
             run_in_env("train", argv, timeout=timeout, log_path=log_path, on_line=on_line, echo=echo,
                        hub_enabled=loaded.config.hub.enabled, extra_env=extra_env, what="LLaMA-Factory training")
     except EnvCommandError as exc:
-        raise FinetuneError(explain_failure(exc, log_path, rendered)) from exc
+        raise FinetuneError(explain_failure(exc, log_path, rendered, ft.method)) from exc
     seconds = time.time() - t0
     adapter_files = ("adapter_model.safetensors", "model.safetensors")
     if not any((output_dir / f).exists() for f in adapter_files):

@@ -6,6 +6,7 @@ Used by every flow module (flows/pipeline.py, flows/prepare.py, ...); nothing he
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -37,6 +38,21 @@ KNOWN_ERRORS: tuple[type[BaseException], ...] = tuple(dict.fromkeys(
 NEVER_RETRIED: tuple[type[BaseException], ...] = tuple(dict.fromkeys(
     (ConfigError, LockBusy, GateFailed) + tuple(e for s in STAGES for e in s.deterministic)))
 RETRIES = {"rag": 2, "promote": 1, "serve": 1}  # they talk to servers (Qdrant, MLflow, vLLM) that can blip
+
+
+class _NamedFailureFilter(logging.Filter):
+    """A named failure (KNOWN_ERRORS) is told once, in one line, by the command line; Prefect's task and flow loggers
+    keep their failure line but drop its traceback (an unexpected error keeps its traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, KNOWN_ERRORS):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_NamedFailureFilter())
 
 
 def _transient(task, task_run, state) -> bool:

@@ -97,3 +97,38 @@ def test_bad_shapes_are_config_errors():
         BaseModelBuild(intermediate_size=688)
     with pytest.raises(ValueError, match="divisible by num_kv_heads"):
         BaseModelBuild(num_heads=4, num_kv_heads=3)
+
+
+def test_force_never_rebuilds_the_base_model():
+    """`make <target> FORCE=1` recomputes the pipeline's tasks; only `make rebuild-base-model` rebuilds the base."""
+    import subprocess
+
+    from workspace.paths import ROOT
+
+    for target in ("prepare", "pipeline", "finetune", "test"):
+        out = subprocess.run(["make", "-n", target, "FORCE=1"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+        build = [line for line in out.splitlines() if "finetune.base_model" in line]
+        assert build and not any("--force" in line for line in build), (target, build)
+    out = subprocess.run(["make", "-n", "rebuild-base-model"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    assert any("finetune.base_model" in line and "--force" in line for line in out.splitlines())
+
+
+def test_the_fingerprint_covers_the_weights_not_the_build_record(tmp_path):
+    """The base model's key (part of every finetune and evaluation key) ignores its build card and loss log, which
+    record seconds and versions, and changes with one weight byte."""
+    import shutil
+
+    from workspace.model_ref import folder_fingerprint
+
+    copy = tmp_path / "base"
+    shutil.copytree(MODEL, copy)
+    before = folder_fingerprint(copy)
+    card = json.loads((copy / CARD).read_text())
+    (copy / CARD).write_text(json.dumps({**card, "seconds": card.get("seconds", 0) + 123.4}))
+    (copy / "pretrain_loss.json").write_text("[1.0]")
+    assert folder_fingerprint(copy) == before
+    weights = copy / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1
+    weights.write_bytes(bytes(blob))
+    assert folder_fingerprint(copy) != before

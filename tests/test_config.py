@@ -129,3 +129,15 @@ def test_config_is_frozen():
     cfg = load_config().config
     with pytest.raises(Exception):
         cfg.finetune.lora_rank = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("finetune.lora_rank=true", r"--set finetune.lora_rank=true: finetune.lora_rank: expected a number, got a boolean \(true\)"),
+    ("finetune.learning_rate=false", r"finetune.learning_rate: expected a number, got a boolean \(false\)"),
+    ("serving.bench.concurrency=[1, true]", r"serving.bench.concurrency: expected a number, got a boolean"),
+    ("finetune.max_steps=0", r"finetune.max_steps: 0 steps trains nothing: use a positive number, or -1"),
+])
+def test_booleans_for_numbers_and_zero_steps_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+    assert load_config(overrides=["finetune.max_steps=-1", "finetune.bf16=true"]).config.finetune.max_steps == -1

@@ -69,3 +69,22 @@ def test_missing_program_explains_the_fix():
         run_in_env("train", ["no-such-program"], timeout=5)
     with pytest.raises(EnvMissingError, match="unknown environment"):
         run_in_env("nope", ["python"], timeout=5)
+
+
+def test_a_kill_is_not_called_out_of_memory(tmp_path):
+    """A child killed by SIGKILL while the kernel's oom_kill counter stays put is reported as killed by signal 9,
+    not as out of memory, and the finetune stage does not advise QLoRA to a QLoRA run."""
+    from finetune.train import explain_failure
+    from workspace.processes import oom_kill_count
+
+    assert oom_kill_count() is not None  # this machine exposes the counter (cgroup or /proc/vmstat)
+    code = "import os, signal; print('training step 3', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    with pytest.raises(EnvCommandError) as err:
+        run_in_env("train", ["python", "-c", code], timeout=60, log_path=tmp_path / "k.log", echo=False, what="training")
+    exc = err.value
+    assert exc.returncode == -9 and exc.oom_killed is False
+    assert "killed by signal 9 (SIGKILL); no out-of-memory kill was recorded" in str(exc)
+    assert "out of memory" not in str(exc).replace("out-of-memory kill was recorded", "")
+    why = explain_failure(exc, tmp_path / "k.log", method="qlora")
+    assert "killed by signal 9 (SIGKILL)" in why and "ran out of memory" not in why and "use method qlora" not in why
+    assert "resumes" in why

@@ -388,3 +388,33 @@ def test_shipped_data_prepares_cleanly(tmp_path):
     assert s["splits"]["train"] + s["splits"]["val"] == 1200 - s["duplicates_exact"] - s["duplicates_normalized"]
     info = json.loads((result.path / "dataset_info.json").read_text())
     assert set(info) == {"train", "val", "test"} and info["train"]["formatting"] == "sharegpt"
+
+
+def test_source_path_errors_name_the_key_and_the_file_that_set_it(tmp_path):
+    own = tmp_path / "team.yaml"
+    own.write_text(f"data:\n  sources:\n    - path: {tmp_path / 'missing.jsonl'}\n  test_source: null\n"
+                   f"  output_dir: {tmp_path / 'p'}\n")
+    with pytest.raises(PrepareError, match=rf"data.sources\[0\].path = .*missing.jsonl: file not found \(set in {own}\)"):
+        prepare_dataset(load_config(own))
+
+
+def test_a_directory_as_a_source_ends_with_one_line_and_exit_2(tmp_path):
+    """Run as a user would: `make prepare` with a folder as a source prints one [error] line (no traceback) naming
+    the key, the flag that set it and the fix, and exits with the documented code 2."""
+    import subprocess
+    import sys
+
+    from workspace.paths import ROOT
+
+    folder = tmp_path / "screens"
+    folder.mkdir()
+    jsonl(folder / "a.jsonl", [good_alpaca(1)])
+    flag = f"data.sources=[{{path: '{folder}'}}]"
+    proc = subprocess.run([sys.executable, "-m", "flows.prepare", "--set", flag, "--set", f"data.output_dir={tmp_path / 'p'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "IsADirectoryError" not in out
+    (line,) = [x for x in out.splitlines() if x.startswith("[error]")]
+    assert f"data.sources[0].path = {folder}: is a directory, not a file (set in --set {flag}); list each" in line
+    assert "(it holds a.jsonl)" in line

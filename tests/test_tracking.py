@@ -42,3 +42,25 @@ def test_stage_run_without_parent_is_top_level(tmp_tracking):
         pass
     tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
     assert "mlflow.parentRunId" not in tags and tags["stage"] == "eval"
+
+
+def test_an_unreachable_tracking_server_is_named_within_seconds(tmp_path):
+    """MLflow alone retries an unreachable server for about 4 minutes and then raises without naming the setting."""
+    import time
+
+    import pytest
+
+    from workspace.config import load_config
+    from workspace.processes import free_port
+    from workspace.tracking import TrackingError, configure
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    loaded = load_config(overrides=[f"tracking.uri={uri}"])
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"tracking.uri = {uri} \(set in --set tracking.uri={uri}\) cannot be "
+                       r"reached: .*Connection refused.*point tracking.uri at a local store"):
+        configure(loaded)
+    assert time.monotonic() - t0 < 30
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(TrackingError, match=r"tracking.uri = sqlite:///.*a_file/x.db \(set in --set .*cannot be reached"):
+        configure(load_config(overrides=[f"tracking.uri=sqlite:///{tmp_path}/a_file/x.db"]))

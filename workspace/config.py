@@ -15,13 +15,43 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from workspace.paths import CONFIGS, PROFILES, ROOT
 
 
+def _unwrap(ann: Any) -> Any:
+    """Optional[X] / list[X] / X | None -> X."""
+    for _ in range(4):
+        origin = get_origin(ann)
+        if origin is list:
+            ann = get_args(ann)[0]
+        elif origin in (Union, types.UnionType):
+            ann = next(a for a in get_args(ann) if a is not type(None))
+        else:
+            break
+    return ann
+
+
+def _numeric(annotation: Any) -> bool:
+    """int or float (also inside Optional/list), not bool: the fields where YAML's true/false is a mistake."""
+    ann = _unwrap(annotation)
+    return ann in (int, float)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for an int field; `finetune.lora_rank: true` is a typo, not a rank of 1
+        field_info = cls.model_fields.get(info.field_name or "")
+        if field_info is not None and _numeric(field_info.annotation):
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, bool) for v in items):
+                raise ValueError(f"expected a number, got a boolean ({str(value).lower()}); write a number")
+        return value
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -121,7 +151,7 @@ class FinetuneConfig(Strict):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     num_epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(300, ge=-1)  # -1: train num_epochs
+    max_steps: int = Field(300, ge=-1)  # -1: train num_epochs; 0 is refused (it would train nothing)
     batch_size: int = Field(8, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
     bf16: bool = False
@@ -133,6 +163,13 @@ class FinetuneConfig(Strict):
     merge: bool = False  # also write a merged full model (adapter merged onto the full-precision base)
     verify_prompts: int = Field(5, ge=1)  # validation prompts whose greedy outputs must change
     timeout_s: Optional[int] = Field(None, ge=60)  # stop training after this many seconds (checkpoints are kept)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 steps trains nothing: use a positive number, or -1 to train finetune.num_epochs")
+        return value
 
     @model_validator(mode="after")
     def _method(self):
@@ -389,19 +426,6 @@ def _model_at(path: tuple) -> type[BaseModel] | None:
             return None
         model = _unwrap(model.model_fields[part].annotation)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _unwrap(ann: Any) -> Any:
-    """Optional[X] / list[X] / X | None -> X."""
-    for _ in range(4):
-        origin = get_origin(ann)
-        if origin is list:
-            ann = get_args(ann)[0]
-        elif origin in (Union, types.UnionType):
-            ann = next(a for a in get_args(ann) if a is not type(None))
-        else:
-            break
-    return ann
 
 
 def _origin_of(path: str, origins: dict[str, str], default: str) -> str:

@@ -20,17 +20,20 @@ from typing import Callable, Optional, Sequence
 
 from workspace import offline
 from workspace.paths import ROOT, VENVS
-from workspace.processes import stop_process_group
+from workspace.processes import describe_kill, oom_kill_count, stop_process_group
 
 TAIL_LINES = 40
 
 
 class EnvCommandError(RuntimeError):
-    def __init__(self, message: str, returncode: Optional[int], tail: list[str], log_path: Optional[Path]):
+    def __init__(self, message: str, returncode: Optional[int], tail: list[str], log_path: Optional[Path],
+                 oom_killed: Optional[bool] = None, killed: str = ""):
         super().__init__(message)
         self.returncode = returncode
         self.tail = tail
         self.log_path = log_path
+        self.oom_killed = oom_killed  # died by SIGKILL with the OOM killer's counter rising (None: cannot tell)
+        self.killed = killed  # the sentence that says which signal ended it and why, "" for a normal exit
 
 
 class EnvTimeoutError(EnvCommandError):
@@ -115,6 +118,7 @@ def run_in_env(
         log.flush()
 
     t0 = time.time()
+    oom_before = oom_kill_count()
     proc = subprocess.Popen(
         cmd, cwd=cwd or ROOT, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True, text=True, encoding="utf-8", errors="replace", bufsize=1,
@@ -159,10 +163,9 @@ def run_in_env(
             f"{what} (in the {env} environment) did not finish within {timeout:.0f} s and was stopped.{where}\n"
             f"  last lines:\n    {last}", proc.returncode, list(tail), log_path)
     if proc.returncode != 0:
-        hint = ""
-        if proc.returncode in (-9, 137):
-            hint = " It was killed (SIGKILL): most often the machine ran out of memory; lower batch size or cutoff_len."
+        killed, oom = describe_kill(proc.returncode, oom_before, oom_kill_count())
+        hint = f" {killed[0].upper()}{killed[1:]}" if killed else ""
         raise EnvCommandError(
             f"{what} (in the {env} environment) failed with exit code {proc.returncode}.{hint}{where}\n"
-            f"  last lines:\n    {last}", proc.returncode, list(tail), log_path)
+            f"  last lines:\n    {last}", proc.returncode, list(tail), log_path, oom_killed=oom, killed=killed)
     return EnvResult(proc.returncode, seconds, list(tail), log_path)

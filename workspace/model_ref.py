@@ -26,6 +26,11 @@ BLOCK = 64 << 10
 SAMPLES = 16  # blocks sampled per large file, evenly spaced (first and last included)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 META_SUFFIXES = (".json", ".model", ".jinja", ".txt", ".py", ".tiktoken")
+# records of how a folder was made, not what the model computes: a rebuild that writes the same weights (or a
+# training that reports another runtime) must keep the fingerprint, and with it every cached result built on it
+BUILD_RECORDS = frozenset({"manifest.json", "base_model_card.json", "pretrain_loss.json", "trainer_state.json",
+                           "all_results.json", "train_results.json", "eval_results.json", "method_report.json",
+                           "verification.json", "training_args.bin"})
 
 
 class ModelNotFound(RuntimeError):
@@ -58,10 +63,11 @@ def _file_digest(path: Path) -> str:
 
 
 def folder_fingerprint(path: Path) -> str:
-    """Digest of a model or adapter folder's weight and metadata files (not its checkpoints or logs)."""
+    """Digest of a model or adapter folder's weight, config and tokenizer files (not its checkpoints, logs or the
+    records of its build: BUILD_RECORDS)."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.suffix in META_SUFFIXES) and f.name != "manifest.json":
+        if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.suffix in META_SUFFIXES) and f.name not in BUILD_RECORDS:
             h.update(f.name.encode())
             h.update(_file_digest(f).encode())
     return h.hexdigest()[:16]

@@ -62,6 +62,55 @@ def _kill_group(pgid: int, sig: int) -> bool:
         return False
 
 
+def oom_kill_count() -> Optional[tuple[str, int]]:
+    """(where, count) of the kernel's OOM-killer kills that can see this process: its cgroup v2 memory.events, its
+    cgroup v1 memory.oom_control, else the machine's /proc/vmstat; None when none is readable. Compared before and
+    after a child dies by SIGKILL, it tells an out-of-memory kill from a kill -9 by a person or a scheduler."""
+    candidates = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events")
+            elif "memory" in controllers.split(","):
+                candidates.append(Path("/sys/fs/cgroup/memory/memory.oom_control"))
+    except (OSError, ValueError):
+        pass
+    candidates.append(Path("/proc/vmstat"))
+    for path in candidates:
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and value.strip().isdigit():
+                    return str(path), int(value)
+        except OSError:
+            continue
+    return None
+
+
+def describe_kill(returncode: Optional[int], oom_before: Optional[tuple[str, int]],
+                  oom_after: Optional[tuple[str, int]]) -> tuple[str, Optional[bool]]:
+    """For a child that died by a signal: the sentence that says so, and whether the OOM killer did it (None:
+    cannot tell). ("", None) for a normal exit."""
+    if returncode is None or returncode >= 0:
+        return "", None
+    sig = -returncode
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    text = f"it was killed by signal {sig} ({name})"
+    if sig != signal.SIGKILL:
+        return text + ".", False
+    if oom_before and oom_after and oom_before[0] == oom_after[0]:
+        if oom_after[1] > oom_before[1]:
+            return (text + f"; the kernel's OOM killer is the likely cause (oom_kill in {oom_after[0]} went from "
+                    f"{oom_before[1]} to {oom_after[1]} while it ran): it ran out of memory."), True
+        return (text + f"; no out-of-memory kill was recorded while it ran (oom_kill in {oom_after[0]} stayed at "
+                f"{oom_after[1]}), so something else sent SIGKILL: a person, a job scheduler or a time limit."), False
+    return text + "; whether the kernel's OOM killer did it cannot be told here (no oom_kill counter readable).", None
+
+
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     import httpx
 
@@ -113,6 +162,7 @@ class ManagedProcess:
             raise ProcessError(f"a {self.what} recorded in {self.pidfile} is already running "
                                f"(PID {recorded_pid(self.pidfile)}); stop it first")
         argv, env = self.command()
+        self._oom_before = oom_kill_count()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a", encoding="utf-8") as log:
             log.write(f"$ {' '.join(argv)}\n")
@@ -133,9 +183,10 @@ class ManagedProcess:
         while True:
             if self.proc.poll() is not None:
                 code = self.proc.returncode
+                killed, _ = describe_kill(code, getattr(self, "_oom_before", None), oom_kill_count())
                 self.stop()
-                raise ProcessError(f"{self.what} exited with code {code} before it was ready; log: {self.log_path}\n"
-                                   f"{self.tail()}")
+                raise ProcessError(f"{self.what} exited with code {code} before it was ready"
+                                   f"{'; ' + killed if killed else ''}; log: {self.log_path}\n{self.tail()}")
             if self.is_healthy():
                 return
             if time.monotonic() > deadline:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from workspace import offline
-from workspace.config import LoadedConfig, TrackingConfig
+from workspace.config import ConfigError, LoadedConfig, TrackingConfig
 from workspace.paths import ROOT, resolve
 
 
@@ -83,14 +83,53 @@ def prefect_flow_run() -> dict | None:
         return None
 
 
+class TrackingError(ConfigError):
+    """The tracking store cannot be reached or opened; the message names tracking.uri, where it was set, and the fix."""
+
+
+# MLflow retries an unreachable server 7 times with exponential backoff (about 4 minutes) before it says anything;
+# a workspace run asks a few times and then names the setting. A user's own value of these variables wins.
+HTTP_RETRIES, HTTP_TIMEOUT_S = "2", "30"
+
+
+def _unreachable(loaded: LoadedConfig, uri: str, why: str) -> TrackingError:
+    return TrackingError(f"tracking.uri = {uri} (set in {loaded.origin('tracking.uri')}) cannot be reached: {why}. "
+                         "Start the MLflow server there (`make ui` serves the local store), or point tracking.uri at "
+                         "a local store (the default is sqlite:///mlruns/mlflow.db)")
+
+
+def check_reachable(loaded: LoadedConfig, uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking server answers within `timeout` seconds, or TrackingError."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import httpx
+
+    try:
+        httpx.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise _unreachable(loaded, uri, f"{type(exc).__name__}: {exc}") from None
+
+
 def configure(loaded: LoadedConfig):
-    """Point MLflow at the configured store and experiment (creating it with its artifact root). Returns mlflow."""
+    """Point MLflow at the configured store and experiment (creating it with its artifact root). Returns mlflow.
+    Raises TrackingError (naming tracking.uri) within seconds when the store cannot be reached."""
+    import os
+
     offline.apply(loaded.config.hub.enabled)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
     import mlflow
 
     cfg = loaded.config.tracking
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+    uri = tracking_uri(cfg)
+    check_reachable(loaded, uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    except Exception as exc:  # noqa: BLE001 - MlflowException, SQLAlchemy's OperationalError, ...: all name the store
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise _unreachable(loaded, cfg.uri, first) from None
+    if experiment is None:
         try:
             mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg))
         except mlflow.exceptions.MlflowException:
