@@ -154,9 +154,11 @@ def run_key(loaded: LoadedConfig, dataset_hash: str) -> str:
 class TrainerLogFollower:
     """Tails LLaMA-Factory's trainer_log.jsonl while training runs; calls on_entry for each new line."""
 
-    def __init__(self, path: Path, on_entry: Callable[[dict], None], poll: float = 0.5):
+    def __init__(self, path: Path, on_entry: Callable[[dict], None], poll: float = 0.5, replay: bool = False):
         self.path, self.on_entry, self.poll = path, on_entry, poll
-        self._offset = path.stat().st_size if path.exists() else 0  # a resumed run: only new lines
+        # replay: a resumed run reports the entries up to its checkpoint again (the stage's MLflow run then holds
+        # the whole curve); otherwise only new lines
+        self._offset = 0 if replay or not path.exists() else path.stat().st_size
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -191,6 +193,28 @@ class TrainerLogFollower:
                     self.on_entry(entry)
                 except Exception as exc:  # noqa: BLE001 - a logging hiccup must not stop training
                     print(f"[finetune] could not record a trainer log entry: {exc}")
+
+
+def trim_trainer_log(path: Path, step: int) -> int:
+    """Before resuming from checkpoint-<step>: drop the killed run's entries past that step (they are trained again
+    and would make the logged curve step backwards), and a half-written last line. Returns how many were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if int(entry.get("current_steps", 0)) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+    return dropped
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
@@ -315,7 +339,9 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
     ckpt = latest_checkpoint(output_dir)
     resumed_from = int(ckpt.name.split("-")[-1]) if ckpt else None
     if ckpt:
-        print(f"[finetune] resuming from {ckpt.name} (an earlier run with the same inputs was interrupted)")
+        dropped = trim_trainer_log(output_dir / TRAINER_LOG, resumed_from)
+        print(f"[finetune] resuming from {ckpt.name} (an earlier run with the same inputs was interrupted; "
+              f"{dropped} log entries past the checkpoint dropped, they are trained again)")
 
     trainable: dict[str, int] = {}
 
@@ -338,7 +364,7 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
         argv = ["python", *entry]
     t0 = time.time()
     try:
-        with TrainerLogFollower(output_dir / TRAINER_LOG, on_entry or (lambda e: None)):
+        with TrainerLogFollower(output_dir / TRAINER_LOG, on_entry or (lambda e: None), replay=ckpt is not None):
             run_in_env("train", argv, timeout=timeout, log_path=log_path, on_line=on_line, echo=echo,
                        hub_enabled=loaded.config.hub.enabled, extra_env=extra_env, what="LLaMA-Factory training")
     except EnvCommandError as exc:

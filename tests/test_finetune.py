@@ -173,7 +173,10 @@ def test_qlora_run_logs_live_metrics_verifies_and_is_skipped_when_unchanged(tmp_
 
 @pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, prepared):
-    loaded = load_config(overrides=["finetune.max_steps=12", "finetune.save_steps=3", "finetune.logging_steps=1",
+    """Killed after checkpoint-4 with steps 5+ already logged, the rerun resumes from step 4; the trainer log and the
+    curve the stage reports (MLflow's) are monotonic in steps: the killed run's entries past the checkpoint are
+    dropped, the kept ones replayed."""
+    loaded = load_config(overrides=["finetune.max_steps=12", "finetune.save_steps=4", "finetune.logging_steps=1",
                                     "finetune.lora_rank=8", "finetune.batch_size=4"])
     out = tmp_path / "adapters" / f"{loaded.config.project.name}-{run_key(loaded, prepared.content_hash)}"
     out.mkdir(parents=True)
@@ -182,23 +185,35 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, prepared):
     env = dict(os.environ, DISABLE_VERSION_CHECK="1", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([str(VENVS["train"] / "bin" / "llamafactory-cli"), "train", str(rendered)], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def logged(key: str = "current_steps") -> list[int]:
+        path = out / "trainer_log.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [e["current_steps"] for e in (json.loads(x) for x in lines if x.endswith("}")) if key in e]
+
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and not (out / "checkpoint-3" / "trainer_state.json").exists():
+        while time.time() < deadline and not ((out / "checkpoint-4" / "trainer_state.json").exists() and max(logged() or [0]) >= 5):
             assert proc.poll() is None, "training ended before its first checkpoint"
-            time.sleep(0.5)
-        assert (out / "checkpoint-3").exists()
+            time.sleep(0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # as an OOM killer or a power cut would
         proc.wait()
+    assert (out / "checkpoint-4").exists() and not (out / "checkpoint-8").exists() and max(logged()) >= 5
     assert not (out / "manifest.json").exists()
-    result = train(loaded, prepared.path, prepared.content_hash, output_root=tmp_path / "adapters")
-    assert result.resumed_from is not None and result.resumed_from >= 3
+    reported: list[dict] = []
+    result = train(loaded, prepared.path, prepared.content_hash, output_root=tmp_path / "adapters",
+                   on_entry=reported.append)
+    assert result.resumed_from == 4
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 12
     assert "Resuming training from" in (out / "train.log").read_text()
     steps = [h["step"] for h in state["log_history"] if "loss" in h]
     assert steps[-1] == 12
+    assert logged("loss") == list(range(1, 13))  # no training step twice, none missing
+    assert logged() == sorted(logged())  # evaluation entries share their step; nothing steps backwards
+    assert [e["current_steps"] for e in reported if "loss" in e] == list(range(1, 13))
+    assert [e["current_steps"] for e in reported] == sorted(e["current_steps"] for e in reported)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from finetune.prepare import PrepareError, clean_text, mask_pii, prepare_dataset
+from finetune.prepare import PrepareError, clean_text, prepare_dataset
 from workspace.config import load_config
 
 PII_VALUES = ["hong.gildong@example.co.kr", "010-1234-5678", "02-345-6789", "900101-1234567", "4111-1111-1111-1111",
