@@ -47,13 +47,15 @@ def usage(server: VllmServer, info: dict) -> str:
     model = champion_model_name(info)
     key = server.cfg.api_key_env
     auth = f" \\\n    -H \"Authorization: Bearer ${key}\"" if key else ""
+    key_line = (f"\n  API key: the value of ${key} (serving.api_key_env); every route but /health needs it, /metrics too"
+                if key else "\n  API key: none (set serving.api_key_env to the NAME of a variable holding one)")
     return f"""serving {info.get('version') and 'champion v' + info['version']} at {server.base_url}
-  models: base '{info['served_model_name']}', adapter(s) {info['lora_names']}
+  models: base '{info['served_model_name']}', adapter(s) {info['lora_names']}{key_line}
   curl {server.base_url}/chat/completions -H 'Content-Type: application/json'{auth} \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "회원 목록 화면을 생성해주세요. 필드: 이름, 이메일"}}]}}'
-  python: from openai import OpenAI; c = OpenAI(base_url="{server.base_url}", api_key={f'os.environ["{key}"]' if key else '"EMPTY"'})
+  python: import os; from openai import OpenAI; c = OpenAI(base_url="{server.base_url}", api_key={f'os.environ["{key}"]' if key else '"EMPTY"'})
           c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "..."}}], stream=True)
-  metrics: http://{server.host}:{server.port}/metrics      stop: Ctrl-C"""
+  metrics: curl http://{server.host}:{server.port}/metrics{f' -H "Authorization: Bearer ${key}"' if key else ''}      stop: Ctrl-C"""
 
 
 def smoke_test(loaded: LoadedConfig, prompt: str, *, dest: Optional[Path] = None, max_tokens: int = 64) -> dict:

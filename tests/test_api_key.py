@@ -45,9 +45,27 @@ def keyed(tmp_path_factory):
 
 
 def test_the_server_refuses_a_request_without_the_key(keyed):
+    """The API, and /metrics and /tokenize (which vLLM's own key check leaves open), need the key; /health does not."""
     url = keyed["server"].base_url
+    root = url.removesuffix("/v1")
+    good = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(f"{url}/models", timeout=10).status_code == 401
-    assert httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 200
+    assert httpx.get(f"{url}/models", headers=good, timeout=10).status_code == 200
+    assert httpx.get(f"{root}/metrics", timeout=10).status_code == 401
+    assert httpx.get(f"{root}/metrics", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+    metrics = httpx.get(f"{root}/metrics", headers=good, timeout=10)
+    assert metrics.status_code == 200 and "vllm:" in metrics.text
+    assert httpx.post(f"{root}/tokenize", json={"model": "base", "prompt": "a"}, timeout=10).status_code == 401
+    assert httpx.get(f"{root}/health", timeout=10).status_code == 200
+
+
+def test_the_serve_hint_names_the_key_variable(keyed):
+    from serving.serve import usage
+
+    text = usage(keyed["server"], {"version": "3", "served_model_name": "base", "lora_names": ["screen-xml"]})
+    assert f"API key: the value of ${KEY_ENV} (serving.api_key_env)" in text
+    assert f'api_key=os.environ["{KEY_ENV}"]' in text and '"EMPTY"' not in text and KEY not in text
+    assert f'/metrics -H "Authorization: Bearer ${KEY_ENV}"' in text
 
 
 def test_generation_for_the_custom_metrics_sends_the_key(keyed, tmp_path):

@@ -88,3 +88,75 @@ def test_a_kill_is_not_called_out_of_memory(tmp_path):
     why = explain_failure(exc, tmp_path / "k.log", method="qlora")
     assert "killed by signal 9 (SIGKILL)" in why and "ran out of memory" not in why and "use method qlora" not in why
     assert "resumes" in why
+
+
+PARENT = """
+import sys, threading, time
+from pathlib import Path
+from workspace.envrunner import run_in_env
+from workspace.processes import ManagedProcess
+out, port = Path(sys.argv[1]), int(sys.argv[2])
+server = ManagedProcess(["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"], log_path=out / "server.log",
+                        health_url=f"http://127.0.0.1:{port}/")
+server.start(timeout=60)
+(out / "server.pgid").write_text(str(server.pid))
+code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)"
+threading.Thread(target=run_in_env, args=("workspace", ["python", "-c", code, str(out / "job.pid")]),
+                 kwargs={"echo": False}, daemon=True).start()
+while not (out / "job.pid").exists():
+    time.sleep(0.1)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_children_die_with_a_parent_killed_by_sigkill(tmp_path):
+    """A server (ManagedProcess, as vLLM) and a one-shot job (run_in_env, as training, started from a worker thread)
+    are gone, and the port free, within seconds of their parent's SIGKILL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from workspace.paths import ROOT
+    from workspace.processes import free_port, port_is_free
+
+    port = free_port()
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path), str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        server_group = int((tmp_path / "server.pgid").read_text())
+        job = int((tmp_path / "job.pid").read_text())
+        assert _alive(job) and not port_is_free("127.0.0.1", port)
+        os.kill(parent.pid, signal.SIGKILL)  # no handler, no cleanup: only what the children do themselves
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (_alive(job) or _group_alive(server_group)):
+            time.sleep(0.2)
+        assert not _alive(job), "the job outlived its parent"
+        assert not _group_alive(server_group), "the server outlived its parent"
+        assert port_is_free("127.0.0.1", port)
+    finally:
+        for pgid in [parent.pid] + ([server_group] if "server_group" in locals() else []):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if "job" in locals() and _alive(job):
+            os.kill(job, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    import os
+
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != b"Z":
+                return True
+    return False

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 from workspace import offline
 from workspace.paths import ROOT, VENVS
-from workspace.processes import describe_kill, oom_kill_count, stop_process_group
+from workspace.processes import describe_kill, guarded, oom_kill_count, stop_process_group
 
 TAIL_LINES = 40
 
@@ -120,7 +120,7 @@ def run_in_env(
     t0 = time.time()
     oom_before = oom_kill_count()
     proc = subprocess.Popen(
-        cmd, cwd=cwd or ROOT, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        guarded(cmd), cwd=cwd or ROOT, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True, text=True, encoding="utf-8", errors="replace", bufsize=1,
     )
 

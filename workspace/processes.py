@@ -16,9 +16,19 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+
+GUARD = Path(__file__).with_name("guard.py")
+
+
+def guarded(argv: Sequence[str]) -> list[str]:
+    """argv run under workspace/guard.py: it dies with this process, even when this process is killed by SIGKILL
+    (the guard stops the child's whole process group when its parent is gone)."""
+    return [sys.executable, "-I", str(GUARD), str(os.getpid()), "--", *argv]
 
 
 class ProcessError(RuntimeError):
@@ -32,7 +42,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Nothing listens there. SO_REUSEADDR as servers (uvicorn, vLLM) set it: connections of a stopped server that
+    linger in TIME_WAIT do not count, a listening socket does."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
@@ -167,7 +180,9 @@ class ManagedProcess:
         with open(self.log_path, "a", encoding="utf-8") as log:
             log.write(f"$ {' '.join(argv)}\n")
             log.flush()
-            self.proc = subprocess.Popen(argv, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+            # a process that is meant to outlive this command (pid file) runs unguarded; every other one dies with us
+            run = argv if self.pidfile is not None else guarded(argv)
+            self.proc = subprocess.Popen(run, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         if self.pidfile is not None:
             self.pidfile.parent.mkdir(parents=True, exist_ok=True)

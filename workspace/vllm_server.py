@@ -53,10 +53,14 @@ class VllmServer(ManagedProcess):
         return Endpoint(self.base_url, model or self.served_model_name, api_key_env=self.cfg.api_key_env,
                         concurrency=concurrency)
 
+    def _auth_args(self) -> list[str]:
+        # vLLM's key covers /v1 only; workspace/vllm_auth.py puts /metrics and the rest behind the same key
+        return ["--middleware", "workspace.vllm_auth.RequireKey"] if self.cfg.api_key_env else []
+
     def argv(self) -> list[str]:
         if self.config_file:
             return ["python", "-m", "workspace.vllm_launcher", "serve", "--config", str(self.config_file),
-                    "--host", self.host, "--port", str(self.port), *self.extra_args]
+                    "--host", self.host, "--port", str(self.port), *self._auth_args(), *self.extra_args]
         c = self.cfg
         argv = ["python", "-m", "workspace.vllm_launcher", "serve", self.model, "--host", self.host, "--port",
                 str(self.port), "--served-model-name", self.served_model_name, "--dtype", c.dtype, "--max-model-len",
@@ -69,7 +73,7 @@ class VllmServer(ManagedProcess):
         if self.lora_modules:
             argv += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--lora-modules",
                      *[f"{name}={path}" for name, path in self.lora_modules.items()]]
-        return argv + list(self.extra_args)
+        return argv + self._auth_args() + list(self.extra_args)
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         env = {"VLLM_CPU_KVCACHE_SPACE": str(self.cfg.cpu_kvcache_space_gib), "VLLM_CPU_OMP_THREADS_BIND": "auto"}
