@@ -117,7 +117,7 @@ def build_base_model(build: BaseModelBuild, out_dir: Path, force: bool = False, 
         card = json.loads(card_path.read_text())
         if card.get("fingerprint") == fingerprint:
             if not quiet:
-                print(f"[base-model] {out_dir} is current (fingerprint {fingerprint}); --force rebuilds")
+                print(f"[base-model] {out_dir} is current (fingerprint {fingerprint}); `make rebuild-base-model` rebuilds")
             return card
 
     import torch  # imported only when there is work to do: the up-to-date check above stays fast

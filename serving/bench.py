@@ -72,10 +72,12 @@ def write_dataset(path: Path, prompts: list[str], output_tokens: int) -> Path:
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfa]+)')
 
 
-def scrape(metrics_url: str) -> dict[str, float]:
-    """Prometheus text -> {series name: value summed over label sets}; {} when the endpoint has no /metrics."""
+def scrape(metrics_url: str, api_key: Optional[str] = None) -> dict[str, float]:
+    """Prometheus text -> {series name: value summed over label sets}; {} when the endpoint has no /metrics.
+    With a key, /metrics is behind it like the API (workspace/vllm_auth.py)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = httpx.get(metrics_url, timeout=10)
+        r = httpx.get(metrics_url, timeout=10, headers=headers)
     except httpx.HTTPError:
         return {}
     if r.status_code != 200:
@@ -153,7 +155,8 @@ def run_step(*, server: str, endpoint: Endpoint, tokenizer: str, dataset: Path, 
     res = StepResult(server, concurrency, prompt_tokens, requests)
     name = f"{server}-{res.step}.json"
     out_dir.mkdir(parents=True, exist_ok=True)
-    before = scrape(metrics_url) if metrics_url else {}
+    key = endpoint.api_key if endpoint is not None else None
+    before = scrape(metrics_url, key) if metrics_url else {}
     argv = ["python", "-m", "workspace.vllm_launcher", "bench", "serve", "--backend", "openai-chat",
             "--base-url", base_url.removesuffix("/v1"), "--endpoint", "/v1/chat/completions", "--model", model,
             "--tokenizer", tokenizer, "--dataset-name", "custom", "--dataset-path", str(dataset),
@@ -180,7 +183,7 @@ def run_step(*, server: str, endpoint: Endpoint, tokenizer: str, dataset: Path, 
     res.requests_per_min = 60.0 * res.completed / res.duration_s if res.duration_s else 0.0
     res.error_rate = (requests - res.completed) / requests if requests else 1.0
     if metrics_url:
-        res.server_side = server_side(before, scrape(metrics_url))
+        res.server_side = server_side(before, scrape(metrics_url, key))
         res.cross_check = cross_check(res)
     return res
 

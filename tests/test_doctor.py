@@ -9,7 +9,7 @@ from workspace import doctor, paths
 def test_missing_environment_is_reported_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setitem(paths.VENVS, "train", tmp_path / "no-venv")
     monkeypatch.setitem(doctor.VENVS, "train", tmp_path / "no-venv")
-    results = [c for c in doctor.checks("models/base-tiny") if c.env == "train"]
+    results = doctor.checks("models/base-tiny", envs=("train",))
     assert len(results) == 1 and not results[0].ok
     assert "setup_env.py train --force" in results[0].fix and "no-venv missing" in results[0].detail
 

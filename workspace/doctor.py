@@ -80,14 +80,14 @@ LOAD_BASE = (
 )
 
 
-def checks(base_model: str) -> list[Check]:
+def checks(base_model: str, envs: tuple[str, ...] = ("workspace", "train", "serve")) -> list[Check]:
     out: list[Check] = []
     engine_checks: dict[str, list[tuple[str, list[str], float]]] = {
         "workspace": [("imports", ["python", "-c", IMPORT_WORKSPACE], 180)],
         "train": [("llamafactory-cli version", ["llamafactory-cli", "version"], 180)],
         "serve": [("vllm launcher --help", ["python", "-m", "workspace.vllm_launcher", "serve", "--help"], 240)],
     }
-    for env in ("workspace", "train", "serve"):
+    for env in envs:
         venv = VENVS[env]
         stamp = venv / ".setup-stamp"
         if not (venv / "bin" / "python").exists():
@@ -112,7 +112,7 @@ def checks(base_model: str) -> list[Check]:
         model_dir = ROOT / base_model
         if (model_dir / "config.json").exists():
             ok, detail = _run(env, ["python", "-c", LOAD_BASE, str(model_dir)], 180)
-            out.append(Check(env, "base model", ok, detail, "" if ok else "run `make base-model` (--force to rebuild)"))
+            out.append(Check(env, "base model", ok, detail, "" if ok else "run `make rebuild-base-model`"))
         else:
             out.append(Check(env, "base model", False, f"{base_model} not built", "run `make base-model`"))
     return out
