@@ -1,7 +1,8 @@
 """Every consumer of an OpenAI-compatible endpoint sends the API key the configuration names, through the one
 endpoint client (workspace/endpoint.py), against a real vLLM started with that key (`serving.api_key_env`):
-custom-metric generation, the LLM judge, lm-eval's local-completions, `make ask`, the load benchmark, the SLO
-check and the pipeline's serve check. A wrong or missing key is an error naming the variable, not a traceback."""
+custom-metric generation, the LLM judge, lm-eval's local-completions, `make ask`, the load benchmark (whose
+`run_step` is also the SLO check's request path, so the SLO check is not served a third time here) and the
+pipeline's serve check. A wrong or missing key is an error naming the variable, not a traceback."""
 from __future__ import annotations
 
 import subprocess
@@ -14,7 +15,7 @@ from eval.evaluate import evaluate
 from eval.judge import JudgeUnavailable, check_judge, judge_metric, score_with_judge
 from eval.kobest import EvalError, run_kobest
 from finetune.prepare import prepare_dataset
-from serving.bench import build_prompts, run_step, slo_benchmark, workload_texts, write_dataset
+from serving.bench import build_prompts, run_step, workload_texts, write_dataset
 from serving.serve import smoke_test
 from workspace.config import JudgeConfig, load_config
 from workspace.endpoint import Endpoint, EndpointError
@@ -111,13 +112,6 @@ def test_the_load_benchmark_sends_the_key(keyed, tmp_path):
                     requests=3, output_tokens=8, out_dir=tmp_path, timeout=300,
                     metrics_url=f"http://{server.host}:{server.port}/metrics")
     assert step.completed == 3 and step.error_rate == 0 and step.server_side["requests"] == 3
-
-
-def test_the_slo_check_sends_the_key(keyed, tmp_path):
-    cfg = keyed["loaded"].config
-    slo = cfg.gate.slo.model_copy(update={"requests": 3, "concurrency": 2, "prompt_tokens": 64, "output_tokens": 8})
-    step = slo_benchmark(cfg.serving, slo, BASE, None, 8, workload_texts(None, None), tmp_path)
-    assert step.completed == 3 and step.error_rate == 0
 
 
 def test_the_serve_check_sends_the_key(keyed, tmp_path, promote_random_adapter):
