@@ -6,6 +6,11 @@ an MLflow stage run with live metrics and the loss curve.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
+    from workspace.processes import guard_this_process
+
+    guard_this_process()
+
 import sys
 
 from workspace import offline

@@ -18,6 +18,11 @@ Exit codes: 0 done, 2 an error (named), 3 the gate refused the candidate.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
+    from workspace.processes import guard_this_process
+
+    guard_this_process()
+
 import argparse
 import json
 import sys

@@ -7,6 +7,11 @@ run with the dataset as inputs. An unchanged rerun is a cache hit; --force redoe
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
+    from workspace.processes import guard_this_process
+
+    guard_this_process()
+
 import sys
 
 from workspace import offline

@@ -8,6 +8,11 @@ document ids, through the shared endpoint client (the API key from `serving.api_
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
+    from workspace.processes import guard_this_process
+
+    guard_this_process()
+
 import sys
 
 from workspace import offline

@@ -4,6 +4,11 @@
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
+    from workspace.processes import guard_this_process
+
+    guard_this_process()
+
 import argparse
 import signal
 import sys

@@ -160,3 +160,63 @@ def _group_alive(pgid: int) -> bool:
             if int(fields[2]) == pgid and fields[0] != b"Z":
                 return True
     return False
+
+
+def test_a_killed_command_takes_prefects_temporary_server_with_it(tmp_path):
+    """`make prepare` (any flow command) runs under the guard: killed by SIGKILL, the temporary Prefect API server
+    that Prefect itself started for the run (a uvicorn process the workspace does not manage) goes too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from workspace.paths import ROOT
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    env.pop("LLMOPS_GUARD_PID", None)
+    guard = subprocess.Popen([sys.executable, "-m", "flows.prepare", "--force", "--set", f"data.output_dir={tmp_path}"],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, flow, server = time.monotonic() + 120, None, None
+        while time.monotonic() < deadline and server is None:
+            kids = _children(guard.pid)
+            flow = next((k for k in kids if "flows.prepare" in _cmdline(k)), None)
+            server = next((k for k in _children(flow) if "uvicorn" in _cmdline(k)), None) if flow else None
+            assert guard.poll() is None, "the command ended before its Prefect server was seen"
+            time.sleep(0.1)
+        assert flow and server, "no temporary Prefect server seen under the command"
+        os.kill(flow, signal.SIGKILL)
+        assert guard.wait(timeout=30) == -signal.SIGKILL  # the guard reports the kill as what it was
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _alive(server):
+            time.sleep(0.2)
+        assert not _alive(server), "Prefect's temporary server outlived the killed command"
+    finally:
+        try:
+            os.killpg(guard.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _children(pid: int) -> list[int]:
+    import os
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

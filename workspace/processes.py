@@ -31,6 +31,19 @@ def guarded(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-I", str(GUARD), str(os.getpid()), "--", *argv]
 
 
+def guard_this_process() -> None:
+    """Called first by the workspace's commands (flows/*): re-run this very command line under the guard, once, so
+    what it starts that the workspace does not manage itself (Prefect's temporary API server, a uvicorn process)
+    also dies when the command is killed, by SIGKILL too. The guard takes this PID (exec) and stays the child of
+    whoever started the command (make, a shell, a test). LLMOPS_NO_GUARD=1 turns it off."""
+    if os.environ.get("LLMOPS_GUARD_PID") == str(os.getppid()) or os.environ.get("LLMOPS_NO_GUARD") == "1":
+        return
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-I", str(GUARD), str(os.getppid()), "--", *argv])
+
+
 class ProcessError(RuntimeError):
     """A managed process could not start, died during start-up, or never became healthy (the message has the log)."""
 
