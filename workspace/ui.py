@@ -35,7 +35,10 @@ def main() -> int:
             artifact_location(cfg), "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
     print(f"[ui] MLflow UI for {uri}\n[ui] open http://127.0.0.1:{args.port}  (starting takes about 20-60 s; Ctrl-C stops it)",
           flush=True)
-    os.execv(sys.executable, argv)
+    # under workspace/guard.py: the UI's worker processes go with it, even when it is killed by SIGKILL
+    from workspace.processes import GUARD
+
+    os.execv(sys.executable, [sys.executable, "-I", str(GUARD), str(os.getppid()), "--", *argv])
 
 
 if __name__ == "__main__":
