@@ -662,17 +662,10 @@ def prepare_dataset(loaded: LoadedConfig, force: bool = False) -> PreparedDatase
                                    f"(same prompt): {shown}. Remove them from one side; a test set that overlaps "
                                    "training measures memory, not generalisation.")
             splits["test"] = test_rows
+        # every source is under data.max_reject_ratio (checked above), so their sum is too
         rejected = sum(c.rejected for c in train_counts)
         total = sum(c.rows_read for c in train_counts)
         ratio = rejected / total if total else 0.0
-        if ratio > max_ratio:
-            top = Counter()
-            for c in train_counts:
-                top.update(c.reasons)
-            raise PrepareError(
-                f"{rejected} of {total} training rows rejected ({ratio:.1%} > data.max_reject_ratio {max_ratio:.1%}), "
-                f"top reasons: {', '.join(f'{r} x{k}' for r, k in top.most_common(3))}. Fix the source files, or "
-                "raise data.max_reject_ratio.")
         if not splits["train"]:
             raise PrepareError(f"no training rows left after the split ({len(rows)} kept rows all went to val/test); "
                                "lower data.val_ratio / data.test_ratio or add data")
