@@ -162,6 +162,7 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+@pytest.mark.slow  # a whole flow command (Prefect's temporary server)
 def test_a_killed_command_takes_prefects_temporary_server_with_it(tmp_path):
     """`make prepare` (any flow command) runs under the guard: killed by SIGKILL, the temporary Prefect API server
     that Prefect itself started for the run (a uvicorn process the workspace does not manage) goes too."""

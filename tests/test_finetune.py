@@ -57,6 +57,7 @@ def _lf_check(*args) -> tuple[int, str]:
         return exc.returncode, "\n".join(exc.tail)
 
 
+@pytest.mark.slow  # LLaMA-Factory's parser in the train env
 def test_llamafactory_parser_accepts_the_rendering_and_names_a_bad_value(tmp_path, prepared):
     """The rendered YAML passes LLaMA-Factory's own argument parser and enum types; the value every earlier
     "QLoRA" run was rendered with (`bitsandbytes`, silently ignored by LLaMA-Factory) is refused by name."""
@@ -73,6 +74,7 @@ def test_llamafactory_parser_accepts_the_rendering_and_names_a_bad_value(tmp_pat
     assert "INVALID lora_rnak" in out
 
 
+@pytest.mark.slow  # LLaMA-Factory's parser in the train env
 def test_the_stage_refuses_an_invalid_rendering_before_training(tmp_path, prepared, monkeypatch):
     import finetune.train as train_mod
 
@@ -84,6 +86,7 @@ def test_the_stage_refuses_an_invalid_rendering_before_training(tmp_path, prepar
     assert not list(tmp_path.rglob("checkpoint-*")) and not list(tmp_path.rglob("adapter_model.safetensors"))
 
 
+@pytest.mark.slow  # LLaMA-Factory's parser in the train env
 def test_every_profile_renders_what_llamafactory_accepts(tmp_path, prepared):
     """GPU profiles too, on this CPU machine: keys and enum values through LLaMA-Factory's parser (bf16/fp16 are
     not checked against hardware this machine lacks)."""

@@ -398,6 +398,7 @@ def test_source_path_errors_name_the_key_and_the_file_that_set_it(tmp_path):
         prepare_dataset(load_config(own))
 
 
+@pytest.mark.slow  # a whole flow command (Prefect's temporary server)
 def test_a_directory_as_a_source_ends_with_one_line_and_exit_2(tmp_path):
     """Run as a user would: `make prepare` with a folder as a source prints one [error] line (no traceback) naming
     the key, the flag that set it and the fix, and exits with the documented code 2."""
