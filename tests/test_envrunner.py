@@ -148,18 +148,9 @@ def test_children_die_with_a_parent_killed_by_sigkill(tmp_path):
 
 
 def _group_alive(pgid: int) -> bool:
-    import os
+    from workspace.guard import process_table
 
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    fields = fh.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != b"Z":
-                return True
-    return False
+    return any(group == pgid and state != b"Z" for _, group, state in process_table().values())
 
 
 @pytest.mark.slow  # a whole flow command (Prefect's temporary server)
@@ -200,19 +191,9 @@ def test_a_killed_command_takes_prefects_temporary_server_with_it(tmp_path):
 
 
 def _children(pid: int) -> list[int]:
-    import os
+    from workspace.guard import process_table
 
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    fields = fh.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
+    return [child for child, (ppid, _, _) in process_table().items() if ppid == pid]
 
 
 def _cmdline(pid: int) -> str:

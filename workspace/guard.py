@@ -41,8 +41,8 @@ def _become_subreaper() -> bool:
         return False
 
 
-def _table() -> dict[int, tuple[int, bytes]]:
-    """pid -> (parent pid, state) of every process, from /proc."""
+def process_table() -> dict[int, tuple[int, int, bytes]]:
+    """pid -> (parent pid, process group, state) of every process, from /proc."""
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -51,20 +51,20 @@ def _table() -> dict[int, tuple[int, bytes]]:
                     fields = fh.read().rsplit(b")", 1)[1].split()
             except OSError:
                 continue
-            out[int(entry)] = (int(fields[1]), fields[0])
+            out[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
     return out
 
 
 def _descendants(skip_zombies: bool = True) -> list[int]:
-    me, table = os.getpid(), _table()
+    me, table = os.getpid(), process_table()
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
+    for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     out, todo = [], list(children.get(me, []))
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
-        if not (skip_zombies and table[pid][1] == b"Z"):
+        if not (skip_zombies and table[pid][2] == b"Z"):
             out.append(pid)
     return out
 

@@ -25,10 +25,10 @@ from typing import Callable, Optional, Sequence
 GUARD = Path(__file__).with_name("guard.py")
 
 
-def guarded(argv: Sequence[str]) -> list[str]:
-    """argv run under workspace/guard.py: it dies with this process, even when this process is killed by SIGKILL
-    (the guard stops the child's whole process group when its parent is gone)."""
-    return [sys.executable, "-I", str(GUARD), str(os.getpid()), "--", *argv]
+def guarded(argv: Sequence[str], parent: Optional[int] = None) -> list[str]:
+    """argv run under workspace/guard.py: it dies with `parent` (default: this process), even when that is killed
+    by SIGKILL (the guard stops every process below it when its parent is gone)."""
+    return [sys.executable, "-I", str(GUARD), str(parent or os.getpid()), "--", *argv]
 
 
 def guard_this_process() -> None:
@@ -38,10 +38,9 @@ def guard_this_process() -> None:
     whoever started the command (make, a shell, a test). LLMOPS_NO_GUARD=1 turns it off."""
     if os.environ.get("LLMOPS_GUARD_PID") == str(os.getppid()) or os.environ.get("LLMOPS_NO_GUARD") == "1":
         return
-    argv = [sys.executable, *sys.orig_argv[1:]]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-I", str(GUARD), str(os.getppid()), "--", *argv])
+    os.execv(sys.executable, guarded([sys.executable, *sys.orig_argv[1:]], parent=os.getppid()))
 
 
 class ProcessError(RuntimeError):

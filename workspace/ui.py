@@ -36,9 +36,9 @@ def main() -> int:
     print(f"[ui] MLflow UI for {uri}\n[ui] open http://127.0.0.1:{args.port}  (starting takes about 20-60 s; Ctrl-C stops it)",
           flush=True)
     # under workspace/guard.py: the UI's worker processes go with it, even when it is killed by SIGKILL
-    from workspace.processes import GUARD
+    from workspace.processes import guarded
 
-    os.execv(sys.executable, [sys.executable, "-I", str(GUARD), str(os.getppid()), "--", *argv])
+    os.execv(sys.executable, guarded(argv, parent=os.getppid()))
 
 
 if __name__ == "__main__":
