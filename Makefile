@@ -15,15 +15,21 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs base-model rebuild-base-model data doctor test test-fast bench-model-key bench-tests pipeline prepare finetune eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-setup: envs base-model  ## build the three venvs from requirements/*.lock (idempotent) and the base model if missing
+setup: envs base-model  ## build the venvs from requirements/*.lock (idempotent; GPU=1 adds the CUDA ones) and the base model if missing
 
-envs:  ## the three virtual environments only (GPU=1: CUDA vLLM in the serve env)
+envs:  ## the virtual environments only: workspace, train, serve (GPU=1: also .venv-train-gpu, .venv-serve-gpu)
 	@GPU=$(GPU) $(PY3) workspace/setup_env.py
+
+lock: envs  ## compile requirements/{train,serve}-gpu.lock from their .in files (uv; Linux x86-64 / Python 3.11); CHECK=1 only checks
+	@$(PY) -m workspace.lock $(if $(CHECK),--check)
+
+plan: setup  ## preflight PROFILE=<name>: configs, engine parsers, train/serve fit, hardware, hub fetches; NO_HW=1 skips the hardware
+	@$(PY) -m flows.plan $(CFG_ARGS) $(if $(NO_HW),--no-hardware-check)
 
 base-model: envs  ## build models/base-tiny when missing or its build settings changed (FORCE does not rebuild it)
 	@$(PY) -m finetune.base_model $(CFG_ARGS)
@@ -54,6 +60,9 @@ prepare: setup  ## validate, clean, mask and split data/raw into data/processed/
 finetune: setup  ## QLoRA/LoRA with LLaMA-Factory on the prepared data (resumes; skips when done; FORCE=1 retrains)
 	@$(PY) -m flows.finetune $(CFG_ARGS) $(if $(FORCE),--force)
 
+finetune-worker: setup  ## a NODE_RANK>0 host of a multi-host run (finetune.nnodes): train only; NODE_RANK, MASTER_ADDR set
+	@$(PY) -m flows.finetune $(CFG_ARGS) --worker
+
 eval: setup  ## KoBEST (lm-eval) + custom DeepEval metrics for base and candidate; report + MLflow runs
 	@$(PY) -m flows.evaluate $(CFG_ARGS)
 
@@ -75,10 +84,13 @@ rag: setup  ## index data/raw/rag into Qdrant (incremental) and measure dense/sp
 ask: setup  ## answer Q="..." from the corpus with the served model (`make serve` first), citing documents
 	@$(PY) -m flows.rag $(CFG_ARGS) --ask "$(Q)"
 
-bench: bench-prepare bench-finetune bench-eval bench-gate bench-rag bench-serve bench-pipeline bench-model-key  ## every benchmark; each writes its section of docs/BENCHMARKS.md
+bench: bench-prepare bench-finetune bench-eval bench-gate bench-rag bench-serve bench-pipeline bench-model-key bench-plan  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 
 bench-model-key: envs  ## the model fingerprint of a synthetic >= 4 GB safetensors folder (target < 1 s)
 	@$(PY) -m workspace.bench_model_key
+
+bench-plan: setup  ## the GPU path on this machine: CUDA lock resolution, make plan for every GPU profile, fit per profile
+	@$(PY) -m flows.bench_plan
 
 bench-tests: setup  ## time `make test-fast` (FULL=1: and `make test`) -> docs/BENCHMARKS.md (section tests)
 	@$(PY) -m workspace.bench_test_lanes $(if $(FULL),--full)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from workspace.config import LoadedConfig
+from workspace.device import require_cuda, resolve_dtype
 from workspace.endpoint import Endpoint
 from workspace.fsutil import swap_in
 from workspace.model_ref import ModelRef
@@ -77,7 +78,8 @@ def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backen
         raise EvalError(f"custom suite: {test_file} has no items")
     try:
         if backend == "hf":
-            gens = generate_hf(model.base, model.adapter, items, cfg.max_new_tokens, progress=progress)
+            gens = generate_hf(model.base, model.adapter, items, cfg.max_new_tokens, device=cfg.device,
+                               dtype=resolve_dtype(cfg.device, cfg.dtype), progress=progress)
         else:
             gens = generate_openai(endpoint, items, cfg.max_new_tokens, progress=progress)
     except Exception as exc:  # noqa: BLE001 - name the model/endpoint that failed
@@ -137,6 +139,9 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
     if (out_dir / "metrics.json").exists():
         saved = json.loads((out_dir / "metrics.json").read_text())
         return EvalResult(model, saved["metrics"], out_dir / "items.jsonl", out_dir, cached=True, info=saved["info"])
+    need = ([("eval.device", "cuda")] if backend == "hf" and cfg.device == "cuda" else []) + \
+        ([("serving.engine", "vllm")] if backend == "vllm" and loaded.config.serving.engine == "vllm" else [])
+    require_cuda(loaded, (), what=f"evaluation ({backend} backend)", need=need)
 
     server = None
     if backend == "vllm" and endpoint is None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from workspace.device import torch_device
 from workspace.endpoint import Endpoint
 
 
@@ -39,16 +40,22 @@ def load_items(path: Path, limit: Optional[int] = None) -> list[dict]:
     return items
 
 
-def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_tokens: int,
+def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_tokens: int, *, device: str, dtype: str,
                 batch_size: int = 16, progress=None) -> Generations:
+    """Greedy generation in this process on `device` ('cpu' | 'cuda') in `dtype` (a torch dtype name; from
+    eval.device / eval.dtype through workspace.device.resolve_dtype)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"eval.device is cuda but torch {torch.__version__} in the workspace env sees no CUDA GPU")
 
     tok = AutoTokenizer.from_pretrained(base)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    model.to(torch_device(device))
     if adapter:
         from peft import PeftModel
 
@@ -60,7 +67,7 @@ def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_to
     t0 = time.time()
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            batch = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             new = gen[:, batch["input_ids"].shape[1]:]

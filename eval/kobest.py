@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from workspace.config import EvalConfig
+from workspace.device import resolve_dtype, torch_device
 from workspace.endpoint import Endpoint, EndpointError
 from workspace.paths import CONFIGS, resolve
 
@@ -106,9 +107,12 @@ class KobestResult:
     n_items: int
 
 
-def _model_spec(backend: str, base: str, adapter: Optional[str], endpoint: Optional[Endpoint]) -> tuple[str, dict]:
+def _model_spec(backend: str, base: str, adapter: Optional[str], endpoint: Optional[Endpoint],
+                cfg: EvalConfig) -> tuple[str, dict]:
     if backend == "hf":
-        args = {"pretrained": base, "dtype": "float32", "device": "cpu", "trust_remote_code": False}
+        # eval.device / eval.dtype (auto: float32 on the CPU, bf16 or fp16 on a GPU; workspace/device.py)
+        args = {"pretrained": base, "dtype": resolve_dtype(cfg.device, cfg.dtype), "device": torch_device(cfg.device),
+                "trust_remote_code": False}
         if adapter:
             args["peft"] = adapter
         return "hf", args
@@ -127,7 +131,7 @@ def run_kobest(cfg: EvalConfig, base: str, adapter: Optional[str], *, backend: s
     import lm_eval
 
     tasks = task_configs(cfg, hub_enabled)
-    model, model_args = _model_spec(backend, base, adapter, endpoint)
+    model, model_args = _model_spec(backend, base, adapter, endpoint, cfg)
     t0 = time.time()
     try:
         res = lm_eval.simple_evaluate(

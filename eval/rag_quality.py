@@ -22,6 +22,7 @@ from eval.generate import generate_hf, generate_openai  # noqa: E402
 from eval.judge import check_judge  # noqa: E402
 from eval.metrics import _RuleMetric  # noqa: E402
 from workspace.config import EvalConfig  # noqa: E402
+from workspace.device import resolve_dtype  # noqa: E402
 from workspace.endpoint import Endpoint  # noqa: E402
 from workspace.model_ref import ModelRef  # noqa: E402
 
@@ -68,7 +69,8 @@ def score_rag_answers(cfg: EvalConfig, model: ModelRef, items: list[dict], *, en
     if endpoint:
         gens = generate_openai(endpoint, items, cfg.max_new_tokens)
     else:
-        gens = generate_hf(model.base, model.adapter, items, cfg.max_new_tokens)
+        gens = generate_hf(model.base, model.adapter, items, cfg.max_new_tokens, device=cfg.device,
+                           dtype=resolve_dtype(cfg.device, cfg.dtype))
     metrics = [CitesSomething(), CitationsValid(), CitesGold(), AnswerHasGold()]
     judge, judge_note = check_judge(cfg.judge)  # a configured judge that is down raises JudgeUnavailable
     judged = []

@@ -70,11 +70,20 @@ def check_args(cfg: dict, hardware: bool = True) -> list[str]:
         allowed = [m.value for m in enum_cls]
         if value not in allowed:
             problems.append(f"INVALID {key}: {value!r} is not one of {allowed} ({enum_cls.__name__})")
+    if cfg.get("deepspeed"):
+        problems += _check_deepspeed(str(cfg["deepspeed"]))
     if problems:
         return problems
+    parsed = cfg if hardware else {**cfg, "bf16": False, "fp16": False}
+    if not hardware and cfg.get("deepspeed"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            # TrainingArguments imports DeepSpeed to read the file; the CPU train env has none (train-gpu has):
+            # the file's shape was checked above, the rest of the config goes through the parser
+            parsed = {k: v for k, v in parsed.items() if k != "deepspeed"}
     try:  # the parser itself: types, and each dataclass's own __post_init__ checks
-        HfArgumentParser(classes).parse_dict(cfg if hardware else {**cfg, "bf16": False, "fp16": False},
-                                             allow_extra_keys=False)
+        HfArgumentParser(classes).parse_dict(parsed, allow_extra_keys=False)
     except (ValueError, TypeError) as exc:
         problems.append(f"INVALID arguments: {exc}")
     return problems
@@ -163,6 +172,21 @@ def _callback(path: str):
             os.replace(tmp, path)
 
     return MethodReport()
+
+
+def _check_deepspeed(path: str) -> list[str]:
+    """The DeepSpeed JSON exists, parses, and names a ZeRO stage 0-3 (DeepSpeed's own parser runs at launch)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            ds = json.load(fh)
+    except FileNotFoundError:
+        return [f"INVALID deepspeed: {path} does not exist"]
+    except ValueError as exc:
+        return [f"INVALID deepspeed: {path} is not JSON ({exc})"]
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0) if isinstance(ds, dict) else None
+    if stage not in (0, 1, 2, 3):
+        return [f"INVALID deepspeed: {path} has zero_optimization.stage {stage!r}; use 0, 1, 2 or 3"]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import threading
@@ -19,7 +20,9 @@ from typing import Callable, Optional
 
 import yaml
 
+from finetune.fit import TrainFitError, train_fit
 from workspace.config import LoadedConfig
+from workspace.device import detect, require_cuda, resolve_dtype, train_env
 from workspace.envrunner import EnvCommandError, run_in_env
 from workspace.model_ref import ModelNotFound, base_model
 from workspace.paths import resolve
@@ -79,6 +82,10 @@ def render_llamafactory_config(loaded: LoadedConfig, dataset_dir: Path, output_d
                     "quantization_type": "nf4", "double_quantization": True})
     if ft.deepspeed:
         cfg["deepspeed"] = str(resolve(ft.deepspeed))
+    if not ft.gradient_checkpointing:
+        cfg["disable_gradient_checkpointing"] = True
+    if ft.liger_kernel:
+        cfg["enable_liger_kernel"] = True
     cfg.update({
         "### dataset": None,
         "dataset_dir": str(dataset_dir),
@@ -314,6 +321,80 @@ def check_method(loaded: LoadedConfig, report_path: Path) -> dict:
             "peak_rss_mb": rep.get("peak_rss_mb"), "cuda_peak_mb": rep.get("cuda_peak_mb")}
 
 
+def launch_argv(loaded: LoadedConfig, entry: list[str], environ: Optional[dict] = None) -> list[str]:
+    """How LLaMA-Factory's training is started: one process, or torchrun as `llamafactory-cli train` does with
+    FORCE_TORCHRUN=1 (its NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT conventions), on the workspace's entry.
+
+    finetune.num_gpus is the GPUs per node, finetune.nnodes the hosts. With nnodes > 1 every host runs the same
+    `make finetune` with NODE_RANK=0..nnodes-1 and MASTER_ADDR/MASTER_PORT of the rank-0 host in its environment.
+    """
+    env = os.environ if environ is None else environ
+    ft = loaded.config.finetune
+    force = str(env.get("FORCE_TORCHRUN", "")).lower() in ("1", "true", "yes")
+    if ft.device != "cuda" or (ft.num_gpus <= 1 and ft.nnodes == 1 and not force):
+        return ["python", *entry]
+    if ft.nnodes > 1:
+        missing = [v for v in ("NODE_RANK", "MASTER_ADDR") if not env.get(v)]
+        if missing:
+            raise FinetuneError(
+                f"finetune.nnodes is {ft.nnodes}: set {' and '.join(missing)} on every host (NODE_RANK=0 on the host "
+                "at MASTER_ADDR, 1.. on the others; MASTER_PORT too if 29500 is taken), e.g. "
+                f"NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 make finetune PROFILE={loaded.config.profile}")
+        rank = str(env["NODE_RANK"])
+        if not rank.isdigit() or int(rank) >= ft.nnodes:
+            raise FinetuneError(f"NODE_RANK={rank} is not one of 0..{ft.nnodes - 1} (finetune.nnodes is {ft.nnodes})")
+        addr, port = env["MASTER_ADDR"], str(env.get("MASTER_PORT") or 29500)
+    else:
+        rank, addr, port = "0", "127.0.0.1", str(env.get("MASTER_PORT") or free_port())
+    return ["torchrun", "--nnodes", str(ft.nnodes), "--node_rank", rank, "--nproc_per_node", str(max(1, ft.num_gpus)),
+            "--master_addr", addr, "--master_port", port, *entry]
+
+
+def train_worker(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, timeout: float | None = None,
+                 echo: bool = True) -> float:
+    """A NODE_RANK > 0 host of a multi-host run (`make finetune-worker`): the same rendered config and torchrun as
+    rank 0, nothing else (rank 0 saves the adapter, verifies it and records the run). Returns seconds."""
+    ft = loaded.config.finetune
+    rank = os.environ.get("NODE_RANK", "0")
+    if ft.nnodes < 2 or rank == "0":
+        raise FinetuneError(f"`make finetune-worker` is for the hosts with NODE_RANK 1..{max(ft.nnodes - 1, 1)} of a "
+                            f"multi-host run (finetune.nnodes is {ft.nnodes}, NODE_RANK is {rank}); run `make finetune`")
+    preflight(loaded)
+    dataset_dir = Path(dataset_dir)
+    output_dir = resolve(ft.output_dir) / f"{loaded.config.project.name}-{run_key(loaded, dataset_hash)}"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rendered = output_dir / f"llamafactory_train.rank{rank}.yaml"
+    rendered.write_text(dump_rendered(render_llamafactory_config(loaded, dataset_dir, output_dir),
+                                      f"llamafactory-cli train {rendered}"), encoding="utf-8")
+    argv = launch_argv(loaded, ["-m", "finetune.lf_train", str(rendered)])
+    t0 = time.time()
+    try:
+        run_in_env(train_env(loaded), argv, timeout=timeout, log_path=output_dir / f"train.rank{rank}.log", echo=echo,
+                   hub_enabled=loaded.config.hub.enabled, what=f"LLaMA-Factory training (node {rank})",
+                   extra_env={"DISABLE_VERSION_CHECK": "1", "LLAMAFACTORY_VERBOSITY": "INFO"})
+    except EnvCommandError as exc:
+        raise FinetuneError(explain_failure(exc, output_dir / f"train.rank{rank}.log", rendered, ft.method)) from exc
+    return time.time() - t0
+
+
+def preflight(loaded: LoadedConfig) -> Optional[str]:
+    """Before anything starts: CUDA present for finetune.device: cuda, and the training fit check. Returns the fit
+    arithmetic (None on the CPU); raises DeviceError / FinetuneError."""
+    require_cuda(loaded, ("finetune",), what="finetuning")
+    if loaded.config.finetune.device != "cuda":
+        return None
+    hw = detect()
+    try:
+        fit = train_fit(loaded, detected_gib=min((g.memory_gib for g in hw.gpus), default=None))
+    except (TrainFitError, ModelNotFound) as exc:
+        raise FinetuneError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - an unknown architecture is reported, not fatal
+        return f"training fit check skipped: {exc}"
+    if fit and not fit.fits:
+        raise FinetuneError(f"profile {loaded.config.profile!r} will not fit in GPU memory:\n{fit.text()}")
+    return fit.text() if fit else None
+
+
 def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entry: Callable[[dict], None] | None = None,
           timeout: float | None = None, output_root: Path | None = None, echo: bool = False,
           force: bool = False) -> FinetuneResult:
@@ -322,6 +403,10 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
     if not (dataset_dir / "dataset_info.json").exists():
         raise FinetuneError(f"{dataset_dir} has no dataset_info.json: run `make prepare` first (or point at a "
                             "folder written by the prepare stage)")
+    rank = os.environ.get("NODE_RANK", "0")
+    if loaded.config.finetune.nnodes > 1 and rank != "0":
+        raise FinetuneError(f"this host has NODE_RANK={rank}: run `make finetune-worker` here (it only trains); "
+                            "`make finetune` runs on the NODE_RANK=0 host, which records, verifies and logs the run")
     key = run_key(loaded, dataset_hash)
     output_dir = (output_root or resolve(loaded.config.finetune.output_dir)) / f"{loaded.config.project.name}-{key}"
     manifest_path = output_dir / MANIFEST
@@ -329,6 +414,9 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
         shutil.rmtree(output_dir)  # --force: train from scratch, checkpoints included
     if manifest_path.exists():
         return FinetuneResult(output_dir, output_dir, json.loads(manifest_path.read_text()), skipped=True)
+    fit_text = preflight(loaded)
+    if fit_text:
+        print(fit_text)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg = render_llamafactory_config(loaded, dataset_dir, output_dir)
@@ -356,16 +444,11 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
     report_path.unlink(missing_ok=True)
     extra_env = {"DISABLE_VERSION_CHECK": "1", "LLAMAFACTORY_VERBOSITY": "INFO"}
     ft = loaded.config.finetune
-    entry = ["-m", "finetune.lf_train", str(rendered), "--report", str(report_path)]
-    if ft.device == "cuda" and ft.num_gpus > 1:  # what `llamafactory-cli train` does with FORCE_TORCHRUN, on our entry
-        argv = ["torchrun", "--nnodes", "1", "--nproc_per_node", str(ft.num_gpus), "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port()), *entry]
-    else:
-        argv = ["python", *entry]
+    argv = launch_argv(loaded, ["-m", "finetune.lf_train", str(rendered), "--report", str(report_path)])
     t0 = time.time()
     try:
         with TrainerLogFollower(output_dir / TRAINER_LOG, on_entry or (lambda e: None), replay=ckpt is not None):
-            run_in_env("train", argv, timeout=timeout, log_path=log_path, on_line=on_line, echo=echo,
+            run_in_env(train_env(loaded), argv, timeout=timeout, log_path=log_path, on_line=on_line, echo=echo,
                        hub_enabled=loaded.config.hub.enabled, extra_env=extra_env, what="LLaMA-Factory training")
     except EnvCommandError as exc:
         raise FinetuneError(explain_failure(exc, log_path, rendered, ft.method)) from exc
@@ -457,11 +540,13 @@ def merge_adapter(loaded: LoadedConfig, result: FinetuneResult, timeout: float |
         return export_dir
     cfg = {"model_name_or_path": model, "adapter_name_or_path": str(result.adapter_dir),
            "template": loaded.config.finetune.template, "finetuning_type": "lora", "trust_remote_code": False,
-           "export_dir": str(export_dir) + ".tmp", "export_size": 5, "export_device": "cpu", "export_legacy_format": False}
+           "export_dir": str(export_dir) + ".tmp", "export_size": 5, "export_legacy_format": False,
+           # merge where training ran: "auto" places the full-precision base on the GPU(s)
+           "export_device": "auto" if loaded.config.finetune.device == "cuda" else loaded.config.finetune.device}
     path = result.output_dir / "llamafactory_export.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     try:
-        run_in_env("train", ["llamafactory-cli", "export", str(path)], timeout=timeout,
+        run_in_env(train_env(loaded), ["llamafactory-cli", "export", str(path)], timeout=timeout,
                    log_path=result.output_dir / "export.log", echo=False, extra_env={"DISABLE_VERSION_CHECK": "1"},
                    what="llamafactory-cli export")
     except EnvCommandError as exc:
@@ -481,9 +566,11 @@ def verify_adapter(loaded: LoadedConfig, adapter_dir: Path, val_file: Path, out:
     """Run finetune/verify_adapter.py in the train env (peft lives there). Raises AdapterNoEffectError."""
     model, _ = base_model_ref(loaded)
     argv = ["python", "-m", "finetune.verify_adapter", "--base", model, "--adapter", str(adapter_dir), "--data",
-            str(val_file), "--out", str(out), "--prompts", str(prompts), "--max-len", str(loaded.config.finetune.cutoff_len)]
+            str(val_file), "--out", str(out), "--prompts", str(prompts), "--max-len", str(loaded.config.finetune.cutoff_len),
+            "--device", loaded.config.finetune.device,
+            "--dtype", resolve_dtype(loaded.config.finetune.device, "bfloat16" if loaded.config.finetune.bf16 else "auto")]
     try:
-        run_in_env("train", argv, timeout=timeout, log_path=out.with_suffix(".log"), echo=False,
+        run_in_env(train_env(loaded), argv, timeout=timeout, log_path=out.with_suffix(".log"), echo=False,
                    hub_enabled=loaded.config.hub.enabled, what="adapter verification")
     except EnvCommandError as exc:
         report = json.loads(out.read_text()) if out.exists() else {}

@@ -49,7 +49,8 @@ def answer_loss(model, tok, rows, max_len: int) -> float:
             n = sum(1 for l in labels[1:] if l != -100)
             if not n:
                 continue
-            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            dev = model.device
+            out = model(input_ids=torch.tensor([ids], device=dev), labels=torch.tensor([labels], device=dev))
             total += out.loss.item() * n
             count += n
     return total / max(count, 1)
@@ -62,7 +63,7 @@ def greedy(model, tok, rows, max_new_tokens: int) -> list[str]:
     with torch.no_grad():
         for messages in rows:
             prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-            ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+            ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
             gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id)
             outs.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
@@ -79,6 +80,9 @@ def main() -> int:
     ap.add_argument("--loss-rows", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--device", required=True, choices=["cpu", "cuda"], help="finetune.device")
+    ap.add_argument("--dtype", required=True, choices=["float32", "bfloat16", "float16"],
+                    help="workspace.device.resolve_dtype of finetune.device/bf16")
     args = ap.parse_args()
 
     import torch
@@ -88,7 +92,12 @@ def main() -> int:
     torch.manual_seed(0)
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(args.base)
-    base = AutoModelForCausalLM.from_pretrained(args.base, torch_dtype=torch.float32)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("VERIFY finetune.device is cuda but this train environment's torch sees no CUDA GPU "
+              f"(torch {torch.__version__}): run `make setup GPU=1` on a GPU machine")
+        return 4
+    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=getattr(torch, args.dtype),
+                                                device_map={"": 0} if args.device == "cuda" else None)
     rows = load_rows(args.data, max(args.prompts, args.loss_rows))
     gen_rows = rows[: args.prompts]
     base_out = greedy(base, tok, gen_rows, args.max_new_tokens)

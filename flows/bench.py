@@ -32,6 +32,7 @@ from workspace.endpoint import EndpointError  # noqa: E402
 from workspace.vllm_server import ServerError, VllmServer, free_port  # noqa: E402
 from workspace.benchmarks import update_section  # noqa: E402
 from workspace.config import ConfigError, LoadedConfig, SloConfig, add_cli_args, load_config  # noqa: E402
+from workspace.device import resolve_dtype, serving_device  # noqa: E402
 from workspace.locks import LockBusy  # noqa: E402
 from workspace.paths import CACHE, ROOT, resolve  # noqa: E402
 
@@ -68,7 +69,9 @@ def run_bench(loaded: LoadedConfig, console: Console, doc: Path | None = None, w
         console.print("[bench] merging the champion's adapter (baseline and vLLM-without-LoRA serve the merged weights) ...")
         merged = merged_model(base, adapter, root / f"merged-v{info['version']}")
         if b.baseline == "transformers":
-            baseline = TransformersServer(merged, free_port(cfg.serving.host), work / "transformers-serve.log")
+            baseline = TransformersServer(merged, free_port(cfg.serving.host), work / "transformers-serve.log",
+                                          device=serving_device(cfg.serving.engine),
+                                          dtype=resolve_dtype(serving_device(cfg.serving.engine), "auto"))
         if b.vllm_merged and adapter:
             vllm_merged = VllmServer(merged, cfg.serving, port=free_port(cfg.serving.host), log_path=work / "vllm-merged.log",
                                      served_model_name="merged")

@@ -3,6 +3,7 @@ with LLaMA-Factory in the train env -> adapter verification -> manifest (finetun
 an MLflow stage run with live metrics and the loss curve.
 
     .venv/bin/python -m flows.finetune [--profile cpu_tiny] [--set finetune.lora_rank=16] [--set finetune.max_steps=50]
+    NODE_RANK=1 MASTER_ADDR=... .venv/bin/python -m flows.finetune --worker --profile ... --set finetune.nnodes=2
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (
 
     guard_this_process()
 
+import os
 import sys
+from pathlib import Path
 
 from workspace import offline
 
@@ -21,6 +24,7 @@ from prefect import flow  # noqa: E402
 
 from finetune.finetune_stage import FINETUNE, FinetuneInputs  # noqa: E402
 from finetune.prepare_stage import PREPARE  # noqa: E402
+from finetune.train import train_worker  # noqa: E402
 from flows._cli import run_flow_cli  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
 from workspace.config import load_config  # noqa: E402
@@ -29,14 +33,19 @@ from workspace.locks import workspace_lock  # noqa: E402
 
 @flow(name="finetune", log_prints=True)
 def finetune_flow(config: str | None = None, profile: str | None = None, overrides: list[str] | None = None,
-                  force: bool = False) -> dict:
+                  force: bool = False, worker: bool = False) -> dict:
     loaded = load_config(config, profile, overrides or [])
     runner = StageRunner(loaded, force=force)
     with workspace_lock("finetune"):
         prepared = runner.run(PREPARE)
+        if worker:  # a NODE_RANK > 0 host of a multi-host run: only its share of the training
+            seconds = train_worker(loaded, Path(prepared.path), prepared.content_hash)
+            print(f"[finetune] node {os.environ.get('NODE_RANK')} done in {seconds:.0f} s; the NODE_RANK=0 host records the run")
+            return {"worker": True, "seconds": seconds}
         return runner.run(FINETUNE, FinetuneInputs(dataset_dir=prepared.path, dataset_hash=prepared.content_hash,
                                                    force=force)).model_dump()
 
 
 if __name__ == "__main__":
-    sys.exit(run_flow_cli(__doc__, finetune_flow))
+    sys.exit(run_flow_cli(__doc__, finetune_flow, extra=lambda ap: ap.add_argument(
+        "--worker", action="store_true", help="a NODE_RANK > 0 host of a multi-host run: train only (rank 0 records)")))

@@ -54,6 +54,7 @@ from serving.registry import gate_reference  # noqa: E402
 from serving.serve_check_stage import SERVE_CHECK, ServeCheckInputs  # noqa: E402
 from serving.slo_stage import SLO, SloInputs  # noqa: E402
 from workspace.config import LoadedConfig, add_cli_args, load_config  # noqa: E402
+from workspace.device import require_cuda  # noqa: E402
 from workspace.locks import workspace_lock  # noqa: E402
 from workspace.tracking import configure, pipeline_run  # noqa: E402
 
@@ -122,6 +123,8 @@ def pipeline_flow(config: Optional[str] = None, profile: Optional[str] = None, o
                   force: bool = False, serve_check: bool = True, lock_timeout: Optional[float] = None) -> dict:
     loaded = load_config(config, profile, overrides or [])
     offline.apply(loaded.config.hub.enabled)
+    # before anything starts: a GPU setting on a machine without CUDA is refused here, naming the setting
+    require_cuda(loaded, ("finetune", "eval", "serving"), what="the pipeline")
     console = console_for_logs()
     runner = StageRunner(loaded, console, force)
     t0 = time.monotonic()

@@ -210,8 +210,10 @@ class TransformersServer(ManagedProcess):
     what = "transformers serve"
     stop_grace = 15.0
 
-    def __init__(self, model_dir: str, port: int, log_path: Path, host: str = "127.0.0.1"):
-        self.model_dir, self.port, self.host = model_dir, port, host
+    def __init__(self, model_dir: str, port: int, log_path: Path, *, device: str, dtype: str, host: str = "127.0.0.1"):
+        """device/dtype: the served engine's (workspace.device.serving_device(serving.engine), serving.dtype), so the
+        baseline runs on the same hardware as vLLM."""
+        self.model_dir, self.port, self.host, self.device, self.dtype = model_dir, port, host, device, dtype
         super().__init__(log_path=log_path, health_url=f"http://{host}:{port}/health")
 
     @property
@@ -223,16 +225,17 @@ class TransformersServer(ManagedProcess):
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         return env_command("serve", ["transformers", "serve", self.model_dir, "--host", self.host, "--port",
-                                     str(self.port), "--device", "cpu", "--dtype", "auto"],
+                                     str(self.port), "--device", self.device, "--dtype", self.dtype],
                            extra_env={"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"})
 
 
+MERGE_DTYPE = "float32"
 MERGE = """
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import PeftModel
-base, adapter, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+base, adapter, out, dtype = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 AutoTokenizer.from_pretrained(base).save_pretrained(out)
@@ -246,7 +249,8 @@ def merged_model(base: str, adapter: Optional[str], out: Path) -> str:
     if (out / "config.json").exists():
         return str(out)
     tmp = out.with_name(out.name + ".tmp")
-    run_in_env("train", ["python", "-c", MERGE, base, adapter, str(tmp)], timeout=600, echo=False,
+    # merged in full precision (rounding the sum W + BA once, at serving time), on the CPU: a one-off
+    run_in_env("train", ["python", "-c", MERGE, base, adapter, str(tmp), MERGE_DTYPE], timeout=600, echo=False,
                what="merging the adapter for the baseline server")
     tmp.rename(out)
     return str(out)

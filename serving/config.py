@@ -12,7 +12,6 @@ tests/test_serving_config.py; `validate_with_vllm` runs vLLM's own argument pars
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,53 +19,13 @@ from typing import Optional
 import yaml
 
 from workspace.config import ServingConfig
+from workspace.model_spec import BYTES, KNOWN_MODELS, FitError, ModelSpec, model_spec, spec_from_folder  # noqa: F401
 from workspace.envrunner import EnvCommandError, run_in_env
+
+QUANT_BYTES = {"awq": 0.5, "gptq": 0.5, "bitsandbytes": 0.5, "fp8": 1.0}
 
 GIB = 1024 ** 3
 OVERHEAD_GIB = 1.5  # CUDA context, activations, sampler buffers: a conservative per-GPU allowance
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    params_b: float  # billions of parameters
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-
-# Architectures of the models the seeds name, for hub ids that cannot be read offline (from their config.json).
-KNOWN_MODELS = {
-    "Qwen/Qwen2.5-7B-Instruct": ModelSpec(7.62, 28, 4, 128),
-    "Qwen/Qwen2.5-14B-Instruct": ModelSpec(14.7, 48, 8, 128),
-    "Qwen/Qwen2.5-32B-Instruct": ModelSpec(32.8, 64, 8, 128),
-    "Qwen/Qwen2.5-32B-Instruct-AWQ": ModelSpec(32.8, 64, 8, 128),
-    "google/gemma-3-12b-it": ModelSpec(12.2, 48, 8, 256),
-    "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct": ModelSpec(7.8, 32, 8, 128),
-}
-BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "auto": 2.0}
-QUANT_BYTES = {"awq": 0.5, "gptq": 0.5, "bitsandbytes": 0.5, "fp8": 1.0}
-
-
-class FitError(RuntimeError):
-    pass
-
-
-def spec_from_folder(path: Path) -> ModelSpec:
-    cfg = json.loads((path / "config.json").read_text())
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    n_bytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    dtype_bytes = BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), 4.0)
-    return ModelSpec(n_bytes / dtype_bytes / 1e9, cfg["num_hidden_layers"], cfg.get("num_key_value_heads", heads), head_dim)
-
-
-def model_spec(model: str) -> ModelSpec:
-    p = Path(model)
-    if (p / "config.json").exists():
-        return spec_from_folder(p)
-    if model in KNOWN_MODELS:
-        return KNOWN_MODELS[model]
-    raise FitError(f"no architecture known for {model!r}: use a local model folder or add it to serving.config.KNOWN_MODELS")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from workspace.paths import ROOT
 
 
 def test_stamps_are_current_and_rebuild_is_a_no_op():
-    for env in setup_env.ENVS:
+    for env in setup_env.CPU_ENVS:  # the CUDA variants are built by `make setup GPU=1` on a GPU machine only
         assert setup_env.build(env) is False, f"{env} was rebuilt: its stamp does not match its lock"
 
 
@@ -14,9 +14,9 @@ def test_stamp_key_follows_the_lock_contents(tmp_path, monkeypatch):
     lock = tmp_path / "train.lock"
     lock.write_text("torch==2.13.0+cpu\n")
     monkeypatch.setattr(setup_env, "REQ", tmp_path)
-    a = setup_env.stamp_key("train", gpu=False)
+    a = setup_env.stamp_key("train")
     lock.write_text("torch==2.13.0+cpu\npeft==0.18.1\n")
-    assert setup_env.stamp_key("train", gpu=False) != a
+    assert setup_env.stamp_key("train") != a
 
 
 def test_locks_pin_every_package_exactly_and_exclude_broken_cuda_builds():

@@ -63,7 +63,7 @@ class ProjectConfig(Strict):
 class TrackingConfig(Strict):
     # relative sqlite paths are resolved against the workspace root, not the CWD
     uri: str = "sqlite:///mlruns/mlflow.db"
-    artifact_root: str = "mlruns/artifacts"
+    artifact_root: str = "mlruns/artifacts"  # a path (local store), or a URI; against an http(s) server a path defers to the server
     experiment: str = "screen-xml"
     registered_model: str = "screen-xml-assistant"
 
@@ -157,8 +157,12 @@ class FinetuneConfig(Strict):
     bf16: bool = False
     save_steps: int = Field(50, ge=1)
     logging_steps: int = Field(5, ge=1)
-    num_gpus: int = Field(0, ge=0)
-    deepspeed: Optional[str] = None
+    num_gpus: int = Field(0, ge=0)  # GPUs per node; > 1 launches torchrun (LLaMA-Factory's FORCE_TORCHRUN path)
+    nnodes: int = Field(1, ge=1)  # hosts; each runs `make finetune` with NODE_RANK (and MASTER_ADDR/PORT) set
+    deepspeed: Optional[str] = None  # a DeepSpeed JSON, e.g. configs/deepspeed/ds_z2.json (ZeRO-2), ds_z3.json
+    gradient_checkpointing: bool = True  # recompute activations (LLaMA-Factory's default; the fit check assumes it)
+    gpu_memory_gib: float = Field(0, ge=0)  # per GPU, for the training fit check (0: serving.gpu_memory_gib, or detected)
+    liger_kernel: bool = False  # LLaMA-Factory's enable_liger_kernel (fused kernels; CUDA only)
     output_dir: str = "models/adapters"  # one folder per run: <project.name>-<run key>
     merge: bool = False  # also write a merged full model (adapter merged onto the full-precision base)
     verify_prompts: int = Field(5, ge=1)  # validation prompts whose greedy outputs must change
@@ -177,6 +181,13 @@ class FinetuneConfig(Strict):
             raise ValueError("method 'qlora' needs quantization_bit 4 or 8")
         if self.method != "qlora" and self.quantization_bit is not None:
             raise ValueError(f"quantization_bit is only for method 'qlora' (method is {self.method!r}); set it to null")
+        if self.device == "cpu":
+            for key, bad in (("num_gpus", self.num_gpus > 1), ("nnodes", self.nnodes > 1),
+                             ("deepspeed", bool(self.deepspeed)), ("liger_kernel", self.liger_kernel)):
+                if bad:
+                    raise ValueError(f"finetune.{key} needs finetune.device: cuda (device is cpu)")
+        if self.nnodes > 1 and self.num_gpus < 1:
+            raise ValueError("finetune.nnodes > 1 needs finetune.num_gpus (GPUs per node) >= 1")
         return self
 
 
@@ -199,7 +210,9 @@ class EvalConfig(Strict):
         "kobest_boolq", "kobest_copa", "kobest_wic", "kobest_hellaswag", "kobest_sentineg"]
     kobest_source: Literal["local", "hub"] = "local"
     kobest_dir: str = "data/raw/kobest"
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["hf", "vllm"] = "hf"  # in-process transformers, or the served vLLM endpoint (GPU profiles)
+    device: Literal["cpu", "cuda"] = "cpu"  # the in-process (hf) scorer's device
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bf16/fp16 on GPU
     num_fewshot: int = Field(0, ge=0)
     limit: Optional[int] = Field(None, ge=1)
     max_new_tokens: int = Field(320, ge=1)

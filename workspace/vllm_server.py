@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from workspace.config import ServingConfig
+from workspace.device import DeviceError, detect, serve_env_for
 from workspace.endpoint import Endpoint, EndpointError
 from workspace.envrunner import env_command
 from workspace.paths import CACHE
@@ -76,16 +77,21 @@ class VllmServer(ManagedProcess):
         return argv + self._auth_args() + list(self.extra_args)
 
     def command(self) -> tuple[list[str], dict[str, str]]:
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(self.cfg.cpu_kvcache_space_gib), "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+        env = ({"VLLM_CPU_KVCACHE_SPACE": str(self.cfg.cpu_kvcache_space_gib), "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+               if self.cfg.engine == "vllm-cpu" else {})
         if self.cfg.api_key_env:
             key = os.environ.get(self.cfg.api_key_env)
             if not key:
                 raise EndpointError(f"serving.api_key_env names {self.cfg.api_key_env}, which is not set: export it "
                                     "(the server would otherwise run without a key)")
             env["VLLM_API_KEY"] = key  # from the environment, never from a file
-        return env_command("serve", self.argv(), hub_enabled=self.hub_enabled, extra_env=env)
+        # vllm-cpu or CUDA vllm (`make setup GPU=1`), by serving.engine
+        return env_command(serve_env_for(self.cfg.engine), self.argv(), hub_enabled=self.hub_enabled, extra_env=env)
 
     def start(self, timeout: Optional[float] = None) -> "VllmServer":
+        if self.cfg.engine == "vllm" and not detect().has_cuda:
+            raise DeviceError(f"serving.engine is vllm (CUDA) but this machine has {detect().describe()}: serve on a GPU "
+                              "machine after `make setup GPU=1`, or use serving.engine: vllm-cpu (PROFILE=cpu_tiny)")
         if not self.running and not port_is_free(self.host, self.port):
             raise ServerError(f"port {self.port} on {self.host} is in use: stop what runs there or set "
                               "serving.port (or PORT=) to a free port")
