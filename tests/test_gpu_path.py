@@ -5,6 +5,7 @@ suggestion, torchrun for several GPUs and hosts, and `make plan` for every shipp
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -80,6 +81,33 @@ def test_gpu_environments_live_apart_from_the_cpu_ones(tmp_path):
     first, later = setup_env._split_lock(lock.REQ / "train-gpu.lock", tmp_path)
     assert later is not None and later.read_text().startswith("deepspeed==") and "--hash=sha256:" in later.read_text()
     assert not re.search(r"^deepspeed==", first.read_text(), re.M) and re.search(r"^torch==", first.read_text(), re.M)
+
+
+def test_the_gpu_train_lock_sdist_builds_against_torch_without_isolation(tmp_path):
+    """`make setup GPU=1`'s second pass, for real: the locked deepspeed sdist, hash-checked, built without build
+    isolation against an installed torch (here the CPU train env's 2.13.0; CUDA ops are JIT-built on first use),
+    into a scratch folder. The first pass is plain hash-checked wheels (checked: a few of them install)."""
+    sys.path.insert(0, str(ROOT / "workspace"))
+    try:
+        import setup_env
+    finally:
+        sys.path.pop(0)
+    py = str(ROOT / ".venv-train" / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    steps = setup_env.gpu_install_steps("train-gpu", pip, tmp_path)
+    assert len(steps) == 2 and "--no-build-isolation" in steps[1][0] and steps[1][1]["PIP_CONFIG_FILE"] == os.devnull
+    argv, env = steps[1]
+    res = subprocess.run(argv + ["--target", str(tmp_path / "site")], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "site" / "deepspeed" / "__init__.py").exists()
+    # three small wheels of the first pass, with the lock's own --hash lines
+    entries = lock.entries((lock.REQ / "train-gpu.lock").read_text())
+    subset = tmp_path / "subset.lock"
+    subset.write_text("".join(entries[n] for n in ("shtab", "docstring-parser", "termcolor")))
+    res = subprocess.run(steps[0][0][:-2] + ["-r", str(subset), "--target", str(tmp_path / "site2")], env=steps[0][1],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "site2" / "shtab").exists()
 
 
 # ------------------------------------------------------------------------------------------- devices

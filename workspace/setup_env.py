@@ -103,6 +103,19 @@ def _split_lock(lock: Path, tmp: Path) -> tuple[Path, Path | None]:
     return a, b
 
 
+def gpu_install_steps(env: str, pip: list[str], tmp: Path) -> list[tuple[list[str], dict[str, str]]]:
+    """The pip commands that install a CUDA lock: every wheel first (hash-checked, no deps), then the sdists that
+    build against the installed torch (NO_BUILD_ISOLATION). pip's own config may add a local CPU torch wheel folder
+    (these dev machines do): it is kept out, or pip could take torch+cpu (the --hash lines would refuse it)."""
+    env_vars = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_CONFIG_FILE")}
+    env_vars["PIP_CONFIG_FILE"] = os.devnull
+    first, later = _split_lock(REQ / ENVS[env][1], tmp)
+    steps = [(pip + ["--no-deps", "-r", str(first)], env_vars)]
+    if later:
+        steps.append((pip + ["--no-deps", "--no-build-isolation", "-r", str(later)], {**env_vars, "DS_BUILD_OPS": "0"}))
+    return steps
+
+
 def build(env: str, force: bool = False) -> bool:
     """Create or update the venv of `env`. Returns True when work was done, False when already current."""
     venv = ROOT / ENVS[env][0]
@@ -119,16 +132,9 @@ def build(env: str, force: bool = False) -> bool:
     # quiet: a lock has ~150-230 pins; pip still prints errors. A fresh env takes 1-4 minutes.
     pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--progress-bar", "off"]
     if env in GPU_ENVS:
-        # pip's own config may add a local CPU torch wheel folder (these dev machines do): keep it out, or pip
-        # could take torch+cpu; the lock's --hash lines would refuse it anyway.
-        env_vars = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_CONFIG_FILE")}
-        env_vars["PIP_CONFIG_FILE"] = os.devnull
         with tempfile.TemporaryDirectory() as tmp:
-            first, later = _split_lock(REQ / ENVS[env][1], Path(tmp))
-            _run(pip + ["--no-deps", "-r", str(first)], env=env_vars)
-            if later:
-                _run(pip + ["--no-deps", "--no-build-isolation", "-r", str(later)],
-                     env={**env_vars, "DS_BUILD_OPS": "0"})
+            for argv, env_vars in gpu_install_steps(env, pip, Path(tmp)):
+                _run(argv, env=env_vars)
     else:
         # --no-deps: the lock is complete (see ENVS above).
         _run(pip + ["--no-deps", "-r", str(REQ / ENVS[env][1])])
