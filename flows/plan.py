@@ -252,6 +252,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_cli_args(ap)
     ap.add_argument("--no-hardware-check", action="store_true",
                     help="plan for another machine: skip the hardware and environment checks")
+    ap.add_argument("--no-engine-check", action="store_true",
+                    help="a quick look: skip LLaMA-Factory's and vLLM's parsers (about 15 s), check everything else")
     ap.add_argument("--profiles", default="", help="several profiles, comma-separated (one parser start for all)")
     ap.add_argument("--all-profiles", action="store_true", help="every profile under configs/profiles/")
     args = ap.parse_args(argv)
@@ -268,7 +270,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     hardware = None if args.no_hardware_check else detect()
     console = Console(width=160)
     plans = [plan_static(p, args.config, list(args.overrides), hardware) for p in profiles]
-    check_with_engines([p for p in plans if p.loaded], hardware_check=not args.no_hardware_check)
+    if args.no_engine_check:
+        for p in plans:
+            if p.loaded:
+                p.add("finetune", "LLaMA-Factory parser", SKIP, "--no-engine-check")
+                p.add("serve", "vLLM parser", SKIP, "--no-engine-check")
+    else:
+        check_with_engines([p for p in plans if p.loaded], hardware_check=not args.no_hardware_check)
     for p in plans:
         render(p, console)
     failed = [p.profile for p in plans if not p.ok]

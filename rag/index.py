@@ -165,7 +165,17 @@ def open_client(cfg: RagConfig):
 
         if not q.url:
             raise RagError("rag.qdrant.location is 'server' but rag.qdrant.url is not set")
-        return QdrantClient(url=q.url, api_key=os.environ.get(q.api_key_env) if q.api_key_env else None)
+        if q.api_key_env and not os.environ.get(q.api_key_env):
+            raise RagError(f"rag.qdrant.api_key_env names {q.api_key_env}, which is not set: export it (the key is "
+                           "read from the environment, never from a file)")
+        client = QdrantClient(url=q.url, api_key=os.environ.get(q.api_key_env) if q.api_key_env else None, timeout=10)
+        try:
+            client.get_collections()  # fail here, naming the URL, not deep inside indexing
+        except Exception as exc:  # noqa: BLE001 - httpx/grpc/qdrant errors: all mean the server is not usable
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise RagError(f"the Qdrant server at rag.qdrant.url {q.url} does not answer ({first}): start it, fix the "
+                           "URL, or use rag.qdrant.location: local") from None
+        return client
     path = resolve(q.path)
     path.mkdir(parents=True, exist_ok=True)
     try:

@@ -118,3 +118,20 @@ def test_citations_are_checked_and_a_down_endpoint_is_named():
     assert citation_check("답 [doc-999]", hits)["all_cited_retrieved"] is False
     with pytest.raises(EndpointError, match=r"did not answer: http://127.0.0.1:9/v1 is unreachable.*make serve"):
         answer("질문", hits, Endpoint("http://127.0.0.1:9/v1", "screen-xml", max_retries=0))
+
+
+def test_a_qdrant_server_that_is_down_or_keyless_is_named(monkeypatch):
+    """rag.qdrant.location: server (a team's Qdrant): a closed port and a key variable that is not set each fail at
+    once, naming the setting (no Qdrant server binary installs from the package registries, so none runs here)."""
+    from rag.index import RagError, open_client
+    from workspace.processes import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    cfg = load_config(overrides=["rag.qdrant.location=server", f"rag.qdrant.url={url}"]).config.rag
+    with pytest.raises(RagError, match=f"the Qdrant server at rag.qdrant.url {url} does not answer"):
+        open_client(cfg)
+    monkeypatch.delenv("QDRANT_TEST_KEY", raising=False)
+    keyed = load_config(overrides=["rag.qdrant.location=server", f"rag.qdrant.url={url}",
+                                   "rag.qdrant.api_key_env=QDRANT_TEST_KEY"]).config.rag
+    with pytest.raises(RagError, match="QDRANT_TEST_KEY, which is not set"):
+        open_client(keyed)

@@ -103,12 +103,30 @@ def _split_lock(lock: Path, tmp: Path) -> tuple[Path, Path | None]:
     return a, b
 
 
+def _pip_config_without_local_wheels(python: str, tmp: Path) -> Path:
+    """The user's pip configuration (certificates, index mirror, proxy, timeouts) minus find-links,
+    extra-index-url and constraint: on these machines they point at local folders holding the CPU torch wheel and
+    pin torch to it; the CUDA lock is complete and hash-checked, and needs neither."""
+    listed = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    sections: dict[str, list[str]] = {}
+    for line in listed.splitlines():
+        key, _, value = line.partition("=")
+        if "." not in key or key.startswith(":env:") or key.split(".", 1)[1] in ("find-links", "extra-index-url", "constraint"):
+            continue
+        section, name = key.split(".", 1)
+        sections.setdefault(section, []).append(f"{name} = {value.strip().strip(chr(39)).strip(chr(34))}")
+    path = tmp / "pip.conf"
+    path.write_text("".join(f"[{sec}]\n" + "\n".join(items) + "\n" for sec, items in sections.items()))
+    return path
+
+
 def gpu_install_steps(env: str, pip: list[str], tmp: Path) -> list[tuple[list[str], dict[str, str]]]:
     """The pip commands that install a CUDA lock: every wheel first (hash-checked, no deps), then the sdists that
     build against the installed torch (NO_BUILD_ISOLATION). pip's own config may add a local CPU torch wheel folder
     (these dev machines do): it is kept out, or pip could take torch+cpu (the --hash lines would refuse it)."""
-    env_vars = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_CONFIG_FILE")}
-    env_vars["PIP_CONFIG_FILE"] = os.devnull
+    env_vars = {k: v for k, v in os.environ.items()
+                if k not in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT", "PIP_CONFIG_FILE")}
+    env_vars["PIP_CONFIG_FILE"] = str(_pip_config_without_local_wheels(pip[0], tmp))
     first, later = _split_lock(REQ / ENVS[env][1], tmp)
     steps = [(pip + ["--no-deps", "-r", str(first)], env_vars)]
     if later:
