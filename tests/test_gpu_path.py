@@ -5,7 +5,6 @@ suggestion, torchrun for several GPUs and hosts, and `make plan` for every shipp
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
