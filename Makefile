@@ -28,8 +28,8 @@ envs:  ## the virtual environments only: workspace, train, serve (GPU=1: also .v
 lock: envs  ## compile requirements/{train,serve}-gpu.lock from their .in files (uv; Linux x86-64 / Python 3.11); CHECK=1 only checks
 	@$(PY) -m workspace.lock $(if $(CHECK),--check)
 
-plan: setup  ## preflight PROFILE=<name>: configs, engine parsers, train/serve fit, hardware, hub fetches; NO_HW=1 skips the hardware
-	@$(PY) -m flows.plan $(CFG_ARGS) $(if $(NO_HW),--no-hardware-check)
+plan: setup  ## preflight PROFILE=<name>: configs, engine parsers, train/serve fit, hardware, hub fetches; NO_HW=1: no hardware check, QUICK=1: no parsers
+	@$(PY) -m flows.plan $(CFG_ARGS) $(if $(NO_HW),--no-hardware-check) $(if $(QUICK),--no-engine-check)
 
 base-model: envs  ## build models/base-tiny when missing or its build settings changed (FORCE does not rebuild it)
 	@$(PY) -m finetune.base_model $(CFG_ARGS)

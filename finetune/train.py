@@ -325,8 +325,9 @@ def launch_argv(loaded: LoadedConfig, entry: list[str], environ: Optional[dict] 
     """How LLaMA-Factory's training is started: one process, or torchrun as `llamafactory-cli train` does with
     FORCE_TORCHRUN=1 (its NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT conventions), on the workspace's entry.
 
-    finetune.num_gpus is the GPUs per node, finetune.nnodes the hosts. With nnodes > 1 every host runs the same
-    `make finetune` with NODE_RANK=0..nnodes-1 and MASTER_ADDR/MASTER_PORT of the rank-0 host in its environment.
+    finetune.num_gpus is the GPUs per node, finetune.nnodes the hosts. With nnodes > 1 the NODE_RANK=0 host runs
+    `make finetune` and every other host `make finetune-worker` (train_worker), each with NODE_RANK and the rank-0
+    host's MASTER_ADDR (and MASTER_PORT, default 29500) in its environment.
     """
     env = os.environ if environ is None else environ
     ft = loaded.config.finetune

@@ -194,27 +194,42 @@ def plan_static(profile: str, config: Optional[str], overrides: list[str], hardw
     return plan
 
 
+def _parser_env(cuda_env: str, cpu_env: str, wants_cuda: bool) -> str:
+    """The CUDA env's parser where `make setup GPU=1` built it (DeepSpeed included), else the CPU env's (the same
+    LLaMA-Factory and vLLM releases, so the same parsers)."""
+    return cuda_env if wants_cuda and (VENVS[cuda_env] / ".setup-stamp").exists() else cpu_env
+
+
 def check_with_engines(plans: list[Plan], hardware_check: bool) -> None:
-    """One LLaMA-Factory parser start and one vLLM parser start for all plans (each takes seconds to import)."""
-    lf = [p for p in plans if p.lf_yaml]
-    if lf:
-        argv = ["python", "-m", "finetune.lf_train", *[str(p.lf_yaml) for p in lf], "--check-only"]
-        if not hardware_check or any(p.loaded.config.finetune.device == "cuda" for p in lf):
-            argv.append("--other-machine")  # a GPU config is parsed with bf16/fp16 off on this (CPU) train env
-        out = _run_parser("train", argv)
-        for p in lf:
-            bad = [l for l in out if l.startswith("INVALID") and (str(p.lf_yaml) in l or len(lf) == 1)]
+    """One LLaMA-Factory parser start and one vLLM parser start per environment for all plans (each import takes
+    seconds). A GPU config is parsed with bf16/fp16 off unless it is checked in the CUDA env on a CUDA machine."""
+    has_cuda = hardware_check and detect().has_cuda
+    groups: dict[tuple[str, bool], list[Plan]] = {}
+    for p in plans:
+        if p.lf_yaml:
+            cuda = p.loaded.config.finetune.device == "cuda"
+            env = _parser_env("train-gpu", "train", cuda)
+            other = not hardware_check or (cuda and not (has_cuda and env == "train-gpu"))
+            groups.setdefault((env, other), []).append(p)
+    for (env, other), group in groups.items():
+        argv = ["python", "-m", "finetune.lf_train", *[str(p.lf_yaml) for p in group], "--check-only"]
+        out = _run_parser(env, argv + (["--other-machine"] if other else []))
+        for p in group:
+            bad = [l for l in out if l.startswith("INVALID") and (str(p.lf_yaml) in l or len(group) == 1)]
             ok = any(l.startswith(f"VALID {p.lf_yaml}") for l in out)
             p.add("finetune", "LLaMA-Factory parser", OK if ok and not bad else FAIL,
-                  "accepted" if ok and not bad else ("; ".join(bad) or (out[-1] if out else "no output")))
-    vl = [p for p in plans if p.vllm_yaml]
-    if vl:
-        out = _run_parser("serve", ["python", "-m", "serving.validate_vllm_config", *[str(p.vllm_yaml) for p in vl]])
-        for p in vl:
+                  (f"accepted ({VENVS[env].name})" if ok and not bad else ("; ".join(bad) or (out[-1] if out else "no output"))))
+    vgroups: dict[str, list[Plan]] = {}
+    for p in plans:
+        if p.vllm_yaml:
+            vgroups.setdefault(_parser_env("serve-gpu", "serve", p.loaded.config.serving.engine == "vllm"), []).append(p)
+    for env, group in vgroups.items():
+        out = _run_parser(env, ["python", "-m", "serving.validate_vllm_config", *[str(p.vllm_yaml) for p in group]])
+        for p in group:
             line = next((l for l in out if l.startswith(f"VALID {p.vllm_yaml}")), None)
             err = next((l for l in out if str(p.vllm_yaml) in l and "error" in l.lower()), None)
             p.add("serve", "vLLM parser", OK if line else FAIL,
-                  "accepted" if line else (err or "not reached (an earlier file failed)"))
+                  f"accepted ({VENVS[env].name})" if line else (err or "not reached (an earlier file failed)"))
 
 
 def _run_parser(env: str, argv: list[str]) -> list[str]:

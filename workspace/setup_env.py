@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -179,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in args.envs if e not in ENVS]
     if unknown:
         ap.error(f"unknown environment(s) {', '.join(unknown)}; choose from {', '.join(ENVS)}")
+    if args.gpu and not shutil.which("nvidia-smi"):
+        print("[setup] GPU=1 on a machine without an NVIDIA driver (no nvidia-smi): the CUDA environments install "
+              "(5-8 GB; fine for building an image) but cannot run here; `make plan PROFILE=...` tells what will.",
+              file=sys.stderr)
     for env in args.envs or [*CPU_ENVS, *(GPU_ENVS if args.gpu else ())]:
         try:
             build(env, force=args.force)
