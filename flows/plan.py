@@ -123,7 +123,7 @@ def plan_static(profile: str, config: Optional[str], overrides: list[str], hardw
     if fetches and not c.hub.enabled:
         plan.add("hub", "downloads", FAIL, "needs the hub but hub.enabled is false: " + "; ".join(fetches))
     else:
-        plan.add("hub", "downloads", OK if fetches else OK, "; ".join(fetches) if fetches else "nothing (offline)")
+        plan.add("hub", "downloads", OK, "; ".join(fetches) if fetches else "nothing (offline)")
     if c.base_model.source == "build" and not (resolve(c.base_model.path) / "config.json").exists():
         plan.add("finetune", "base model", FAIL, f"{c.base_model.path} is not built: run `make base-model`")
 

@@ -34,6 +34,18 @@ def tmp_tracking(tmp_path):
             "tracking.experiment=test-exp"]
 
 
+def make_bundle(tmp_path: Path, tag: str) -> Path:
+    """A promotion bundle with a fake adapter whose bytes name `tag` (tests of the registry, local and served)."""
+    from serving.registry import build_bundle
+
+    adapter = tmp_path / f"adapter-{tag}"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights-" + tag.encode())
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    return build_bundle(tmp_path / f"bundle-{tag}", adapter, {"manifest.json": {"run_key": tag},
+                                                              "gate.json": {"passed": True}, "serving.yaml": "model: x\n"})
+
+
 RANDOM_LORA = (
     "import sys, torch; from transformers import AutoModelForCausalLM; from peft import LoraConfig, get_peft_model\n"
     "torch.manual_seed(0); m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"

@@ -67,11 +67,7 @@ def test_a_broken_gpu_lock_is_named(tmp_path, monkeypatch):
 
 
 def test_gpu_environments_live_apart_from_the_cpu_ones(tmp_path):
-    sys.path.insert(0, str(ROOT / "workspace"))
-    try:
-        import setup_env
-    finally:
-        sys.path.pop(0)
+    from workspace import setup_env
     folders = {env: folder for env, (folder, _) in setup_env.ENVS.items()}
     assert folders["train-gpu"] != folders["train"] and folders["serve-gpu"] != folders["serve"]
     assert setup_env.ENVS["train-gpu"][1] == "train-gpu.lock" and setup_env.ENVS["train"][1] == "train.lock"
@@ -87,11 +83,7 @@ def test_the_gpu_train_lock_sdist_builds_against_torch_without_isolation(tmp_pat
     """`make setup GPU=1`'s second pass, for real: the locked deepspeed sdist, hash-checked, built without build
     isolation against an installed torch (here the CPU train env's 2.13.0; CUDA ops are JIT-built on first use),
     into a scratch folder. The first pass is plain hash-checked wheels (checked: a few of them install)."""
-    sys.path.insert(0, str(ROOT / "workspace"))
-    try:
-        import setup_env
-    finally:
-        sys.path.pop(0)
+    from workspace import setup_env
     py = str(ROOT / ".venv-train" / "bin" / "python")
     pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     steps = setup_env.gpu_install_steps("train-gpu", pip, tmp_path)

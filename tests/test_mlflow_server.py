@@ -11,7 +11,8 @@ import urllib.request
 
 import pytest
 
-from serving.registry import CHAMPION, PREVIOUS, alias_version, build_bundle, fetch_champion, fetch_version, promote, rollback
+from conftest import make_bundle
+from serving.registry import CHAMPION, PREVIOUS, alias_version, fetch_champion, fetch_version, promote, rollback
 from workspace.config import load_config
 from workspace.paths import VENVS
 from workspace.processes import free_port
@@ -53,15 +54,6 @@ def server(tmp_path_factory):
         log.close()
 
 
-def _bundle(tmp_path, tag):
-    adapter = tmp_path / f"adapter-{tag}"
-    adapter.mkdir()
-    (adapter / "adapter_model.safetensors").write_bytes(b"weights-" + tag.encode())
-    (adapter / "adapter_config.json").write_text('{"r": 8}')
-    return build_bundle(tmp_path / f"bundle-{tag}", adapter, {"manifest.json": {"run_key": tag},
-                                                              "gate.json": {"passed": True}, "serving.yaml": "model: x\n"})
-
-
 @pytest.mark.slow  # starts `mlflow server` (about 10-30 s)
 def test_registry_path_through_a_tracking_server(server, tmp_path):
     url, root = server
@@ -73,7 +65,7 @@ def test_registry_path_through_a_tracking_server(server, tmp_path):
     versions = []
     for tag in ("one", "two"):
         with stage_run(loaded, "promote") as run:
-            versions.append(promote(NAME, run.info.run_id, _bundle(tmp_path, tag), {"dataset_hash": tag}).version)
+            versions.append(promote(NAME, run.info.run_id, make_bundle(tmp_path, tag), {"dataset_hash": tag}).version)
     assert versions == ["1", "2"]
     assert alias_version(NAME, CHAMPION) == "2" and alias_version(NAME, PREVIOUS) == "1"
     info, path = fetch_champion(NAME, tmp_path / "dl-champion")

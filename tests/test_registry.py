@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from serving.registry import (
-    CANDIDATE, CHAMPION, PREVIOUS, PromotionError, alias_version, build_bundle, fetch_champion, promote, rollback,
+    CANDIDATE, CHAMPION, PREVIOUS, PromotionError, alias_version, fetch_champion, promote, rollback,
 )
+from conftest import make_bundle
 from workspace.config import load_config
 from workspace.tracking import configure, stage_run
 
@@ -20,18 +21,9 @@ def loaded(tmp_tracking):
     return loaded
 
 
-def bundle(tmp_path, tag: str):
-    adapter = tmp_path / f"adapter-{tag}"
-    adapter.mkdir()
-    (adapter / "adapter_model.safetensors").write_bytes(b"weights-" + tag.encode())
-    (adapter / "adapter_config.json").write_text('{"r": 8}')
-    return build_bundle(tmp_path / f"bundle-{tag}", adapter, {"manifest.json": {"run_key": tag},
-                                                              "gate.json": {"passed": True}, "serving.yaml": "model: x\n"})
-
-
 def do_promote(loaded, tmp_path, tag, hook=lambda step: None):
     with stage_run(loaded, "promote") as run:
-        return promote(NAME, run.info.run_id, bundle(tmp_path, tag), {"dataset_hash": tag}, _after_step=hook)
+        return promote(NAME, run.info.run_id, make_bundle(tmp_path, tag), {"dataset_hash": tag}, _after_step=hook)
 
 
 def test_first_then_second_promotion_and_rollback(loaded, tmp_path):

@@ -83,7 +83,7 @@ def entries(text: str) -> dict[str, str]:
         elif current and line.strip().startswith("--hash"):
             out[current] += line + "\n"
         else:
-            current = None if not line.strip().startswith("--hash") else current
+            current = None
     return out
 
 

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown environment(s) {', '.join(unknown)}; choose from {', '.join(ENVS)}")
     if args.gpu and not shutil.which("nvidia-smi"):
         print("[setup] GPU=1 on a machine without an NVIDIA driver (no nvidia-smi): the CUDA environments install "
-              "(5-8 GB; fine for building an image) but cannot run here; `make plan PROFILE=...` tells what will.",
+              "(several GB; fine for building an image) but cannot run here; `make plan PROFILE=...` tells what will.",
               file=sys.stderr)
     for env in args.envs or [*CPU_ENVS, *(GPU_ENVS if args.gpu else ())]:
         try:
