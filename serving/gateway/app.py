@@ -1,0 +1,591 @@
+"""The gateway: an OpenAI-compatible front door for the served models (FastAPI, run by uvicorn: `make gateway`).
+
+    POST /v1/chat/completions   streamed (SSE) or not; `model` is an alias (champion, candidate, previous),
+                                name@version, vN or auto (the routing table); `conversation_id` (extra_body) appends
+                                the exchange to a saved conversation
+    GET  /v1/models             the aliases set in the registry (and `auto` when routes exist)
+    /v1/conversations[/{id}]    create, list, load, retitle (each token sees its own)
+    GET  /admin/usage[.csv]     usage rows (admin); /admin/tokens (list, create, revoke); POST /admin/reload
+    GET  /healthz               the replicas and the registry, no token;  GET /metrics (Prometheus, admin token)
+    GET  /                      the chat page (serving/gateway/static/index.html, no external resources)
+
+Every request but /healthz and / carries `Authorization: Bearer <token>` (tokens from `make token`; stored as
+SHA-256 digests). Per token: requests/min and tokens/min through the `limits` library (memory, or Redis when several
+gateways share the counters); over the limit is 429 with Retry-After. One usage row per chat request (request id,
+token name, requested model, alias, resolved version, replica, canary, tokens, TTFT, latency, status; the prompt and
+answer PII-masked by workspace/pii.py). A client that disconnects cancels its upstream request (the upstream
+connection is closed, and vLLM aborts the request). Errors are OpenAI-shaped JSON: 400 (empty or malformed
+messages, context too long: the upstream's own message), 401/403, 404 (unknown model), 429, 502 (upstream down),
+503 (no healthy replica), 504 (upstream timeout).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from limits import RateLimitItemPerMinute
+from limits.storage import storage_from_string
+from limits.aio.strategies import MovingWindowRateLimiter
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from serving.gateway.db import GatewayDb, database_url
+from serving.gateway.routing import Catalog, GatewayError, ReplicaPool, Target
+from workspace.config import LoadedConfig
+from workspace.pii import mask_pii as mask
+
+STATIC = Path(__file__).parent / "static"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclass
+class Principal:
+    name: str
+    role: str
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("gateway_requests", "chat requests by answering alias and HTTP status",
+                                ["alias", "status"], registry=r)
+        self.errors = Counter("gateway_errors", "failed requests by error code", ["code"], registry=r)
+        self.latency = Histogram("gateway_request_latency_seconds", "request latency", ["alias"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("gateway_time_to_first_token_seconds", "time to the first streamed token", ["alias"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("gateway_tokens", "tokens by direction", ["direction"], registry=r)
+        self.inflight = Gauge("gateway_inflight_requests", "requests in flight per replica", ["replica"], registry=r)
+        self.retries = Counter("gateway_retries", "requests retried on another replica", registry=r)
+        self.cancelled = Counter("gateway_cancelled", "requests whose client disconnected", registry=r)
+
+
+class Limiter:
+    """Per-token requests/min and tokens/min (moving windows) from the `limits` library."""
+
+    def __init__(self, uri: str, requests_per_min: int, tokens_per_min: int):
+        self.storage = storage_from_string("async+" + uri)
+        self.strategy = MovingWindowRateLimiter(self.storage)
+        self.req = RateLimitItemPerMinute(requests_per_min, namespace="requests")
+        self.tok = RateLimitItemPerMinute(tokens_per_min, namespace="tokens")
+
+    async def _retry_after(self, item, key: str) -> int:
+        stats = await self.strategy.get_window_stats(item, key)
+        return max(1, math.ceil(stats.reset_time - time.time()))
+
+    async def admit(self, key: str) -> None:
+        if not await self.strategy.test(self.tok, key):
+            wait = await self._retry_after(self.tok, key)
+            raise GatewayError(429, f"token {key!r} used its {self.tok.amount} tokens per minute; retry in {wait} s",
+                               "rate_limit_exceeded", "rate_limit_error", {"Retry-After": str(wait)})
+        if not await self.strategy.hit(self.req, key):
+            wait = await self._retry_after(self.req, key)
+            raise GatewayError(429, f"token {key!r} sent its {self.req.amount} requests per minute; retry in {wait} s",
+                               "rate_limit_exceeded", "rate_limit_error", {"Retry-After": str(wait)})
+
+    async def spend(self, key: str, tokens: int) -> None:
+        if tokens > 0:
+            remaining = (await self.strategy.get_window_stats(self.tok, key)).remaining
+            if remaining > 0:  # a request larger than what is left fills the window (the next one waits)
+                await self.strategy.hit(self.tok, key, cost=min(tokens, remaining))
+
+
+def _error(exc: GatewayError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _validate(body: Any) -> list[dict]:
+    if not isinstance(body, dict):
+        raise GatewayError(400, "the request body must be a JSON object", "invalid_request")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise GatewayError(400, "'messages' must be a non-empty list of {role, content} objects", "empty_messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+            raise GatewayError(400, f"messages[{i}] needs a role of system, user or assistant", "invalid_message")
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str) or (m["role"] == "user" and not content.strip()):
+            raise GatewayError(400, f"messages[{i}] ({m['role']}) has empty content", "empty_messages")
+    return msgs
+
+
+def _text(m: dict) -> str:
+    c = m.get("content")
+    return c if isinstance(c, str) else "".join(p.get("text", "") for p in c or [] if isinstance(p, dict))
+
+
+class Gateway:
+    def __init__(self, loaded: LoadedConfig, *, upstreams: Optional[list[str]] = None, catalog: Optional[Catalog] = None,
+                 db: Optional[GatewayDb] = None):
+        import os
+
+        cfg = loaded.config
+        self.loaded, self.gw = loaded, cfg.serving.gateway
+        self.db = db or GatewayDb(database_url(loaded))
+        self.catalog = catalog or Catalog(loaded)
+        self.metrics = Metrics()
+        self.limiter = Limiter(self.gw.limits_storage, self.gw.requests_per_min, self.gw.tokens_per_min)
+        key_env = cfg.serving.api_key_env
+        self.upstream_headers = {"Authorization": f"Bearer {os.environ[key_env]}"} if key_env and os.environ.get(key_env) else {}
+        self.upstream_urls = upstreams or self.gw.upstreams or [
+            f"http://{cfg.serving.host}:{cfg.serving.port + i}/v1" for i in range(cfg.serving.replicas)]
+        self.client: Optional[httpx.AsyncClient] = None
+        self.pool: Optional[ReplicaPool] = None
+        self._auth_cache: dict[str, tuple[float, Principal]] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.gw.upstream_timeout_s, connect=5.0),
+                                        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+        self.pool = ReplicaPool(self.upstream_urls, self.client, self.upstream_headers)
+        await asyncio.gather(self.catalog.refresh(), self.pool.check_all())
+        self._tasks = [asyncio.create_task(self._every(self.gw.registry_refresh_s, self.catalog.refresh)),
+                       asyncio.create_task(self._every(self.gw.health_interval_s, self.pool.check_all))]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*self._tasks)
+        if self.client:
+            await self.client.aclose()
+
+    @staticmethod
+    async def _every(seconds: float, fn) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            with contextlib.suppress(Exception):
+                await fn()
+
+    # --- auth ---
+    async def principal(self, request: Request, admin: bool = False) -> Principal:
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not token:
+            raise GatewayError(401, "no API token: send `Authorization: Bearer <token>` (create one with "
+                               "`make token NAME=you ROLE=user`)", "invalid_api_key", "authentication_error")
+        hit = self._auth_cache.get(token)
+        if hit and hit[0] > time.monotonic():
+            p = hit[1]
+        else:
+            row = await run_in_threadpool(self.db.check_token, token)
+            if row is None:
+                raise GatewayError(401, "the API token is unknown or revoked", "invalid_api_key", "authentication_error")
+            p = Principal(row.name, row.role)
+            self._auth_cache[token] = (time.monotonic() + 5.0, p)  # a revocation takes effect within 5 s
+        if admin and p.role != "admin":
+            raise GatewayError(403, f"token {p.name!r} has role {p.role}; this endpoint needs an admin token",
+                               "forbidden", "permission_error")
+        return p
+
+    # --- chat ---
+    async def chat(self, request: Request) -> Response:
+        rid = "chatcmpl-gw-" + uuid.uuid4().hex[:24]
+        t0 = time.monotonic()
+        row: dict[str, Any] = {"request_id": rid, "status": 200, "stream": False}
+        target: Optional[Target] = None
+        try:
+            p = await self.principal(request)
+            row["token_name"] = p.name
+            await self.limiter.admit(p.name)
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise GatewayError(400, "the request body is not valid JSON", "invalid_json") from None
+            msgs = _validate(body)
+            conv_id = body.pop("conversation_id", None)
+            if conv_id is not None and (not isinstance(conv_id, int) or
+                                        await run_in_threadpool(self.db.conversation, p.name, conv_id) is None):
+                raise GatewayError(404, f"conversation {conv_id!r} does not exist for token {p.name!r}",
+                                   "conversation_not_found")
+            prompt = next((_text(m) for m in reversed(msgs) if m["role"] == "user"), "")
+            row.update(requested_model=body.get("model") or self.gw.default_model, stream=bool(body.get("stream")))
+            if self.gw.log_text:
+                row["prompt"] = mask(prompt)
+            target = self.catalog.resolve(body.get("model"), prompt)
+            row.update(alias=target.alias, version=target.version, upstream_model=target.upstream_model,
+                       canary=target.canary, route=target.route)
+            upstream_body = {**body, "model": target.upstream_model}
+            if row["stream"]:
+                upstream_body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            resp, replica, attempts = await self._open(upstream_body, target, row)
+            row.update(replica=replica.base_url, attempts=attempts)
+            if resp.status_code >= 400:  # the upstream's own error (context too long, bad parameter): relayed as is
+                content = await resp.aread()
+                await resp.aclose()
+                replica.inflight -= 1
+                self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
+                try:
+                    err = json.loads(content)
+                    message = (err.get("error") or {}).get("message") or err.get("message") or str(err)
+                except ValueError:
+                    message = content.decode("utf-8", "replace")[:500]
+                raise GatewayError(resp.status_code, message, "upstream_error" if resp.status_code >= 500 else
+                                   "invalid_request", "invalid_request_error" if resp.status_code < 500 else "server_error")
+            if row["stream"]:
+                return StreamingResponse(self._relay(resp, replica, row, t0, p, target, msgs, conv_id),
+                                         media_type="text/event-stream", headers={"X-Request-Id": rid})
+            return await self._whole(request, resp, replica, row, t0, p, target, msgs, conv_id)
+        except GatewayError as exc:
+            row.update(status=exc.status, error=exc.message[:1000], latency_ms=(time.monotonic() - t0) * 1000)
+            self.metrics.errors.labels(exc.code).inc()
+            self.metrics.requests.labels(row.get("alias") or "-", str(exc.status)).inc()
+            if "token_name" in row:  # unauthenticated noise is counted, not stored
+                await self._record(row)
+            return _error(exc)
+
+    async def _open(self, body: dict, target: Target, row: dict) -> tuple[httpx.Response, Any, int]:
+        """Send the request to the least busy healthy replica; a replica that fails before answering (connection
+        refused, 5xx, timeout to the first byte) is marked unhealthy and the next one is tried, up to `retries`."""
+        tried: set[str] = set()
+        last = "no replica is configured"
+        for attempt in range(1, self.gw.retries + 2):
+            replica = self.pool.pick(tried)
+            if replica is None:
+                break
+            tried.add(replica.base_url)
+            replica.inflight += 1
+            self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
+            try:
+                await self.pool.ensure_model(replica, target, self.catalog)
+                req = self.client.build_request("POST", f"{replica.base_url}/chat/completions", json=body,
+                                                headers=self.upstream_headers)
+                resp = await self.client.send(req, stream=True)
+                if resp.status_code < 500:
+                    replica.served += 1
+                    return resp, replica, attempt
+                last = f"{replica.base_url} answered {resp.status_code}: {(await resp.aread())[:200]!r}"
+                await resp.aclose()
+            except httpx.TimeoutException as exc:
+                last = f"{replica.base_url} timed out ({type(exc).__name__})"
+                if attempt > self.gw.retries:
+                    replica.inflight -= 1
+                    raise GatewayError(504, f"the upstream model server timed out: {last}", "upstream_timeout",
+                                       "server_error") from exc
+            except httpx.HTTPError as exc:
+                last = f"{replica.base_url}: {type(exc).__name__}: {exc}"
+            except GatewayError:
+                replica.inflight -= 1
+                raise
+            replica.inflight -= 1
+            self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
+            replica.healthy, replica.last_error = False, last  # the health loop brings it back
+            if attempt <= self.gw.retries:
+                self.metrics.retries.inc()
+        if not tried:
+            down = "; ".join(f"{r.base_url}: {r.last_error or 'unhealthy'}" for r in self.pool.replicas)
+            raise GatewayError(503, f"no healthy model server replica ({down}); is `make serve` running?",
+                               "no_healthy_replica", "server_error")
+        raise GatewayError(502, f"the upstream model server failed: {last}", "upstream_unavailable", "server_error")
+
+    async def _whole(self, request: Request, resp: httpx.Response, replica, row: dict, t0: float, p: Principal,
+                     target: Target, msgs: list[dict], conv_id: Optional[int]) -> Response:
+        read = asyncio.ensure_future(resp.aread())
+        watch = asyncio.ensure_future(self._disconnected(request))
+        try:
+            done, _ = await asyncio.wait({read, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if read not in done:  # the client left: stop the upstream request too
+                read.cancel()
+                self.metrics.cancelled.inc()
+                row.update(status=499, error="client disconnected")
+                return Response(status_code=499)
+            data = json.loads(read.result())
+            usage = data.get("usage") or {}
+            answer = "".join((c.get("message") or {}).get("content") or "" for c in data.get("choices", []))
+            data["id"] = row["request_id"]
+            data["model"] = target.alias  # the client sees what it asked for, the row records the version
+            row.update(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"))
+            await self._finish(row, t0, p, target, msgs, answer, conv_id)
+            return JSONResponse(data, headers={"X-Request-Id": row["request_id"]})
+        finally:
+            watch.cancel()
+            await resp.aclose()
+            replica.inflight -= 1
+            self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
+            if row["status"] != 200:
+                await self._finish_error(row, t0)
+
+    @staticmethod
+    async def _disconnected(request: Request) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.2)
+
+    async def _relay(self, resp: httpx.Response, replica, row: dict, t0: float, p: Principal, target: Target,
+                     msgs: list[dict], conv_id: Optional[int]) -> AsyncIterator[bytes]:
+        parts: list[str] = []
+        ttft: Optional[float] = None
+        finished = False
+        try:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line[6:].strip() != "[DONE]":
+                    try:
+                        chunk = json.loads(line[6:])
+                    except ValueError:
+                        chunk = {}
+                    for c in chunk.get("choices") or []:
+                        text = (c.get("delta") or {}).get("content") or ""
+                        if text:
+                            ttft = ttft if ttft is not None else time.monotonic() - t0
+                            parts.append(text)
+                    if chunk.get("usage"):
+                        row.update(input_tokens=chunk["usage"].get("prompt_tokens"),
+                                   output_tokens=chunk["usage"].get("completion_tokens"))
+                    chunk["id"], chunk["model"] = row["request_id"], target.alias
+                    line = "data: " + json.dumps(chunk, ensure_ascii=False)
+                yield (line + "\n").encode("utf-8")
+            finished = True
+        except httpx.HTTPError as exc:  # the replica died mid-stream: the client already has tokens, so no retry
+            row.update(status=502, error=f"upstream stream broke: {type(exc).__name__}: {exc}")
+            err = GatewayError(502, row["error"], "upstream_stream_broken", "server_error")
+            yield f"data: {json.dumps(err.body())}\n\n".encode("utf-8")
+        finally:
+            # runs on normal end, on an upstream error, and when the client disconnected (the task is cancelled)
+            await asyncio.shield(self._close_stream(resp, replica, row, t0, p, target, msgs, parts, ttft, conv_id,
+                                                    finished))
+
+    async def _close_stream(self, resp, replica, row, t0, p, target, msgs, parts, ttft, conv_id, finished) -> None:
+        await resp.aclose()  # closes the upstream connection: vLLM aborts a request whose client is gone
+        replica.inflight -= 1
+        self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
+        row["ttft_ms"] = ttft * 1000 if ttft is not None else None
+        if ttft is not None:
+            self.metrics.ttft.labels(target.alias).observe(ttft)
+        if not finished and row["status"] == 200:
+            self.metrics.cancelled.inc()
+            row.update(status=499, error="client disconnected")
+        if row["status"] == 200:
+            await self._finish(row, t0, p, target, msgs, "".join(parts), conv_id)
+        else:
+            if self.gw.log_text:
+                row["answer"] = mask("".join(parts))
+            await self._finish_error(row, t0)
+
+    async def _finish(self, row: dict, t0: float, p: Principal, target: Target, msgs: list[dict], answer: str,
+                      conv_id: Optional[int]) -> None:
+        latency = time.monotonic() - t0
+        row["latency_ms"] = latency * 1000
+        if self.gw.log_text:
+            row["answer"] = mask(answer)
+        m = self.metrics
+        m.requests.labels(target.alias, "200").inc()
+        m.latency.labels(target.alias).observe(latency)
+        m.tokens.labels("input").inc(row.get("input_tokens") or 0)
+        m.tokens.labels("output").inc(row.get("output_tokens") or 0)
+        await self.limiter.spend(p.name, (row.get("input_tokens") or 0) + (row.get("output_tokens") or 0))
+        await self._record(row)
+        if conv_id is not None:
+            user = next((m for m in reversed(msgs) if m["role"] == "user"), None)
+            system = next((_text(m) for m in msgs if m["role"] == "system"), None)
+            new = ([{"role": "user", "content": mask(_text(user))}] if user else []) + \
+                  [{"role": "assistant", "content": mask(answer)}]
+            await run_in_threadpool(self.db.add_messages, conv_id, new, row["request_id"], model=row["requested_model"],
+                                    system_prompt=mask(system) if system else None)
+
+    async def _finish_error(self, row: dict, t0: float) -> None:
+        row.setdefault("latency_ms", (time.monotonic() - t0) * 1000)
+        self.metrics.requests.labels(row.get("alias") or "-", str(row["status"])).inc()
+        self.metrics.errors.labels("client_disconnected" if row["status"] == 499 else "upstream").inc()
+        await self._record(row)
+
+    async def _record(self, row: dict) -> None:
+        try:
+            await run_in_threadpool(self.db.add_usage, **row)
+        except Exception as exc:  # noqa: BLE001 - a usage row lost is reported, the answer still goes out
+            import sys
+
+            print(f"[gateway] usage row {row.get('request_id')} not written: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def health(self) -> dict:
+        reps = [{"url": r.base_url, "healthy": r.healthy, "inflight": r.inflight, "served": r.served,
+                 "models": sorted(r.models), "error": r.last_error} for r in self.pool.replicas]
+        ok = any(r["healthy"] for r in reps) and bool(self.catalog.aliases)
+        return {"status": "ok" if ok else "degraded", "replicas": reps, "aliases": self.catalog.aliases,
+                "registry": {"model": self.catalog.name, "error": self.catalog.error,
+                             "refreshed_at": self.catalog.refreshed_at}}
+
+
+def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
+    gw = Gateway(loaded, **kw)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="LLMOps gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.gateway = gw
+
+    async def guarded(fn, *a):
+        try:
+            return await fn(*a)
+        except GatewayError as exc:
+            return _error(exc)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await gw.chat(request)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        async def run():
+            await gw.principal(request)
+            return {"object": "list", "data": gw.catalog.models()}
+        return await guarded(run)
+
+    @app.get("/healthz")
+    async def healthz():
+        h = gw.health()
+        return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        async def run():
+            await gw.principal(request, admin=True)
+            return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return await guarded(run)
+
+    # --- conversations ---
+    @app.post("/v1/conversations")
+    async def new_conversation(request: Request):
+        async def run():
+            p = await gw.principal(request)
+            body = await _json(request)
+            title = mask(str(body.get("title") or "new conversation"))
+            system = body.get("system_prompt")
+            return await run_in_threadpool(gw.db.create_conversation, p.name, title, body.get("model"),
+                                           mask(system) if system else None)
+        return await guarded(run)
+
+    @app.get("/v1/conversations")
+    async def list_conversations(request: Request):
+        async def run():
+            p = await gw.principal(request)
+            return {"object": "list", "data": await run_in_threadpool(gw.db.conversations, p.name)}
+        return await guarded(run)
+
+    @app.get("/v1/conversations/{conv_id}")
+    async def get_conversation(conv_id: int, request: Request):
+        async def run():
+            p = await gw.principal(request)
+            c = await run_in_threadpool(gw.db.conversation, p.name, conv_id)
+            if c is None:
+                raise GatewayError(404, f"conversation {conv_id} does not exist for token {p.name!r}",
+                                   "conversation_not_found")
+            return c
+        return await guarded(run)
+
+    @app.patch("/v1/conversations/{conv_id}")
+    async def retitle(conv_id: int, request: Request):
+        async def run():
+            p = await gw.principal(request)
+            body = await _json(request)
+            c = await run_in_threadpool(gw.db.update_conversation, p.name, conv_id,
+                                        title=mask(str(body["title"])) if body.get("title") else None,
+                                        model=body.get("model"))
+            if c is None:
+                raise GatewayError(404, f"conversation {conv_id} does not exist for token {p.name!r}",
+                                   "conversation_not_found")
+            return c
+        return await guarded(run)
+
+    # --- admin ---
+    @app.get("/admin/usage")
+    async def usage(request: Request, since: Optional[str] = None, token: Optional[str] = None):
+        async def run():
+            await gw.principal(request, admin=True)
+            return {"object": "list", "data": await run_in_threadpool(gw.db.usage, _since(since), token),
+                    "summary": await run_in_threadpool(gw.db.usage_summary)}
+        return await guarded(run)
+
+    @app.get("/admin/usage.csv")
+    async def usage_csv(request: Request, since: Optional[str] = None, token: Optional[str] = None):
+        async def run():
+            await gw.principal(request, admin=True)
+            rows = await run_in_threadpool(gw.db.usage, _since(since), token)
+            return PlainTextResponse(gw.db.usage_csv(rows), media_type="text/csv",
+                                     headers={"Content-Disposition": "attachment; filename=usage.csv"})
+        return await guarded(run)
+
+    @app.get("/admin/tokens")
+    async def tokens(request: Request):
+        async def run():
+            await gw.principal(request, admin=True)
+            return {"object": "list", "data": await run_in_threadpool(gw.db.tokens)}
+        return await guarded(run)
+
+    @app.post("/admin/tokens")
+    async def create_token(request: Request):
+        async def run():
+            from serving.gateway.db import GatewayDbError
+
+            await gw.principal(request, admin=True)
+            body = await _json(request)
+            try:
+                token = await run_in_threadpool(gw.db.create_token, str(body.get("name", "")), str(body.get("role", "user")))
+            except GatewayDbError as exc:
+                raise GatewayError(400, str(exc), "invalid_token_request") from None
+            return {"name": body.get("name"), "role": body.get("role", "user"), "token": token}
+        return await guarded(run)
+
+    @app.delete("/admin/tokens/{name}")
+    async def revoke(name: str, request: Request):
+        async def run():
+            await gw.principal(request, admin=True)
+            if not await run_in_threadpool(gw.db.revoke_token, name):
+                raise GatewayError(404, f"no token named {name!r}", "token_not_found")
+            gw._auth_cache.clear()
+            return {"name": name, "revoked": True}
+        return await guarded(run)
+
+    @app.post("/admin/reload")
+    async def reload(request: Request):
+        async def run():
+            await gw.principal(request, admin=True)
+            aliases = await gw.catalog.refresh()
+            await gw.pool.check_all()
+            return {"aliases": aliases, "error": gw.catalog.error}
+        return await guarded(run)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app
+
+
+async def _json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise GatewayError(400, "the request body is not valid JSON", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "the request body must be a JSON object", "invalid_request")
+    return body
+
+
+def _since(value: Optional[str]) -> Optional[dt.datetime]:
+    if not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value).replace(tzinfo=None)
+    except ValueError:
+        raise GatewayError(400, f"since={value!r} is not an ISO date (2026-11-26 or 2026-11-26T10:00)",
+                           "invalid_since") from None

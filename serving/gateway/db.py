@@ -1,0 +1,247 @@
+"""The gateway's database (SQLAlchemy 2): API tokens (stored as SHA-256 digests), one usage row per request, and
+conversations with their messages. A SQLite file by default (<cache>/gateway/gateway.db), any SQLAlchemy URL by
+`serving.gateway.database_url` (postgresql+psycopg://... for a team). Every text written here went through the
+same PII masker as data preparation (workspace/pii.py) first.
+
+Tokens are 256-bit random strings, so a fast digest (SHA-256) is the right store: a slow password hash (bcrypt,
+argon2) protects guessable human passwords and would only add latency to every request here.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+import secrets
+from pathlib import Path
+from typing import Iterable, Optional
+
+from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, func, select,
+                        update)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from workspace.config import LoadedConfig
+from workspace.paths import CACHE
+
+ROLES = ("user", "admin")
+TOKEN_PREFIX = "llmops-"
+
+
+class GatewayDbError(RuntimeError):
+    pass
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(10))
+    digest: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Usage(Base):
+    __tablename__ = "usage"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, index=True)
+    token_name: Mapped[Optional[str]] = mapped_column(String(100), index=True)
+    requested_model: Mapped[Optional[str]] = mapped_column(String(200))
+    alias: Mapped[Optional[str]] = mapped_column(String(200))  # the alias that answered (after canary / routes)
+    version: Mapped[Optional[str]] = mapped_column(String(50))  # the registry version it resolved to
+    upstream_model: Mapped[Optional[str]] = mapped_column(String(200))
+    replica: Mapped[Optional[str]] = mapped_column(String(300))
+    canary: Mapped[bool] = mapped_column(Boolean, default=False)
+    route: Mapped[Optional[str]] = mapped_column(String(100))
+    stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    input_tokens: Mapped[Optional[int]] = mapped_column(Integer)
+    output_tokens: Mapped[Optional[int]] = mapped_column(Integer)
+    ttft_ms: Mapped[Optional[float]] = mapped_column(Float)
+    latency_ms: Mapped[Optional[float]] = mapped_column(Float)
+    status: Mapped[int] = mapped_column(Integer)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    prompt: Mapped[Optional[str]] = mapped_column(Text)  # PII-masked
+    answer: Mapped[Optional[str]] = mapped_column(Text)  # PII-masked
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_name: Mapped[str] = mapped_column(String(100), index=True)
+    title: Mapped[str] = mapped_column(String(200))
+    model: Mapped[Optional[str]] = mapped_column(String(200))
+    system_prompt: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(20))
+    content: Mapped[str] = mapped_column(Text)  # PII-masked
+    request_id: Mapped[Optional[str]] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+
+USAGE_COLUMNS = [c.name for c in Usage.__table__.columns]
+
+
+def database_url(loaded: LoadedConfig) -> str:
+    url = loaded.config.serving.gateway.database_url
+    if url:
+        return url
+    path = CACHE / "gateway" / "gateway.db"
+    return f"sqlite:///{path}"
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class GatewayDb:
+    """The gateway's tables on one SQLAlchemy engine (created if missing)."""
+
+    def __init__(self, url: str):
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
+            Base.metadata.create_all(self.engine)
+        except Exception as exc:  # noqa: BLE001 - a bad URL, an unreachable server, a missing driver: one named error
+            raise GatewayDbError(f"the gateway database {self._safe(url)} cannot be opened ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:200]}); check serving.gateway.database_url") from exc
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+        self.url = url
+
+    @staticmethod
+    def _safe(url: str) -> str:
+        from sqlalchemy.engine import make_url
+
+        try:
+            return make_url(url).render_as_string(hide_password=True)
+        except Exception:  # noqa: BLE001
+            return "(unparsable URL)"
+
+    # --- tokens ---
+    def create_token(self, name: str, role: str) -> str:
+        """A new random token for `name` (printed once by the caller; only its digest is stored)."""
+        if role not in ROLES:
+            raise GatewayDbError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        if not name or len(name) > 100:
+            raise GatewayDbError("a token needs a NAME (1-100 characters), e.g. `make token NAME=alice ROLE=user`")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self.session() as s, s.begin():
+            if s.scalar(select(ApiToken).where(ApiToken.name == name)) is not None:
+                raise GatewayDbError(f"a token named {name!r} exists already: revoke it first or pick another NAME")
+            s.add(ApiToken(name=name, role=role, digest=digest(token)))
+        return token
+
+    def check_token(self, token: str) -> Optional[ApiToken]:
+        with self.session() as s:
+            return s.scalar(select(ApiToken).where(ApiToken.digest == digest(token), ApiToken.revoked.is_(False)))
+
+    def revoke_token(self, name: str) -> bool:
+        with self.session() as s, s.begin():
+            return s.execute(update(ApiToken).where(ApiToken.name == name).values(revoked=True)).rowcount > 0
+
+    def tokens(self) -> list[dict]:
+        with self.session() as s:
+            return [{"name": t.name, "role": t.role, "created_at": t.created_at.isoformat(), "revoked": t.revoked}
+                    for t in s.scalars(select(ApiToken).order_by(ApiToken.id))]
+
+    # --- usage ---
+    def add_usage(self, **row) -> None:
+        with self.session() as s, s.begin():
+            s.add(Usage(**row))
+
+    def usage(self, since: Optional[dt.datetime] = None, token_name: Optional[str] = None,
+              limit: int = 10_000) -> list[dict]:
+        q = select(Usage).order_by(Usage.id)
+        if since is not None:
+            q = q.where(Usage.created_at >= since)
+        if token_name:
+            q = q.where(Usage.token_name == token_name)
+        with self.session() as s:
+            return [{c: (v.isoformat() if isinstance(v := getattr(u, c), dt.datetime) else v) for c in USAGE_COLUMNS}
+                    for u in s.scalars(q.limit(limit))]
+
+    def usage_csv(self, rows: Iterable[dict]) -> str:
+        out = io.StringIO()
+        w = csv.DictWriter(out, fieldnames=USAGE_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+        return out.getvalue()
+
+    def usage_summary(self) -> list[dict]:
+        with self.session() as s:
+            q = select(Usage.token_name, Usage.alias, func.count(), func.sum(Usage.input_tokens),
+                       func.sum(Usage.output_tokens)).group_by(Usage.token_name, Usage.alias)
+            return [{"token_name": t, "alias": a, "requests": n, "input_tokens": i or 0, "output_tokens": o or 0}
+                    for t, a, n, i, o in s.execute(q)]
+
+    # --- conversations ---
+    def create_conversation(self, token_name: str, title: str, model: Optional[str] = None,
+                            system_prompt: Optional[str] = None) -> dict:
+        with self.session() as s, s.begin():
+            c = Conversation(token_name=token_name, title=title[:200] or "new conversation", model=model,
+                             system_prompt=system_prompt)
+            s.add(c)
+            s.flush()
+            return self._conv(c)
+
+    @staticmethod
+    def _conv(c: Conversation) -> dict:
+        return {"id": c.id, "title": c.title, "model": c.model, "system_prompt": c.system_prompt,
+                "created_at": c.created_at.isoformat(), "updated_at": c.updated_at.isoformat()}
+
+    def conversations(self, token_name: str) -> list[dict]:
+        with self.session() as s:
+            q = select(Conversation).where(Conversation.token_name == token_name).order_by(Conversation.updated_at.desc(),
+                                                                                           Conversation.id.desc())
+            return [self._conv(c) for c in s.scalars(q)]
+
+    def conversation(self, token_name: str, conv_id: int) -> Optional[dict]:
+        with self.session() as s:
+            c = s.get(Conversation, conv_id)
+            if c is None or c.token_name != token_name:  # another token's conversation is not found, not forbidden
+                return None
+            msgs = s.scalars(select(Message).where(Message.conversation_id == conv_id).order_by(Message.id))
+            return {**self._conv(c), "messages": [{"role": m.role, "content": m.content, "request_id": m.request_id}
+                                                  for m in msgs]}
+
+    def update_conversation(self, token_name: str, conv_id: int, **fields) -> Optional[dict]:
+        with self.session() as s, s.begin():
+            c = s.get(Conversation, conv_id)
+            if c is None or c.token_name != token_name:
+                return None
+            for k, v in fields.items():
+                if v is not None:
+                    setattr(c, k, v[:200] if k == "title" else v)
+            c.updated_at = _now()
+            return self._conv(c)
+
+    def add_messages(self, conv_id: int, messages: list[dict], request_id: str, **fields) -> None:
+        with self.session() as s, s.begin():
+            c = s.get(Conversation, conv_id)
+            if c is None:
+                return
+            for m in messages:
+                s.add(Message(conversation_id=conv_id, role=m["role"], content=m["content"], request_id=request_id))
+            for k, v in fields.items():
+                if v is not None:
+                    setattr(c, k, v)
+            c.updated_at = _now()

@@ -1,0 +1,234 @@
+"""What a request reaches: model names (aliases) to registry versions, versions to served models, and replicas.
+
+- `Catalog`: `champion`, `candidate`, `previous` (re-read from the MLflow registry every `registry_refresh_s`, and at
+  once on POST /admin/reload), `name@version` / `name@alias` / `vN`, `auto` (the routing table: keywords or a
+  regex on the last user message), and the optional canary (a seeded share of `champion` requests answered by
+  another alias). A version N of registered model M is served under the upstream name `M-vN`.
+- `ReplicaPool`: the vLLM replicas (health-checked in the background), least-busy choice among the healthy ones
+  that can serve the model; in LoRA mode a version a replica does not serve yet is loaded into it at run time
+  (vLLM's /v1/load_lora_adapter; `make serve` starts vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING), so `make
+  promote` / `make rollback` move traffic without restarting anything, and requests in flight keep the adapter
+  they started with (nothing is unloaded).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+from workspace.config import LoadedConfig
+from workspace.paths import CACHE
+
+ALIASES = ("champion", "candidate", "previous")
+
+
+class GatewayError(Exception):
+    """An error the client gets in OpenAI's shape: {"error": {"message", "type", "code"}} with `status`."""
+
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error",
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.type, self.headers = status, message, code, type_, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
+
+
+@dataclass
+class Target:
+    requested: str
+    alias: str  # what answered: an alias, or name@version
+    version: str
+    registered_model: str
+    upstream_model: str
+    canary: bool = False
+    route: Optional[str] = None
+
+
+class Catalog:
+    def __init__(self, loaded: LoadedConfig, *, fetch=None, versions=None):
+        cfg = loaded.config
+        self.gw = cfg.serving.gateway
+        self.name = cfg.tracking.registered_model
+        self.aliases: dict[str, str] = {}
+        self.refreshed_at = 0.0
+        self.error: Optional[str] = None
+        self.rng = random.Random(cfg.project.seed)  # the canary split: seeded, so a test measures a real split
+        self._lock = asyncio.Lock()
+        self._fetch = fetch  # (name, version, dest) -> folder; the registry's fetch_version by default
+        self._versions = versions  # (name, alias) -> version or None; the registry's alias_version by default
+        self.routes = [(r, re.compile(r.regex) if r.regex else None) for r in self.gw.routes]
+
+    def _alias_version(self, name: str, alias: str) -> Optional[str]:
+        if self._versions:
+            return self._versions(name, alias)
+        from serving.registry import alias_version
+
+        return alias_version(name, alias)
+
+    def refresh_sync(self) -> dict[str, str]:
+        found = {}
+        for alias in ALIASES:
+            v = self._alias_version(self.name, alias)
+            if v is not None:
+                found[alias] = v
+        self.aliases, self.refreshed_at, self.error = found, time.time(), None
+        return found
+
+    async def refresh(self) -> dict[str, str]:
+        try:
+            return await asyncio.to_thread(self.refresh_sync)
+        except Exception as exc:  # noqa: BLE001 - the registry down: keep the last known aliases, report it
+            self.error = f"{type(exc).__name__}: {exc}"
+            return self.aliases
+
+    def upstream_name(self, name: str, version: str) -> str:
+        return f"{name}-v{version}"
+
+    def models(self) -> list[dict]:
+        out = [{"id": a, "object": "model", "owned_by": self.name, "version": v, "created": 0}
+               for a, v in self.aliases.items()]
+        if self.routes:
+            out.append({"id": "auto", "object": "model", "owned_by": "gateway-routes", "created": 0,
+                        "routes": [r.name for r, _ in self.routes]})
+        return out
+
+    def _route(self, prompt: str) -> tuple[str, Optional[str]]:
+        for rule, rx in self.routes:
+            if any(k in prompt for k in rule.keywords) or (rx is not None and rx.search(prompt)):
+                return rule.model, rule.name
+        return self.gw.default_model, None
+
+    def resolve(self, requested: Optional[str], prompt: str = "") -> Target:
+        requested = requested or self.gw.default_model
+        model, route = (self._route(prompt) if requested == "auto" else (requested, None))
+        canary = False
+        c = self.gw.canary
+        if c and c.percent > 0 and model == "champion" and c.alias != "champion":
+            if self.rng.random() * 100 < c.percent and self._version_of(c.alias, quiet=True):
+                model, canary = c.alias, True
+        name, version = self._version_of(model)
+        return Target(requested, model, version, name, self.upstream_name(name, version), canary, route)
+
+    def _version_of(self, model: str, quiet: bool = False) -> Optional[tuple[str, str]]:
+        name, version = self.name, None
+        if model in ALIASES:
+            version = self.aliases.get(model)
+            if version is None and not quiet:
+                raise GatewayError(404, f"the alias {model!r} is not set in the registry for {self.name} "
+                                   f"(set: {', '.join(self.aliases) or 'none yet: run `make promote`'})",
+                                   "model_not_found")
+        elif "@" in model:
+            name, _, ref = model.partition("@")
+            name = name or self.name
+            version = ref if ref.isdigit() else (self._alias_version(name, ref) if ref in ALIASES else None)
+        elif re.fullmatch(r"v\d+", model):
+            version = model[1:]
+        if version is None:
+            if quiet:
+                return None
+            raise GatewayError(404, f"the model {model!r} does not exist: ask for one of {', '.join(self.aliases) or '(none set)'}"
+                               f", name@version (e.g. {self.name}@1), vN, or auto (the routing table)", "model_not_found")
+        return name, version
+
+    def fetch(self, name: str, version: str) -> Path:
+        """The version's registered files, downloaded once into <cache>/gateway/versions/<name>/<version>."""
+        dest = CACHE / "gateway" / "versions" / name / version
+        if (dest / "serving.yaml").exists():
+            return dest
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a server log, not a terminal
+        tmp = dest.with_name(dest.name + ".part")
+        tmp.mkdir(parents=True, exist_ok=True)
+        if self._fetch:
+            folder = self._fetch(name, version, tmp)
+        else:
+            from serving.registry import PromotionError, fetch_version
+
+            try:
+                folder = fetch_version(name, version, tmp)
+            except PromotionError as exc:
+                raise GatewayError(404, str(exc), "model_not_found") from exc
+        folder.rename(dest)  # whole or not at all: a half download stays a .part folder
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+
+@dataclass
+class Replica:
+    base_url: str  # .../v1
+    healthy: bool = True
+    inflight: int = 0
+    served: int = 0
+    models: set[str] = field(default_factory=set)
+    last_error: str = ""
+    loading: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    @property
+    def root(self) -> str:
+        return self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+
+
+class ReplicaPool:
+    def __init__(self, urls: list[str], client: httpx.AsyncClient, headers: dict[str, str]):
+        self.replicas = [Replica(u.rstrip("/")) for u in urls]
+        self.client, self.headers = client, headers
+        self._rr = 0
+
+    async def check(self, r: Replica) -> bool:
+        try:
+            h = await self.client.get(f"{r.root}/health", timeout=3, headers=self.headers)
+            ok = h.status_code == 200
+            if ok:
+                m = await self.client.get(f"{r.base_url}/models", timeout=5, headers=self.headers)
+                r.models = {d["id"] for d in m.json().get("data", [])} if m.status_code == 200 else r.models
+            r.healthy, r.last_error = ok, ("" if ok else f"/health answered {h.status_code}")
+        except (httpx.HTTPError, ValueError) as exc:
+            r.healthy, r.last_error = False, f"{type(exc).__name__}: {exc}"
+        return r.healthy
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(r) for r in self.replicas))
+
+    def pick(self, exclude: set[str]) -> Optional[Replica]:
+        """The healthy replica with the fewest requests in flight (round robin among equals)."""
+        ready = [r for r in self.replicas if r.healthy and r.base_url not in exclude]
+        if not ready:
+            return None
+        self._rr += 1
+        least = min(r.inflight for r in ready)
+        tied = [r for r in ready if r.inflight == least]
+        return tied[self._rr % len(tied)]
+
+    async def ensure_model(self, r: Replica, target: Target, catalog: Catalog) -> None:
+        """Make `target.upstream_model` available on replica `r`: in LoRA mode load the version's adapter at run
+        time; a plain (merged) version must already be served there."""
+        if target.upstream_model in r.models:
+            return
+        lock = r.loading.setdefault(target.upstream_model, asyncio.Lock())
+        async with lock:
+            if target.upstream_model in r.models:
+                return
+            folder = await asyncio.to_thread(catalog.fetch, target.registered_model, target.version)
+            adapter = folder / "adapter"
+            if not (adapter / "adapter_config.json").exists():
+                raise GatewayError(503, f"{target.registered_model} v{target.version} is a full model, not a LoRA "
+                                   f"adapter, and no replica serves it as {target.upstream_model!r}: serve it "
+                                   "(`make serve`) and list it in serving.gateway.upstreams", "model_not_served",
+                                   "server_error")
+            resp = await self.client.post(f"{r.base_url}/load_lora_adapter", headers=self.headers, timeout=120,
+                                          json={"lora_name": target.upstream_model, "lora_path": str(adapter.resolve())})
+            if resp.status_code != 200 and "already been loaded" not in resp.text:
+                hint = (" (start vLLM with `make serve`: it enables run-time LoRA loading)"
+                        if resp.status_code in (404, 405) else "")
+                raise GatewayError(503, f"replica {r.base_url} could not load {target.upstream_model} "
+                                   f"({resp.status_code}: {resp.text[:200]}){hint}", "model_not_served", "server_error")
+            r.models.add(target.upstream_model)
