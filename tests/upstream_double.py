@@ -71,7 +71,11 @@ def make_app(state: UpstreamState) -> FastAPI:
         created = int(time.time())
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
         if not body.get("stream"):
-            await asyncio.sleep(state.token_delay_s * n)
+            for _ in range(n):  # like vLLM: a client that went away aborts the request
+                await asyncio.sleep(state.token_delay_s)
+                if state.token_delay_s and await request.is_disconnected():
+                    state.cut += 1
+                    return JSONResponse({}, status_code=499)
             state.completed += 1
             return {"id": "up", "object": "chat.completion", "created": created, "model": model, "usage": usage,
                     "choices": [{"index": 0, "finish_reason": "length",

@@ -223,7 +223,13 @@ class Gateway:
             upstream_body = {**body, "model": target.upstream_model}
             if row["stream"]:
                 upstream_body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-            resp, replica, attempts = await self._open(upstream_body, target, row)
+            opened = await self._unless_disconnected(request, self._open(upstream_body, target, row))
+            if opened is None:  # the client left before the upstream answered (a long prefill, a non-streamed answer)
+                row.update(status=499, error="client disconnected", latency_ms=(time.monotonic() - t0) * 1000)
+                self.metrics.cancelled.inc()
+                await self._finish_error(row, t0)
+                return Response(status_code=499)
+            resp, replica, attempts = opened
             row.update(replica=replica.base_url, attempts=attempts)
             if resp.status_code >= 400:  # the upstream's own error (context too long, bad parameter): relayed as is
                 content = await resp.aread()
@@ -279,8 +285,9 @@ class Gateway:
                                        "server_error") from exc
             except httpx.HTTPError as exc:
                 last = f"{replica.base_url}: {type(exc).__name__}: {exc}"
-            except GatewayError:
+            except (GatewayError, asyncio.CancelledError):
                 replica.inflight -= 1
+                self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
                 raise
             replica.inflight -= 1
             self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
@@ -295,16 +302,13 @@ class Gateway:
 
     async def _whole(self, request: Request, resp: httpx.Response, replica, row: dict, t0: float, p: Principal,
                      target: Target, msgs: list[dict], conv_id: Optional[int]) -> Response:
-        read = asyncio.ensure_future(resp.aread())
-        watch = asyncio.ensure_future(self._disconnected(request))
         try:
-            done, _ = await asyncio.wait({read, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if read not in done:  # the client left: stop the upstream request too
-                read.cancel()
+            content = await self._unless_disconnected(request, resp.aread())
+            if content is None:  # the client left: stop the upstream request too
                 self.metrics.cancelled.inc()
                 row.update(status=499, error="client disconnected")
                 return Response(status_code=499)
-            data = json.loads(read.result())
+            data = json.loads(content)
             usage = data.get("usage") or {}
             answer = "".join((c.get("message") or {}).get("content") or "" for c in data.get("choices", []))
             data["id"] = row["request_id"]
@@ -313,7 +317,6 @@ class Gateway:
             await self._finish(row, t0, p, target, msgs, answer, conv_id)
             return JSONResponse(data, headers={"X-Request-Id": row["request_id"]})
         finally:
-            watch.cancel()
             await resp.aclose()
             replica.inflight -= 1
             self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
@@ -321,9 +324,26 @@ class Gateway:
                 await self._finish_error(row, t0)
 
     @staticmethod
-    async def _disconnected(request: Request) -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.2)
+    async def _unless_disconnected(request: Request, coro):
+        """Await `coro` unless the client disconnects first: then it is cancelled (closing its upstream connection,
+        which makes vLLM abort the request) and None is returned."""
+        work = asyncio.ensure_future(coro)
+
+        async def gone() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.1)
+
+        watch = asyncio.ensure_future(gone())
+        try:
+            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if work in done:
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(BaseException):
+            await work
+        return None
 
     async def _relay(self, resp: httpx.Response, replica, row: dict, t0: float, p: Principal, target: Target,
                      msgs: list[dict], conv_id: Optional[int]) -> AsyncIterator[bytes]:

@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 from typing import Iterable, Optional
 
-from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, func, select,
+from sqlalchemy import (Boolean, event, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, func, select,
                         update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -34,6 +34,15 @@ class GatewayDbError(RuntimeError):
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _sqlite_pragmas(conn, _record) -> None:
+    # WAL: readers (usage export) never block the writer; synchronous=NORMAL: a commit is not an fsync (a power cut
+    # can lose the last rows, never corrupt the file), which keeps the per-request usage row off the critical path
+    cur = conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
 
 
 class Base(DeclarativeBase):
@@ -119,6 +128,8 @@ class GatewayDb:
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
+            if self.engine.dialect.name == "sqlite":
+                event.listen(self.engine, "connect", _sqlite_pragmas)
             Base.metadata.create_all(self.engine)
         except Exception as exc:  # noqa: BLE001 - a bad URL, an unreachable server, a missing driver: one named error
             raise GatewayDbError(f"the gateway database {self._safe(url)} cannot be opened ({type(exc).__name__}: "

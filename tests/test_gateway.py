@@ -1,0 +1,335 @@
+"""The gateway (serving/gateway/) over real HTTP (uvicorn on 127.0.0.1), a real MLflow registry (SQLite, versions
+promoted by serving/registry.py) and a real SQLite database; the replicas behind it are stand-ins
+(tests/upstream_double.py) whose answers name the adapter they loaded, so each test sees which version answered.
+The same gateway in front of real vLLM: tests/test_serve.py."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import socket
+import sqlite3
+import time
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from conftest import make_bundle
+from serving.gateway.app import create_app
+from serving.gateway.db import GatewayDb, database_url
+from serving.registry import promote, rollback
+from upstream_double import ServeApp, Upstream
+from workspace.config import load_config
+from workspace.tracking import configure, stage_run
+
+NAME = "gw-test"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Versions 1 ("one") and 2 ("two") of NAME: champion v2, previous v1, candidate v2."""
+    tmp = tmp_path_factory.mktemp("gw")
+    base = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts",
+            f"tracking.registered_model={NAME}", f"serving.gateway.database_url=sqlite:///{tmp}/gw.db",
+            "serving.gateway.registry_refresh_s=0.2", "serving.gateway.health_interval_s=0.2"]
+    loaded = load_config(overrides=base)
+    configure(loaded)
+    for tag in ("one", "two"):
+        with stage_run(loaded, "promote") as run:
+            promote(NAME, run.info.run_id, make_bundle(tmp, tag), {})
+    db = GatewayDb(database_url(loaded))
+    return {"tmp": tmp, "overrides": base, "loaded": loaded, "db": db,
+            "admin": db.create_token("root", "admin"), "user": db.create_token("alice", "user"),
+            "other": db.create_token("bob", "user")}
+
+
+def gateway(registry, *upstreams, **settings):
+    """The gateway app with serving.gateway.<key>=<value> overrides, in front of `upstreams`."""
+    sets = [f"serving.gateway.{k}={v}" for k, v in settings.items()]
+    loaded = load_config(overrides=registry["overrides"] + sets)
+    return ServeApp(create_app(loaded, upstreams=[u.base_url for u in upstreams]))
+
+
+def auth(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+HTTP = httpx.Client()  # one client: a new one per call costs ~40 ms (its TLS context)
+
+
+def chat(url, token, model="champion", content="회원 목록 화면", **kw):
+    return HTTP.post(f"{url}/v1/chat/completions", headers=auth(token), timeout=30,
+                      json={"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 3, **kw})
+
+
+@pytest.fixture(scope="module")
+def served(registry):
+    with Upstream() as up, gateway(registry, up, requests_per_min=1000) as gw:
+        yield gw, up
+
+
+def test_openai_client_streams_and_answers_through_the_gateway(served, registry):
+    from openai import OpenAI
+
+    gw, _ = served
+    client = OpenAI(base_url=f"{gw.url}/v1", api_key=registry["user"])
+    assert {m.id for m in client.models.list().data} == {"champion", "candidate", "previous"}
+    whole = client.chat.completions.create(model="champion", messages=[{"role": "user", "content": "안녕"}], max_tokens=3)
+    assert whole.choices[0].message.content == "weights-two-0 weights-two-1 weights-two-2"  # v2 is champion
+    assert whole.model == "champion" and whole.usage.completion_tokens == 3
+    chunks = list(client.chat.completions.create(model="previous", messages=[{"role": "user", "content": "안녕"}],
+                                                 max_tokens=3, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "weights-one-0 weights-one-1 weights-one-2"
+    assert len([c for c in chunks if c.choices]) == 3  # token by token, not one block
+    by_version = client.chat.completions.create(model=f"{NAME}@1", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert by_version.choices[0].message.content == "weights-one-0"
+
+
+def test_auth_none_wrong_and_user_on_admin_endpoints(served, registry):
+    gw, _ = served
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key" and "make token" in r.json()["error"]["message"]
+    assert chat(gw.url, "llmops-wrong").status_code == 401
+    for path in ("/admin/usage", "/admin/usage.csv", "/admin/tokens", "/metrics"):
+        r = httpx.get(gw.url + path, headers=auth(registry["user"]))
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", path
+        assert httpx.get(gw.url + path, headers=auth(registry["admin"])).status_code == 200, path
+    assert httpx.get(f"{gw.url}/healthz").json()["status"] == "ok"
+    # tokens are stored as digests: the database file does not contain the token itself
+    raw = b"".join(f.read_bytes() for f in registry["tmp"].glob("gw.db*"))  # the database and its WAL
+    assert registry["user"].encode() not in raw and b"alice" in raw
+
+
+def test_make_token_prints_a_working_token_once(served, registry, capsys):
+    from flows.gateway import main
+
+    gw, _ = served
+    assert main(["--set", registry["overrides"][3], "--token", "carol", "--role", "user"]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert token.startswith("llmops-") and chat(gw.url, token).status_code == 200
+    assert main(["--set", registry["overrides"][3], "--token", "carol"]) == 2  # a second token of that name is refused
+    assert "exists already" in capsys.readouterr().err
+    r = httpx.delete(f"{gw.url}/admin/tokens/carol", headers=auth(registry["admin"]))
+    assert r.json()["revoked"] is True
+    assert chat(gw.url, token).status_code == 401
+
+
+def test_usage_rows_masked_and_exported_as_csv(served, registry):
+    gw, _ = served
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 1))
+    assert chat(gw.url, registry["other"], content="제 번호는 010-1234-5678, 메일 kim@example.com 입니다").status_code == 200
+    assert chat(gw.url, registry["other"], model="previous", stream=True).status_code == 200
+    rows = httpx.get(f"{gw.url}/admin/usage", params={"token": "bob", "since": since},
+                     headers=auth(registry["admin"])).json()["data"]
+    assert [(r["alias"], r["version"], r["stream"], r["status"]) for r in rows] == [
+        ("champion", "2", False, 200), ("previous", "1", True, 200)]
+    first, streamed = rows
+    assert first["prompt"] == "제 번호는 <PHONE>, 메일 <EMAIL> 입니다" and first["request_id"].startswith("chatcmpl-gw-")
+    assert first["input_tokens"] > 0 and first["output_tokens"] == 3 and first["latency_ms"] > 0
+    assert streamed["ttft_ms"] is not None and 0 < streamed["ttft_ms"] <= streamed["latency_ms"]
+    text = httpx.get(f"{gw.url}/admin/usage.csv", params={"token": "bob", "since": since}, headers=auth(registry["admin"])).text
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert [r["request_id"] for r in table] == [r["request_id"] for r in rows] and "010-1234" not in text
+    assert {"token_name", "alias", "version", "input_tokens", "output_tokens", "ttft_ms", "latency_ms",
+            "status"} <= set(table[0])
+    conn = sqlite3.connect(registry["tmp"] / "gw.db")  # nothing unmasked anywhere in the database
+    assert not [r for r in conn.execute("select prompt from usage") if r[0] and "010-1234-5678" in r[0]]
+
+
+def test_errors_are_openai_shaped(served, registry):
+    gw, up = served
+    cases = {
+        "empty": (httpx.post(f"{gw.url}/v1/chat/completions", headers=auth(registry["user"]), json={"messages": []}), 400),
+        "blank": (chat(gw.url, registry["user"], content="   "), 400),
+        "alias": (chat(gw.url, registry["user"], model="nightly"), 404),
+        "context": (chat(gw.url, registry["user"], content="말 " * (up.state.max_model_len + 1)), 400),
+        "json": (httpx.post(f"{gw.url}/v1/chat/completions", headers=auth(registry["user"]), content=b"{nope"), 400),
+    }
+    for what, (r, status) in cases.items():
+        assert r.status_code == status, (what, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], what
+    assert "nightly" in cases["alias"][0].json()["error"]["message"]
+    assert "maximum context length" in cases["context"][0].json()["error"]["message"]  # the upstream's own words
+
+
+def test_upstream_down_or_slow(registry):
+    with Upstream() as up, gateway(registry, up, upstream_timeout_s=0.5, retries=0) as gw:
+        up.state.token_delay_s = 1.0
+        r = chat(gw.url, registry["user"])  # the non-streamed answer needs 3 s: over the 0.5 s timeout
+        assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+        up.state.token_delay_s = 0
+        time.sleep(0.5)  # the health loop brings the replica back
+        assert chat(gw.url, registry["user"]).status_code == 200
+        up.stop()
+        r = chat(gw.url, registry["user"])
+        assert r.status_code in (502, 503) and r.json()["error"]["type"] == "server_error"
+        time.sleep(0.5)
+        r = chat(gw.url, registry["user"])
+        assert r.status_code == 503 and "is `make serve` running?" in r.json()["error"]["message"]
+        assert httpx.get(f"{gw.url}/healthz").status_code == 503
+
+
+def test_rate_limits_answer_429_with_retry_after(registry):
+    with Upstream() as up, gateway(registry, up, requests_per_min=3, tokens_per_min=10_000) as gw:
+        codes = [chat(gw.url, registry["user"]).status_code for _ in range(3)]
+        r = chat(gw.url, registry["user"])
+        assert codes == [200, 200, 200] and r.status_code == 429
+        assert r.json()["error"]["type"] == "rate_limit_error" and 1 <= int(r.headers["Retry-After"]) <= 60
+        assert chat(gw.url, registry["other"]).status_code == 200  # per token
+    with Upstream() as up, gateway(registry, up, tokens_per_min=20) as gw:
+        assert chat(gw.url, registry["user"], max_tokens=8).status_code == 200  # 3 prompt + 8 tokens of 20
+        assert chat(gw.url, registry["user"], max_tokens=8).status_code == 200  # 9 left: admitted, fills the window
+        r = chat(gw.url, registry["user"])
+        assert r.status_code == 429 and "tokens per minute" in r.json()["error"]["message"] and r.headers["Retry-After"]
+
+
+def test_conversations_create_list_load_retitle(served, registry):
+    gw, _ = served
+    h = auth(registry["user"])
+    conv = httpx.post(f"{gw.url}/v1/conversations", headers=h, json={"title": "화면 생성", "system_prompt": "간결하게"}).json()
+    r = httpx.post(
+        f"{gw.url}/v1/chat/completions", headers=h, json={
+            "model": "champion", "max_tokens": 2, "conversation_id": conv["id"],
+            "messages": [{"role": "system", "content": "간결하게"}, {"role": "user", "content": "전화 010-9876-5432 로 연락"}]})
+    assert r.status_code == 200
+    listed = httpx.get(f"{gw.url}/v1/conversations", headers=h).json()["data"]
+    assert conv["id"] in [c["id"] for c in listed]
+    loaded = httpx.get(f"{gw.url}/v1/conversations/{conv['id']}", headers=h).json()
+    assert [(m["role"], m["content"]) for m in loaded["messages"]] == [
+        ("user", "전화 <PHONE> 로 연락"), ("assistant", "weights-two-0 weights-two-1")]
+    assert loaded["system_prompt"] == "간결하게" and loaded["model"] == "champion"
+    assert httpx.patch(f"{gw.url}/v1/conversations/{conv['id']}", headers=h, json={"title": "새 제목"}).json()["title"] == "새 제목"
+    # another token neither sees nor writes into it
+    assert httpx.get(f"{gw.url}/v1/conversations/{conv['id']}", headers=auth(registry["other"])).status_code == 404
+    assert chat(gw.url, registry["other"], conversation_id=conv["id"]).status_code == 404
+
+
+def test_promote_and_rollback_switch_traffic_without_restart(registry):
+    loaded, tmp = registry["loaded"], registry["tmp"]
+    configure(loaded)
+    with Upstream() as up, gateway(registry, up) as gw:
+        up.state.token_delay_s = 0.15
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", headers=auth(registry["admin"]), timeout=30,
+                          json={"model": "champion", "max_tokens": 12, "stream": True,
+                                "messages": [{"role": "user", "content": "x"}]}) as inflight:
+            lines = inflight.iter_lines()
+            first = next(l for l in lines if l.startswith("data: "))
+            with stage_run(loaded, "promote") as run:  # v3 becomes champion while v2 is streaming
+                promote(NAME, run.info.run_id, make_bundle(tmp, "three"), {})
+            time.sleep(0.6)  # > registry_refresh_s
+            assert chat(gw.url, registry["admin"], max_tokens=1).json()["choices"][0]["message"]["content"] == "weights-three-0"
+            rest = [l for l in lines if l.startswith("data: ") and "[DONE]" not in l]
+        streamed = "".join(json.loads(l[6:])["choices"][0]["delta"]["content"] for l in [first, *rest]
+                           if json.loads(l[6:])["choices"])
+        assert streamed.split() == [f"weights-two-{i}" for i in range(12)]  # the request in flight kept its version
+        rollback(NAME)  # champion v3 -> v2
+        r = httpx.post(f"{gw.url}/admin/reload", headers=auth(registry["admin"])).json()
+        assert r["aliases"]["champion"] == "2"
+        assert chat(gw.url, registry["admin"], max_tokens=1).json()["choices"][0]["message"]["content"] == "weights-two-0"
+    MlflowClient().set_registered_model_alias(NAME, "champion", "2")
+    MlflowClient().set_registered_model_alias(NAME, "previous", "1")
+    MlflowClient().set_registered_model_alias(NAME, "candidate", "2")
+
+
+def test_canary_share_is_recorded_and_within_tolerance(registry):
+    from scipy.stats import binomtest
+
+    MlflowClient().set_registered_model_alias(NAME, "candidate", "1")
+    try:
+        with Upstream() as up, gateway(registry, up, **{"canary.alias": "candidate", "canary.percent": 20,
+                                                        "requests_per_min": 1000}) as gw:
+            answers = [chat(gw.url, registry["admin"], max_tokens=1).json()["choices"][0]["message"]["content"]
+                       for _ in range(200)]
+            explicit = chat(gw.url, registry["admin"], model="previous", max_tokens=1)
+            rows = httpx.get(f"{gw.url}/admin/usage", headers=auth(registry["admin"])).json()["data"][-201:]
+    finally:
+        MlflowClient().set_registered_model_alias(NAME, "candidate", "2")
+    canary = sum(a == "weights-one-0" for a in answers)
+    assert binomtest(canary, 200, 0.2).pvalue > 0.001 and 20 <= canary <= 60, canary
+    recorded = [r for r in rows[:-1] if r["canary"]]
+    assert len(recorded) == canary and {(r["alias"], r["version"], r["requested_model"]) for r in recorded} == {
+        ("candidate", "1", "champion")}
+    assert explicit.status_code == 200 and rows[-1]["canary"] is False  # only champion traffic is split
+
+
+def test_routing_table_sends_auto_by_keyword_or_regex(registry):
+    routes = '[{"name":"xml","model":"previous","keywords":["XML"]},{"name":"ids","model":"champion","regex":"ID-\\\\d+"}]'
+    with Upstream() as up, gateway(registry, up, routes=routes, default_model="previous") as gw:
+        ask = lambda text: chat(gw.url, registry["admin"], model="auto", content=text, max_tokens=1).json()  # noqa: E731
+        assert ask("XML 화면을 만들어줘")["choices"][0]["message"]["content"] == "weights-one-0"
+        assert ask("주문 ID-42 조회")["choices"][0]["message"]["content"] == "weights-two-0"
+        assert ask("그냥 질문")["choices"][0]["message"]["content"] == "weights-one-0"  # default_model
+        ids = {m["id"] for m in httpx.get(f"{gw.url}/v1/models", headers=auth(registry["admin"])).json()["data"]}
+        assert "auto" in ids
+        rows = httpx.get(f"{gw.url}/admin/usage", headers=auth(registry["admin"])).json()["data"][-3:]
+        assert [r["route"] for r in rows] == ["xml", "ids", None]
+
+
+def test_replica_failover_and_least_busy(registry):
+    with Upstream() as a, Upstream() as b, gateway(registry, a, b, health_interval_s=60) as gw:
+        # least busy: two slow streams at once land on different replicas
+        a.state.token_delay_s = b.state.token_delay_s = 0.3
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", headers=auth(registry["admin"]), timeout=30,
+                          json={"model": "champion", "max_tokens": 4, "stream": True,
+                                "messages": [{"role": "user", "content": "x"}]}) as one:
+            lines = one.iter_lines()
+            next(lines)
+            assert chat(gw.url, registry["admin"], max_tokens=1).status_code == 200
+            list(lines)
+        assert len(a.state.requests) == 1 and len(b.state.requests) == 1
+        a.state.token_delay_s = b.state.token_delay_s = 0
+        a.stop()  # one replica dies; the health loop (60 s) has not noticed: requests that fail there are retried
+        results = [chat(gw.url, registry["admin"], max_tokens=1, stream=bool(i % 2)) for i in range(6)]
+        assert [r.status_code for r in results] == [200] * 6
+        rows = httpx.get(f"{gw.url}/admin/usage", headers=auth(registry["admin"])).json()["data"][-6:]
+        assert {r["replica"] for r in rows} == {b.base_url} and max(r["attempts"] for r in rows) == 2
+        health = httpx.get(f"{gw.url}/healthz").json()
+        assert [r["healthy"] for r in health["replicas"]] == [False, True] and health["status"] == "ok"
+        assert "gateway_retries_total 1.0" in httpx.get(f"{gw.url}/metrics", headers=auth(registry["admin"])).text
+
+
+def test_client_disconnect_cancels_the_upstream_request(registry):
+    with Upstream() as up, gateway(registry, up) as gw:
+        up.state.token_delay_s = 0.2
+        host, port = "127.0.0.1", gw.port
+        body = json.dumps({"model": "champion", "max_tokens": 50, "stream": True,
+                           "messages": [{"role": "user", "content": "x"}]}).encode()
+        s = socket.create_connection((host, port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {registry['admin']}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while got.count(b"data: ") < 2:
+            got += s.recv(4096)
+        s.close()  # the client leaves after two tokens of fifty
+        deadline = time.monotonic() + 5
+        while up.state.cut == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert up.state.cut == 1 and up.state.completed == 0  # the upstream stream was closed, not run to the end
+        time.sleep(0.3)
+        row = httpx.get(f"{gw.url}/admin/usage", headers=auth(registry["admin"])).json()["data"][-1]
+        assert row["status"] == 499 and row["error"] == "client disconnected" and row["answer"].startswith("weights-two-0")
+        # a non-streamed request whose client leaves is cancelled too
+        s = socket.create_connection((host, port))
+        body = body.replace(b'"stream": true', b'"stream": false')
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {registry['admin']}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(1.0)
+        s.close()  # 1 s into a 10 s answer
+        deadline = time.monotonic() + 5
+        while up.state.cut < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert up.state.cut == 2 and up.state.completed == 0
+        row = httpx.get(f"{gw.url}/admin/usage", headers=auth(registry["admin"])).json()["data"][-1]
+        assert row["status"] == 499 and not row["stream"]
+
+
+def test_metrics_count_requests_tokens_and_ttft(served, registry):
+    gw, _ = served
+    chat(gw.url, registry["admin"], stream=True)
+    text = httpx.get(f"{gw.url}/metrics", headers=auth(registry["admin"])).text
+    for name in ("gateway_requests_total", "gateway_request_latency_seconds_bucket",
+                 "gateway_time_to_first_token_seconds_bucket", 'gateway_tokens_total{direction="output"}',
+                 "gateway_inflight_requests"):
+        assert name in text, name
