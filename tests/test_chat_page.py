@@ -1,0 +1,92 @@
+"""The gateway's chat page in a real headless browser: Debian's chromium (installed by `make setup`), driven by
+Playwright's Python package through `executable_path` (Playwright's own browser download needs a CDN these
+machines cannot reach). Log in with a token, send a prompt and see the answer stream in chunk by chunk, stop a
+long answer, switch the alias, reload a saved conversation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import make_bundle
+from serving.gateway.app import create_app
+from serving.gateway.db import GatewayDb, database_url
+from serving.registry import promote
+from upstream_double import ServeApp, Upstream
+from workspace.config import load_config
+from workspace.setup_env import BROWSER
+from workspace.tracking import configure, stage_run
+
+
+@pytest.fixture(scope="module")
+def page_env(tmp_path_factory):
+    if not Path(BROWSER).exists():
+        pytest.fail(f"no Chromium at {BROWSER}: `make setup` installs it as root (apt-get install chromium); "
+                    "otherwise run `sudo apt-get install -y --no-install-recommends chromium`")
+    tmp = tmp_path_factory.mktemp("page")
+    loaded = load_config(overrides=[f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts",
+                                    "tracking.registered_model=page-test", f"serving.gateway.database_url=sqlite:///{tmp}/gw.db"])
+    configure(loaded)
+    for tag in ("one", "two"):
+        with stage_run(loaded, "promote") as run:
+            promote("page-test", run.info.run_id, make_bundle(tmp, tag), {})
+    token = GatewayDb(database_url(loaded)).create_token("pat", "user")
+    with Upstream() as up, ServeApp(create_app(loaded, upstreams=[up.base_url])) as gw:
+        yield gw, up, token
+
+
+def test_chat_page_login_stream_stop_switch_and_reload(page_env):
+    from playwright.sync_api import expect, sync_playwright
+
+    gw, up, token = page_env
+    up.state.token_delay_s = 0.01
+    up.state.max_model_len = 100_000  # the page sends the whole history
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=BROWSER, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(gw.url + "/")
+            page.fill("#token", "llmops-wrong")
+            page.click("#login-btn")
+            expect(page.locator("#login-error")).to_contain_text("unknown or revoked")
+            page.fill("#token", token)
+            page.click("#login-btn")
+            expect(page.locator("#model option")).to_have_count(3)
+            page.select_option("#model", "champion")
+            page.fill("#system", "짧게 답하세요")
+            page.fill("#prompt", "회원 목록 화면을 만들어줘")
+            page.click("#send")
+            answer = page.locator(".msg.assistant").last
+            expect(answer).to_contain_text("weights-two-0")  # v2 is champion; tokens arrive while it streams
+            expect(page.locator("#status")).to_have_text("done", timeout=30_000)
+            assert int(answer.get_attribute("data-chunks")) > 5  # streamed: many chunks, not one block
+            assert "weights-two-255" in answer.inner_text()  # max_tokens 256 from the page
+
+            # stop: a long answer is cut, and the gateway cancels it upstream
+            up.state.token_delay_s = 0.2
+            cut_before = up.state.cut
+            page.fill("#prompt", "천천히 길게")
+            page.click("#send")
+            expect(page.locator(".msg.assistant").last).to_contain_text("weights-two-1")
+            page.click("#stop")
+            expect(page.locator("#status")).to_have_text("stopped")
+            up.state.token_delay_s = 0.0
+
+            # switch the alias: the next answer comes from v1
+            page.select_option("#model", "previous")
+            page.fill("#prompt", "다른 모델로")
+            page.click("#send")
+            expect(page.locator(".msg.assistant").last).to_contain_text("weights-one-0")
+            expect(page.locator("#status")).to_have_text("done")
+
+            # the conversation is saved: a reload of the page lists it and opens it with its messages
+            page.reload()
+            expect(page.locator("#conversations li")).to_have_count(1)
+            page.click("#conversations li >> nth=0")
+            expect(page.locator(".msg.user")).to_have_count(2)  # the stopped exchange is not saved
+            expect(page.locator(".msg.user").first).to_contain_text("회원 목록 화면을 만들어줘")
+            expect(page.locator("#system")).to_have_value("짧게 답하세요")
+            expect(page.locator(".msg.assistant").last).to_contain_text("weights-one-0")
+        finally:
+            browser.close()
+    assert up.state.cut > cut_before
