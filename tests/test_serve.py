@@ -4,6 +4,8 @@ adapter by model name, and /metrics is exposed. Plus the start-up failures that 
 from __future__ import annotations
 
 
+import time
+
 import httpx
 import pytest
 
@@ -20,11 +22,13 @@ BASE = str(resolve(load_config().config.base_model.path))
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, promote_random_adapter):
     tmp = tmp_path_factory.mktemp("serve")
-    loaded = load_config(overrides=[f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts",
-                                    "tracking.registered_model=serve-test", "serving.max_model_len=1024"])
+    overrides = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts",
+                 "tracking.registered_model=serve-test", "serving.max_model_len=1024"]
+    loaded = load_config(overrides=overrides)
     promote_random_adapter(loaded, tmp, "serve-test", BASE)
     server, info = champion_server(loaded, port=free_port(), dest=tmp / "champion")
     server.start(timeout=400)
+    info["overrides"] = overrides
     yield server, info
     server.stop()
 
@@ -36,7 +40,7 @@ def test_champion_answers_through_the_openai_client(served):
     assert info["version"] == "1" and info["lora_names"] == ["screen-xml"]
     client = OpenAI(base_url=server.base_url, api_key="EMPTY")
     ids = {m.id for m in client.models.list().data}
-    assert ids == {"screen-xml-base", "screen-xml"}
+    assert {"screen-xml-base", "screen-xml"} <= ids  # (the gateway test may have loaded serve-test-v1 into it)
     msgs = [{"role": "user", "content": "회원 목록 화면을 생성해주세요. 필드: 이름, 이메일"}]
     with_adapter = client.chat.completions.create(model="screen-xml", messages=msgs, max_tokens=16, temperature=0)
     base = client.chat.completions.create(model="screen-xml-base", messages=msgs, max_tokens=16, temperature=0)
@@ -63,3 +67,59 @@ def test_server_dying_during_startup_is_named(tmp_path):
     with pytest.raises(ServerError, match=r"vLLM exited with code .* before it was ready; log: .*vllm.log"):
         bad.start(timeout=300)
     assert bad.proc is None or bad.proc.poll() is not None
+
+
+def _vllm_metric(server, name: str) -> float:
+    text = httpx.get(f"http://{server.host}:{server.port}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_gateway_in_front_of_vllm(served, tmp_path):
+    """The gateway on the real server: the champion is loaded into the running vLLM at run time under its version's
+    name and answers exactly what vLLM answers directly; the context limit is vLLM's own 400; a client that leaves
+    mid-stream makes vLLM abort the request (nothing keeps generating)."""
+    import json
+    import socket
+
+    from openai import OpenAI
+
+    from serving.gateway.app import create_app
+    from serving.gateway.db import GatewayDb
+    from upstream_double import ServeApp
+
+    server, info = served
+    loaded = load_config(overrides=[*info["overrides"], f"serving.gateway.database_url=sqlite:///{tmp_path}/gw.db"])
+    token = GatewayDb(f"sqlite:///{tmp_path}/gw.db").create_token("t", "admin")
+    msgs = [{"role": "user", "content": "회원 목록 화면을 생성해주세요. 필드: 이름, 이메일"}]
+    direct = OpenAI(base_url=server.base_url, api_key="EMPTY").chat.completions.create(
+        model="screen-xml", messages=msgs, max_tokens=16, temperature=0).choices[0].message.content
+    with ServeApp(create_app(loaded, upstreams=[server.base_url])) as gw:
+        client = OpenAI(base_url=f"{gw.url}/v1", api_key=token)
+        whole = client.chat.completions.create(model="champion", messages=msgs, max_tokens=16, temperature=0)
+        assert whole.choices[0].message.content == direct  # serve-test v1, loaded as serve-test-v1 at run time
+        assert "serve-test-v1" in {m.id for m in OpenAI(base_url=server.base_url, api_key="EMPTY").models.list().data}
+        chunks = list(client.chat.completions.create(model="champion", messages=msgs, max_tokens=16, temperature=0,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct
+        long = [{"role": "user", "content": "회원 " * 2000}]
+        r = httpx.post(f"{gw.url}/v1/chat/completions", headers={"Authorization": f"Bearer {token}"}, timeout=60,
+                       json={"model": "champion", "messages": long, "max_tokens": 8})
+        assert r.status_code == 400 and "context length" in r.json()["error"]["message"].lower(), r.text
+        generated = _vllm_metric(server, "vllm:generation_tokens_total")
+        body = json.dumps({"model": "champion", "messages": msgs, "max_tokens": 900, "stream": True,
+                           "ignore_eos": True, "temperature": 0}).encode()
+        s = socket.create_connection(("127.0.0.1", gw.port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while got.count(b"data: ") < 3:
+            got += s.recv(4096)
+        s.close()
+        time.sleep(2.0)
+        after = _vllm_metric(server, "vllm:generation_tokens_total")
+        time.sleep(1.5)
+        assert _vllm_metric(server, "vllm:num_requests_running") == 0
+        assert _vllm_metric(server, "vllm:generation_tokens_total") == after  # stopped, not running to 900 tokens
+        assert after - generated < 900
+        rows = httpx.get(f"{gw.url}/admin/usage", headers={"Authorization": f"Bearer {token}"}).json()["data"]
+        assert [r["status"] for r in rows] == [200, 200, 400, 499] and rows[0]["version"] == "1"
