@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from workspace.config import LoadedConfig
+from workspace.config import LoadedConfig, adapter_mode
 from workspace.device import require_cuda, resolve_dtype
 from workspace.endpoint import Endpoint
 from workspace.fsutil import swap_in
@@ -48,6 +48,19 @@ def _files_hash(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def served_merged(loaded: LoadedConfig, model: ModelRef) -> Optional[str]:
+    """The merged model to score through vLLM when serving.adapter_mode resolves to merged and the finetune run
+    made one (its manifest's merged_model): evaluation through vLLM scores what will be served."""
+    if not model.adapter or adapter_mode(loaded.config)[0] != "merged":
+        return None
+    manifest = Path(model.adapter) / "manifest.json"
+    merged = json.loads(manifest.read_text()).get("merged_model") if manifest.exists() else None
+    if not merged:  # a registered version: its folder holds merged/ beside adapter/
+        sibling = Path(model.adapter).parent / "merged"
+        merged = str(sibling) if (sibling / "config.json").exists() else None
+    return merged if merged and (Path(merged) / "config.json").exists() else None
+
+
 def cache_key(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...], test_file: Optional[Path], backend: str) -> str:
     cfg = loaded.config.eval
     data = []
@@ -58,9 +71,11 @@ def cache_key(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...], te
         data.append(Path(test_file))
     scorer_code = [Path(__file__).with_name(n) for n in SCORER_MODULES]  # what computes a score; not the stages
     task_cfg = _files_hash([p for p in (CONFIGS / "tasks").glob("*") if p.is_file()] + scorer_code)
-    blob = json.dumps({"model": model.fingerprint(), "data": _files_hash(data), "tasks": task_cfg,
-                       "eval": cfg.model_dump(mode="json"), "suites": sorted(suites), "backend": backend,
-                       "version": EVAL_VERSION}, sort_keys=True)
+    parts = {"model": model.fingerprint(), "data": _files_hash(data), "tasks": task_cfg,
+             "eval": cfg.model_dump(mode="json"), "suites": sorted(suites), "backend": backend, "version": EVAL_VERSION}
+    if backend == "vllm" and served_merged(loaded, model):
+        parts["served"] = "merged"  # merged weights score (slightly) differently from the LoRA module
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -147,9 +162,11 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
     if backend == "vllm" and endpoint is None:
         from workspace.vllm_server import VllmServer
 
-        name = f"{model.name}-lora" if model.adapter else "base"
-        loras = {name: model.adapter} if model.adapter else {}
-        server = VllmServer(model.base, loaded.config.serving, lora_modules=loras,
+        merged = served_merged(loaded, model)
+        name = f"{model.name}-lora" if model.adapter and not merged else "base"
+        loras = {name: model.adapter} if model.adapter and not merged else {}
+        info_mode = "merged" if merged else ("lora" if loras else "base")
+        server = VllmServer(merged or model.base, loaded.config.serving, lora_modules=loras,
                             max_lora_rank=max(loaded.config.finetune.lora_rank, 8), served_model_name="base",
                             hub_enabled=loaded.config.hub.enabled,
                             log_path=(out_root or resolve(loaded.config.data.output_dir) / "evals") / f"vllm-{model.name}.log")
@@ -160,6 +177,8 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
     metrics: dict[str, float] = {}
     info: dict = {"backend": backend, "model": model.name, "base": model.base, "adapter": model.adapter,
                   "fingerprint": model.fingerprint(), "cache_key": key}
+    if server is not None:
+        info["served_as"] = info_mode  # what vLLM ran: the adapter merged, as a LoRA module, or the plain base
     try:
         with open(partial / "items.jsonl", "w", encoding="utf-8") as items_fh:
             if "kobest" in suites:

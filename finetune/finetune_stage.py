@@ -18,7 +18,7 @@ from finetune.train import (
     MANIFEST, METHOD_REPORT, RENDERED, TRAIN_LOG, TRAINER_LOG, FinetuneError, FinetuneResult, finished_run, loss_curve_png,
     merge_adapter, plain_config, render_llamafactory_config, run_key, train, verify_adapter, write_manifest,
 )
-from workspace.config import LoadedConfig
+from workspace.config import LoadedConfig, adapter_mode
 from workspace.model_ref import ModelNotFound
 from workspace.stage import Stage, StageData
 from workspace.tracking import stage_run
@@ -57,6 +57,11 @@ def run_finetune(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, 
                  output_root: Path | None = None, console: Console | None = None, force: bool = False) -> FinetuneResult:
     console = console or Console()
     ft = loaded.config.finetune
+    mode, reason = adapter_mode(loaded.config)
+    # a merged copy for serving.adapter_mode merged (the served fast path) or finetune.merge; not a training input
+    wants_merge = ft.method != "full" and (ft.merge or mode == "merged")
+    if mode == "merged" and ft.method != "full":
+        console.print(f"[finetune] serving mode merged ({reason}): the adapter will also be merged onto the base")
     with Progress(TextColumn("[finetune] step {task.completed}/{task.total}"), BarColumn(),
                   TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}"), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, transient=False) as progress:
@@ -65,7 +70,7 @@ def run_finetune(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, 
                        timeout=ft.timeout_s, output_root=output_root, force=force)
     if result.skipped:
         console.print(f"[finetune] cache hit: {result.output_dir} holds a finished run with the same inputs")
-        if ft.merge and ft.method != "full" and not result.manifest.get("merged_model"):
+        if wants_merge and not result.manifest.get("merged_model"):
             console.print("[finetune] merging the cached adapter onto the full-precision base (llamafactory-cli export) ...")
             write_manifest(result, {"merged_model": str(merge_adapter(loaded, result))})
         return result
@@ -77,7 +82,7 @@ def run_finetune(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, 
                                       prompts=ft.verify_prompts)
     loss_curve_png(result.output_dir, result.output_dir / "loss_curve.png")
     extra = {"verification": {k: v for k, v in verification.items() if k != "examples"}}
-    if ft.merge and ft.method != "full":
+    if wants_merge:
         console.print("[finetune] merging the adapter onto the full-precision base (llamafactory-cli export) ...")
         extra["merged_model"] = str(merge_adapter(loaded, result))
     write_manifest(result, extra)
@@ -168,7 +173,16 @@ class FinetuneStage(Stage[FinetuneInputs, FinetuneOutputs]):
         return run_key(loaded, inputs.dataset_hash)
 
     def outputs_present(self, loaded: LoadedConfig, outputs: FinetuneOutputs) -> bool:
-        return (Path(outputs.adapter_dir) / MANIFEST).exists()
+        import json
+
+        manifest = Path(outputs.adapter_dir) / MANIFEST
+        if not manifest.exists():
+            return False
+        merged = json.loads(manifest.read_text()).get("merged_model")
+        wants = loaded.config.finetune.method != "full" and (loaded.config.finetune.merge or
+                                                             adapter_mode(loaded.config)[0] == "merged")
+        # the merged copy is made on a cached run when a later config asks for it (no retraining)
+        return not wants or bool(merged and (Path(merged) / "config.json").exists())
 
     def run(self, loaded: LoadedConfig, inputs: FinetuneInputs, console: Console | None = None) -> FinetuneOutputs:
         console = console or Console()

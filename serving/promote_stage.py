@@ -16,12 +16,12 @@ from rich.console import Console
 
 from serving.config import FitError, fit_report, model_spec, render_vllm_config, validate_with_vllm, write_vllm_config
 from serving.registry import PromotionError, build_bundle, champion_info, promote
-from workspace.config import LoadedConfig
+from workspace.config import LoadedConfig, adapter_mode
 from workspace.model_ref import ModelNotFound, base_model
 from workspace.stage import Stage, StageData, digest
 from workspace.tracking import configure, stage_run
 
-PROMOTE_VERSION = "2"
+PROMOTE_VERSION = "3"  # 3: serving.adapter_mode (merged weights in the bundle)
 
 
 class PromoteInputs(StageData):
@@ -53,7 +53,8 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
     def cache_key(self, loaded: LoadedConfig, inputs: PromoteInputs) -> str:
         cfg = loaded.config
         return digest(inputs.run_key, inputs.passed, inputs.reference_version, cfg.tracking.registered_model,
-                      cfg.serving.model_dump(mode="json", exclude={"bench"}), cfg.finetune.lora_rank, PROMOTE_VERSION)
+                      cfg.serving.model_dump(mode="json", exclude={"bench", "gateway", "replicas"}), adapter_mode(cfg)[0],
+                      cfg.finetune.lora_rank, PROMOTE_VERSION)
 
     def outputs_present(self, loaded: LoadedConfig, outputs: PromoteOutputs) -> bool:
         configure(loaded)
@@ -68,23 +69,35 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
             raise PromotionError("the candidate did not pass the gate: nothing to promote")
         configure(loaded)
         champ = champion_info(name)
-        if champ and champ["tags"].get("finetune_run_key") == inputs.run_key:
+        mode, reason = adapter_mode(cfg)
+        if champ and champ["tags"].get("finetune_run_key") == inputs.run_key and \
+                champ["tags"].get("adapter_mode", "lora") == mode:
             console.print(f"[promote] this candidate ({inputs.run_key}) already is {name}@champion (v{champ['version']})")
             return PromoteOutputs(registered_model=name, version=champ["version"], previous=None, unchanged=True)
         adapter = Path(inputs.adapter)
         work = adapter / "promotion"
         base = base_model(loaded).base
         manifest = json.loads((adapter / "manifest.json").read_text())
-        serving = render_vllm_config(cfg.serving, base, lora_modules={cfg.serving.served_model_name: "adapter"},
-                                     max_lora_rank=cfg.finetune.lora_rank)
+        merged = manifest.get("merged_model") if mode == "merged" else None
+        console.print(f"[promote] serving mode: {mode} ({reason})")
+        if mode == "merged" and not (merged and (Path(merged) / "config.json").exists()):
+            raise PromotionError("serving.adapter_mode resolves to merged, but the finetune run has no merged model: run "
+                                 "`make finetune` (it merges a finished run without retraining) or set "
+                                 "serving.adapter_mode=lora")
+        if merged:  # the fast path: vLLM serves the merged weights as a plain model (relative to the version folder)
+            serving = render_vllm_config(cfg.serving, "merged")
+            check_conf = {**serving, "model": str(merged)}
+        else:
+            serving = render_vllm_config(cfg.serving, base, lora_modules={cfg.serving.served_model_name: "adapter"},
+                                         max_lora_rank=cfg.finetune.lora_rank)
+            check_conf = {**serving, "lora-modules": [f"{cfg.serving.served_model_name}={adapter}"]}
         fit = fit_report(model_spec(base), cfg.serving)
         if not fit.fits:
             raise FitError(f"the serving profile does not fit its hardware:\n{fit.text()}")
         check = work / "serving-check.yaml"
-        write_vllm_config({**serving, "lora-modules": [f"{cfg.serving.served_model_name}={adapter}"]}, check,
-                          cfg.serving.api_key_env)
+        write_vllm_config(check_conf, check, cfg.serving.api_key_env)
         validate_with_vllm(check)
-        bundle = build_bundle(work / "bundle", adapter, {
+        bundle = build_bundle(work / "bundle", adapter, merged=Path(merged) if merged else None, files={
             "manifest.json": adapter / "manifest.json", "gate.json": Path(inputs.gate_json),
             "gate.md": Path(inputs.gate_md), "eval_report.md": Path(inputs.report_md),
             "serving.yaml": write_vllm_config(serving, work / "serving.yaml", cfg.serving.api_key_env).read_text(),
@@ -93,7 +106,7 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
             result = promote(name, run.info.run_id, bundle, {
                 "dataset_hash": manifest["dataset_hash"], "config_hash": loaded.hash, "git_commit": manifest["git_commit"],
                 "gate": "pass", "gate_run_id": inputs.gate_run_id, "finetune_run_key": inputs.run_key,
-                "gate_reference_version": inputs.reference_version or "", "base_model": base})
+                "gate_reference_version": inputs.reference_version or "", "base_model": base, "adapter_mode": mode})
         console.print(f"[promote] {name} v{result.version} is now @champion"
                       + (f" (v{result.previous} is @previous; `make rollback` restores it)" if result.previous else " (first champion)"))
         return PromoteOutputs(registered_model=name, version=result.version, previous=result.previous, unchanged=False,

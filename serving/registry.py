@@ -159,11 +159,14 @@ def gate_reference(name: str, run_key: str) -> Optional[dict]:
             "artifact_uri": f"models:/{name}/{mv.version}"}
 
 
-def build_bundle(out: Path, adapter_dir: Path, files: dict[str, Path | str | dict]) -> Path:
-    """A folder with the adapter files and the promotion records (manifest, gate, report, serving config)."""
+def build_bundle(out: Path, adapter_dir: Path, files: dict[str, Path | str | dict], merged: Optional[Path] = None) -> Path:
+    """A folder with the adapter files and the promotion records (manifest, gate, report, serving config); with
+    `merged` (serving.adapter_mode merged) also the full model merged from it, under merged/."""
     if out.exists():
         shutil.rmtree(out)
     (out / "adapter").mkdir(parents=True)
+    if merged is not None:
+        shutil.copytree(merged, out / "merged")
     for p in adapter_dir.iterdir():
         if p.is_file() and (p.name.startswith("adapter_") or p.name.startswith("tokenizer") or
                             p.name in ("chat_template.jinja", "special_tokens_map.json")):

@@ -26,20 +26,29 @@ def champion_server(loaded: LoadedConfig, *, port: Optional[int] = None, dest: O
     for entry in conf.get("lora-modules", []):
         name, path = entry.split("=", 1)
         modules.append(f"{name}={(folder / path).resolve() if not Path(path).is_absolute() else path}")
+    # the name the gateway asks for this version by (registered model + version), beside the plain served name
+    versioned = f"{cfg.tracking.registered_model}-v{info['version']}"
     if modules:
+        modules.append(f"{versioned}={modules[0].split('=', 1)[1]}")
         conf["lora-modules"] = modules
+    else:  # merged (or full) weights inside the version's folder: a plain model under both names
+        if not Path(conf["model"]).is_absolute() and (folder / conf["model"]).exists():
+            conf["model"] = str((folder / conf["model"]).resolve())
+        conf["served-model-name"] = [conf.get("served-model-name") or cfg.serving.served_model_name, versioned]
     resolved = folder / "serving.resolved.yaml"
     resolved.write_text(yaml.safe_dump(conf, allow_unicode=True, sort_keys=False), encoding="utf-8")
     # LoRA mode: the gateway loads other versions (candidate, previous, name@N) into this server at run time
     # (/v1/load_lora_adapter), so promote and rollback switch traffic without a restart; --max-loras of them share a batch
     lora = bool(modules)
+    served_name = conf.get("served-model-name")
+    served_name = served_name[0] if isinstance(served_name, list) else served_name
     server = VllmServer(conf["model"], cfg.serving, port=port or cfg.serving.port, config_file=resolved,
-                        served_model_name=conf.get("served-model-name"), log_path=folder / f"vllm-{port or cfg.serving.port}.log",
+                        served_model_name=served_name, log_path=folder / f"vllm-{port or cfg.serving.port}.log",
                         hub_enabled=cfg.hub.enabled,
                         extra_args=("--max-loras", str(cfg.serving.max_loras)) if lora else (),
                         extra_env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if lora else None)
-    info = {**info, "folder": str(folder), "served_model_name": conf.get("served-model-name"),
-            "lora_names": [m.split("=", 1)[0] for m in modules]}
+    info = {**info, "folder": str(folder), "served_model_name": served_name, "versioned_name": versioned,
+            "adapter_mode": "lora" if modules else "merged", "lora_names": [m.split("=", 1)[0] for m in modules[:1]]}
     return server, info
 
 

