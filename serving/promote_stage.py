@@ -94,6 +94,7 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
         fit = fit_report(model_spec(base), cfg.serving)
         if not fit.fits:
             raise FitError(f"the serving profile does not fit its hardware:\n{fit.text()}")
+        work.mkdir(parents=True, exist_ok=True)
         check = work / "serving-check.yaml"
         write_vllm_config(check_conf, check, cfg.serving.api_key_env)
         validate_with_vllm(check)

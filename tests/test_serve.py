@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -123,3 +124,52 @@ def test_gateway_in_front_of_vllm(served, tmp_path):
         assert after - generated < 900
         rows = httpx.get(f"{gw.url}/admin/usage", headers={"Authorization": f"Bearer {token}"}).json()["data"]
         assert [r["status"] for r in rows] == [200, 200, 400, 499] and rows[0]["version"] == "1"
+
+
+def test_merged_mode_promotes_and_serves_the_merged_weights(tmp_path, random_adapter):
+    """serving.adapter_mode merged, the fast path: the promote stage registers the merged weights beside the adapter
+    with a serving config that serves them as a plain model; `make serve`'s champion server answers under the plain
+    and the versioned name (no LoRA), and evaluation through vLLM would score the merged copy."""
+    import json
+    import shutil
+
+    import yaml
+
+    from eval.evaluate import served_merged
+    from serving.bench import merged_model
+    from serving.promote_stage import PROMOTE, PromoteInputs
+    from serving.registry import champion_info
+    from workspace.model_ref import ModelRef
+    from workspace.tracking import configure
+
+    overrides = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
+                 "tracking.registered_model=merged-test", "serving.max_model_len=1024", "serving.adapter_mode=merged"]
+    loaded = load_config(overrides=overrides)
+    configure(loaded)
+    run = tmp_path / "run"
+    shutil.copytree(random_adapter, run)
+    merged = merged_model(BASE, str(run), tmp_path / "merged")
+    (run / "manifest.json").write_text(json.dumps({"run_key": "m1", "dataset_hash": "d", "git_commit": "c",
+                                                   "merged_model": merged}))
+    for name in ("gate.json", "gate.md", "report.md"):
+        (tmp_path / name).write_text("{}" if name.endswith("json") else "#")
+    out = PROMOTE.run(loaded, PromoteInputs(passed=True, adapter=str(run), run_key="m1", gate_json=str(tmp_path / "gate.json"),
+                                            gate_md=str(tmp_path / "gate.md"), report_md=str(tmp_path / "report.md")))
+    assert out.version == "1" and champion_info("merged-test")["tags"]["adapter_mode"] == "merged"
+    assert served_merged(loaded, ModelRef("candidate", BASE, str(run))) == merged
+    assert served_merged(load_config(overrides=overrides[:-1]), ModelRef("candidate", BASE, str(run))) is None  # lora
+
+    server, info = champion_server(loaded, port=free_port(), dest=tmp_path / "champion")
+    folder = tmp_path / "champion"
+    conf = yaml.safe_load(next(folder.rglob("serving.yaml")).read_text())
+    assert conf["model"] == "merged" and "lora-modules" not in conf and "enable-lora" not in conf
+    assert (Path(info["folder"]) / "merged" / "config.json").exists() and info["adapter_mode"] == "merged"
+    with server:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=server.base_url, api_key="EMPTY")
+        assert {m.id for m in client.models.list().data} == {"screen-xml", "merged-test-v1"}
+        msgs = [{"role": "user", "content": "회원 목록 화면을 생성해주세요. 필드: 이름, 이메일"}]
+        a = client.chat.completions.create(model="screen-xml", messages=msgs, max_tokens=12, temperature=0)
+        b = client.chat.completions.create(model="merged-test-v1", messages=msgs, max_tokens=12, temperature=0)
+        assert a.choices[0].message.content and a.choices[0].message.content == b.choices[0].message.content

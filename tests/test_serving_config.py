@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.config import FitError, ModelSpec, fit_report, model_spec, render_vllm_config, validate_with_vllm, write_vllm_config
-from workspace.config import ServingConfig, load_config
+from workspace.config import ConfigError, ServingConfig, load_config
 from workspace.paths import PROFILES, resolve
 
 PROFILE_NAMES = sorted(p.stem for p in PROFILES.glob("*.yaml"))
@@ -85,3 +85,23 @@ def test_tensor_parallelism_splits_the_load_and_needs_the_gpus():
 def test_unknown_hub_model_is_named():
     with pytest.raises(FitError, match="no architecture known for 'org/unknown-model'"):
         model_spec("org/unknown-model")
+
+
+def test_adapter_mode_auto_chooses_by_the_number_of_served_versions_and_says_why():
+    from workspace.config import adapter_mode
+
+    mode = lambda *sets: adapter_mode(load_config(overrides=list(sets)).config)  # noqa: E731
+    assert mode("serving.adapter_mode=auto") == ("merged", "auto: one finetuned model is served; merged weights skip "
+                                                 "the per-token LoRA cost")
+    m, why = mode("serving.adapter_mode=auto", "serving.gateway.canary.percent=10")
+    assert m == "lora" and "serving.gateway.canary" in why
+    m, why = mode("serving.adapter_mode=auto", 'serving.gateway.routes=[{"name": "x", "model": "candidate", "keywords": ["XML"]}]')
+    assert m == "lora" and "routes" in why
+    assert mode("serving.adapter_mode=merged", "serving.gateway.canary.percent=10")[0] == "merged"  # explicit wins
+    assert mode()[0] == "lora"  # the default: every alias of the registry servable from one vLLM
+    with pytest.raises(ConfigError, match="neither keywords nor regex"):
+        load_config(overrides=['serving.gateway.routes=[{"name": "x", "model": "candidate"}]'])
+    with pytest.raises(ConfigError, match="does not compile"):
+        load_config(overrides=['serving.gateway.routes=[{"name": "x", "model": "candidate", "regex": "("}]'])
+    with pytest.raises(ConfigError, match="limits_storage"):
+        load_config(overrides=["serving.gateway.limits_storage=memcached://x"])
