@@ -333,3 +333,85 @@ def test_metrics_count_requests_tokens_and_ttft(served, registry):
                  "gateway_time_to_first_token_seconds_bucket", 'gateway_tokens_total{direction="output"}',
                  "gateway_inflight_requests"):
         assert name in text, name
+
+
+class DoubleReplica:
+    """A replica for the supervisor: an upstream stand-in that serves one version's merged weights (it cannot load
+    others at run time, like vLLM serving a merged model)."""
+
+    def __init__(self, name: str, version: str, tag: str):
+        self.up = Upstream()
+        self.up.state.allow_load = False
+        self.up.state.loaded[f"{name}-v{version}"] = f"weights-{tag}"
+        self.base_url, self.pid, self.running = self.up.base_url, None, False
+
+    def start(self):
+        self.up.start()
+        self.running = True
+        return self
+
+    def stop(self) -> bool:
+        self.up.stop()
+        was, self.running = self.running, False
+        return was
+
+    def busy(self) -> int:
+        return self.up.state.active
+
+
+def test_merged_champion_replaced_by_the_supervisor_without_failing_requests(registry, tmp_path):
+    """Merged mode: `make serve`'s supervisor follows a rollback by starting the new champion's replica, listing it
+    beside the old one in the replicas file the gateway follows, and stopping the old one once drained; a stream
+    in flight on the old version completes, new requests reach the new version, nothing fails."""
+    from serving.registry import alias_version
+    from serving.supervisor import Supervisor
+
+    tags = {"1": "one", "2": "two", "3": "three"}
+    loaded = load_config(overrides=registry["overrides"] + ["serving.adapter_mode=merged"])
+    started = []
+
+    def launch(n):
+        v = alias_version(NAME, "champion")
+        reps = [DoubleReplica(NAME, v, tags[v]).start() for _ in range(n)]
+        started.extend(reps)
+        return reps, v
+
+    sup = Supervisor(loaded, launch, champion=lambda: alias_version(NAME, "champion"), path=tmp_path / "replicas.json",
+                     settle_s=0.5, log=lambda m: None)
+    app = create_app(loaded, replicas_file=tmp_path / "replicas.json")
+    try:
+        first = sup.start()
+        assert first.version == "2"
+        with ServeApp(app) as gw:
+            assert chat(gw.url, registry["admin"], max_tokens=1).json()["choices"][0]["message"]["content"] == "weights-two-0"
+            started[0].up.state.token_delay_s = 0.1
+            with HTTP.stream("POST", f"{gw.url}/v1/chat/completions", headers=auth(registry["admin"]), json={
+                    "model": "champion", "max_tokens": 20, "stream": True,
+                    "messages": [{"role": "user", "content": "x"}]}) as inflight:
+                lines = inflight.iter_lines()
+                first_line = next(l for l in lines if l.startswith("data: "))
+                rollback(NAME)  # champion v2 -> v1
+                sup.step()  # starts v1's replica, lists both
+                assert [r["version"] for r in json.loads((tmp_path / "replicas.json").read_text())["replicas"]] == ["1", "2"]
+                time.sleep(0.6)  # the gateway re-reads aliases and replicas
+                after = chat(gw.url, registry["admin"], max_tokens=1)
+                assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == "weights-one-0"
+                sup.step()  # v2's replica is still streaming: not stopped
+                assert started[0].running
+                rest = [l for l in lines if l.startswith("data: ") and "[DONE]" not in l]
+            words = "".join(json.loads(l[6:])["choices"][0]["delta"]["content"] for l in [first_line, *rest]
+                            if json.loads(l[6:])["choices"]).split()
+            assert words == [f"weights-two-{i}" for i in range(20)]
+            time.sleep(0.6)
+            sup.step()  # drained: stopped and unlisted
+            assert not started[0].running and [r["version"] for r in json.loads(
+                (tmp_path / "replicas.json").read_text())["replicas"]] == ["1"]
+            time.sleep(0.5)
+            rows = httpx.get(f"{gw.url}/admin/usage", headers=auth(registry["admin"])).json()["data"][-3:]
+            assert [(r["version"], r["status"]) for r in rows] == [("2", 200), ("1", 200), ("2", 200)]
+            assert chat(gw.url, registry["admin"], max_tokens=1).status_code == 200
+    finally:
+        sup.stop()
+        MlflowClient().set_registered_model_alias(NAME, "champion", "2")
+        MlflowClient().set_registered_model_alias(NAME, "previous", "1")
+    assert not (tmp_path / "replicas.json").exists()

@@ -29,6 +29,8 @@ class UpstreamState:
     fail: bool = False
     token_delay_s: float = 0.0
     max_model_len: int = 64
+    active: int = 0  # requests being answered now
+    allow_load: bool = True  # False: like vLLM without run-time LoRA updating (a merged-weights replica)
 
 
 def make_app(state: UpstreamState) -> FastAPI:
@@ -44,6 +46,8 @@ def make_app(state: UpstreamState) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter")
     async def load(request: Request):
+        if not state.allow_load:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
         body = await request.json()
         if body["lora_name"] in state.loaded:
             return JSONResponse({"error": {"message": f"The lora adapter '{body['lora_name']}' has already been loaded."}},
@@ -83,6 +87,7 @@ def make_app(state: UpstreamState) -> FastAPI:
 
         async def gen():
             finished = False
+            state.active += 1
             try:
                 for i, w in enumerate(words):
                     await asyncio.sleep(state.token_delay_s)
@@ -95,6 +100,7 @@ def make_app(state: UpstreamState) -> FastAPI:
                 finished = True
                 state.completed += 1
             finally:
+                state.active -= 1
                 if not finished:
                     state.cut += 1
 

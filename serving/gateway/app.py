@@ -42,6 +42,7 @@ from starlette.concurrency import run_in_threadpool
 
 from serving.gateway.db import GatewayDb, database_url
 from serving.gateway.routing import Catalog, GatewayError, ReplicaPool, Target
+from serving.supervisor import REPLICAS_FILE, read_replicas
 from workspace.config import LoadedConfig
 from workspace.pii import mask_pii as mask
 
@@ -130,7 +131,7 @@ def _text(m: dict) -> str:
 
 class Gateway:
     def __init__(self, loaded: LoadedConfig, *, upstreams: Optional[list[str]] = None, catalog: Optional[Catalog] = None,
-                 db: Optional[GatewayDb] = None):
+                 db: Optional[GatewayDb] = None, replicas_file: Optional[Path] = None):
         import os
 
         cfg = loaded.config
@@ -143,6 +144,9 @@ class Gateway:
         self.upstream_headers = {"Authorization": f"Bearer {os.environ[key_env]}"} if key_env and os.environ.get(key_env) else {}
         self.upstream_urls = upstreams or self.gw.upstreams or [
             f"http://{cfg.serving.host}:{cfg.serving.port + i}/v1" for i in range(cfg.serving.replicas)]
+        # no replicas named: follow the list `make serve` keeps (it changes when a merged champion is replaced)
+        self.replicas_source = (None if upstreams or self.gw.upstreams else
+                                (lambda: read_replicas(replicas_file or REPLICAS_FILE)))
         self.client: Optional[httpx.AsyncClient] = None
         self.pool: Optional[ReplicaPool] = None
         self._auth_cache: dict[str, tuple[float, Principal]] = {}
@@ -152,7 +156,7 @@ class Gateway:
     async def start(self) -> None:
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.gw.upstream_timeout_s, connect=5.0),
                                         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
-        self.pool = ReplicaPool(self.upstream_urls, self.client, self.upstream_headers)
+        self.pool = ReplicaPool(self.upstream_urls, self.client, self.upstream_headers, source=self.replicas_source)
         await asyncio.gather(self.catalog.refresh(), self.pool.check_all())
         self._tasks = [asyncio.create_task(self._every(self.gw.registry_refresh_s, self.catalog.refresh)),
                        asyncio.create_task(self._every(self.gw.health_interval_s, self.pool.check_all))]
@@ -261,7 +265,7 @@ class Gateway:
         tried: set[str] = set()
         last = "no replica is configured"
         for attempt in range(1, self.gw.retries + 2):
-            replica = self.pool.pick(tried)
+            replica = self.pool.pick(tried, target.upstream_model)
             if replica is None:
                 break
             tried.add(replica.base_url)

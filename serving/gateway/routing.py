@@ -178,8 +178,11 @@ class Replica:
 
 
 class ReplicaPool:
-    def __init__(self, urls: list[str], client: httpx.AsyncClient, headers: dict[str, str]):
-        self.replicas = [Replica(u.rstrip("/")) for u in urls]
+    def __init__(self, urls: list[str], client: httpx.AsyncClient, headers: dict[str, str], source=None):
+        """`source`: a function returning the current replica URLs (or None: keep the list), read before each
+        health check."""
+        self.source = source
+        self.replicas = [Replica(u.rstrip("/")) for u in (source and source()) or urls]
         self.client, self.headers = client, headers
         self._rr = 0
 
@@ -195,14 +198,26 @@ class ReplicaPool:
             r.healthy, r.last_error = False, f"{type(exc).__name__}: {exc}"
         return r.healthy
 
+    def reconcile(self, urls: list[str]) -> None:
+        """Follow a changed replica list (`make serve`'s replicas file): new URLs join, gone ones leave; a replica
+        that stays keeps its state (in flight, loaded models)."""
+        known = {r.base_url: r for r in self.replicas}
+        self.replicas = [known.get(u.rstrip("/")) or Replica(u.rstrip("/")) for u in urls]
+
     async def check_all(self) -> None:
+        if self.source is not None:
+            urls = self.source()
+            if urls is not None:
+                self.reconcile(urls)
         await asyncio.gather(*(self.check(r) for r in self.replicas))
 
-    def pick(self, exclude: set[str]) -> Optional[Replica]:
-        """The healthy replica with the fewest requests in flight (round robin among equals)."""
+    def pick(self, exclude: set[str], model: Optional[str] = None) -> Optional[Replica]:
+        """The healthy replica with the fewest requests in flight (round robin among equals), among those that
+        already serve `model` when any does (else one that can load it at run time)."""
         ready = [r for r in self.replicas if r.healthy and r.base_url not in exclude]
         if not ready:
             return None
+        ready = [r for r in ready if model in r.models] or ready
         self._rr += 1
         least = min(r.inflight for r in ready)
         tied = [r for r in ready if r.inflight == least]
