@@ -51,6 +51,14 @@ def gateway(registry, *upstreams, **settings):
     return ServeApp(create_app(loaded, upstreams=[u.base_url for u in upstreams]))
 
 
+def restore_aliases():
+    """Back to champion v2, previous v1, candidate v2, and long enough for every gateway to re-read them."""
+    client = MlflowClient()
+    for alias, version in (("champion", "2"), ("previous", "1"), ("candidate", "2")):
+        client.set_registered_model_alias(NAME, alias, version)
+    time.sleep(0.5)
+
+
 def auth(token):
     return {"Authorization": f"Bearer {token}"}
 
@@ -228,9 +236,7 @@ def test_promote_and_rollback_switch_traffic_without_restart(registry):
         r = httpx.post(f"{gw.url}/admin/reload", headers=auth(registry["admin"])).json()
         assert r["aliases"]["champion"] == "2"
         assert chat(gw.url, registry["admin"], max_tokens=1).json()["choices"][0]["message"]["content"] == "weights-two-0"
-    MlflowClient().set_registered_model_alias(NAME, "champion", "2")
-    MlflowClient().set_registered_model_alias(NAME, "previous", "1")
-    MlflowClient().set_registered_model_alias(NAME, "candidate", "2")
+    restore_aliases()
 
 
 def test_canary_share_is_recorded_and_within_tolerance(registry):
@@ -245,7 +251,7 @@ def test_canary_share_is_recorded_and_within_tolerance(registry):
             explicit = chat(gw.url, registry["admin"], model="previous", max_tokens=1)
             rows = httpx.get(f"{gw.url}/admin/usage", headers=auth(registry["admin"])).json()["data"][-201:]
     finally:
-        MlflowClient().set_registered_model_alias(NAME, "candidate", "2")
+        restore_aliases()
     canary = sum(a == "weights-one-0" for a in answers)
     assert binomtest(canary, 200, 0.2).pvalue > 0.001 and 20 <= canary <= 60, canary
     recorded = [r for r in rows[:-1] if r["canary"]]
@@ -412,6 +418,5 @@ def test_merged_champion_replaced_by_the_supervisor_without_failing_requests(reg
             assert chat(gw.url, registry["admin"], max_tokens=1).status_code == 200
     finally:
         sup.stop()
-        MlflowClient().set_registered_model_alias(NAME, "champion", "2")
-        MlflowClient().set_registered_model_alias(NAME, "previous", "1")
+        restore_aliases()
     assert not (tmp_path / "replicas.json").exists()

@@ -261,13 +261,15 @@ class Gateway:
 
     async def _open(self, body: dict, target: Target, row: dict) -> tuple[httpx.Response, Any, int]:
         """Send the request to the least busy healthy replica; a replica that fails before answering (connection
-        refused, 5xx, timeout to the first byte) is marked unhealthy and the next one is tried, up to `retries`."""
+        refused, 5xx, timeout to the first byte) is marked unhealthy and the next one is tried, up to `retries`
+        failures. A replica that cannot serve the model (merged weights of another version) is skipped."""
         tried: set[str] = set()
-        last = "no replica is configured"
-        for attempt in range(1, self.gw.retries + 2):
+        last, failures, attempt, refused = "no replica is configured", 0, 0, None
+        while failures <= self.gw.retries:
             replica = self.pool.pick(tried, target.upstream_model)
             if replica is None:
                 break
+            attempt += 1
             tried.add(replica.base_url)
             replica.inflight += 1
             self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
@@ -283,21 +285,31 @@ class Gateway:
                 await resp.aclose()
             except httpx.TimeoutException as exc:
                 last = f"{replica.base_url} timed out ({type(exc).__name__})"
-                if attempt > self.gw.retries:
+                if failures >= self.gw.retries:
                     replica.inflight -= 1
                     raise GatewayError(504, f"the upstream model server timed out: {last}", "upstream_timeout",
                                        "server_error") from exc
             except httpx.HTTPError as exc:
                 last = f"{replica.base_url}: {type(exc).__name__}: {exc}"
-            except (GatewayError, asyncio.CancelledError):
+            except GatewayError as exc:
+                replica.inflight -= 1
+                self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
+                if exc.code != "model_not_served":
+                    raise
+                refused = exc  # this replica serves other weights: another may serve the model
+                continue
+            except asyncio.CancelledError:
                 replica.inflight -= 1
                 self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
                 raise
             replica.inflight -= 1
             self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
             replica.healthy, replica.last_error = False, last  # the health loop brings it back
-            if attempt <= self.gw.retries:
+            failures += 1
+            if failures <= self.gw.retries:
                 self.metrics.retries.inc()
+        if refused is not None and failures == 0:
+            raise refused
         if not tried:
             down = "; ".join(f"{r.base_url}: {r.last_error or 'unhealthy'}" for r in self.pool.replicas)
             raise GatewayError(503, f"no healthy model server replica ({down}); is `make serve` running?",

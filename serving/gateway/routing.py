@@ -170,6 +170,7 @@ class Replica:
     served: int = 0
     models: set[str] = field(default_factory=set)
     last_error: str = ""
+    fixed_models: bool = False  # refused a run-time LoRA load: serves only what it lists
     loading: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     @property
@@ -217,7 +218,8 @@ class ReplicaPool:
         ready = [r for r in self.replicas if r.healthy and r.base_url not in exclude]
         if not ready:
             return None
-        ready = [r for r in ready if model in r.models] or ready
+        # a replica that cannot load adapters at run time (merged weights) only gets the models it lists
+        ready = [r for r in ready if model in r.models or not r.fixed_models]
         self._rr += 1
         least = min(r.inflight for r in ready)
         tied = [r for r in ready if r.inflight == least]
@@ -234,13 +236,15 @@ class ReplicaPool:
                 return
             folder = await asyncio.to_thread(catalog.fetch, target.registered_model, target.version)
             adapter = folder / "adapter"
-            if not (adapter / "adapter_config.json").exists():
+            if r.fixed_models or not (adapter / "adapter_config.json").exists():
                 raise GatewayError(503, f"{target.registered_model} v{target.version} is a full model, not a LoRA "
                                    f"adapter, and no replica serves it as {target.upstream_model!r}: serve it "
                                    "(`make serve`) and list it in serving.gateway.upstreams", "model_not_served",
                                    "server_error")
             resp = await self.client.post(f"{r.base_url}/load_lora_adapter", headers=self.headers, timeout=120,
                                           json={"lora_name": target.upstream_model, "lora_path": str(adapter.resolve())})
+            if resp.status_code in (404, 405):
+                r.fixed_models = True
             if resp.status_code != 200 and "already been loaded" not in resp.text:
                 hint = (" (start vLLM with `make serve`: it enables run-time LoRA loading)"
                         if resp.status_code in (404, 405) else "")
