@@ -42,13 +42,16 @@ def _client():
     return mlflow.MlflowClient()
 
 
-def alias_version(name: str, alias: str) -> Optional[str]:
-    """The version an alias points at, or None (no model, no alias)."""
+def alias_version(name: str, alias: str, *, strict: bool = False) -> Optional[str]:
+    """The version an alias points at, or None (no model, no alias). `strict`: any other registry failure (a locked
+    database, a server down) raises instead of reading as "no alias" (the gateway keeps what it knew)."""
     import mlflow
 
     try:
         return str(_client().get_model_version_by_alias(name, alias).version)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as exc:
+        if strict and exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
         return None
 
 

@@ -126,9 +126,10 @@ def test_make_token_prints_a_working_token_once(served, registry, capsys):
 def test_usage_rows_masked_and_exported_as_csv(served, registry):
     gw, _ = served
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 1))
-    assert chat(gw.url, registry["other"], content="제 번호는 010-1234-5678, 메일 kim@example.com 입니다").status_code == 200
-    assert chat(gw.url, registry["other"], model="previous", stream=True).status_code == 200
-    rows = httpx.get(f"{gw.url}/admin/usage", params={"token": "bob", "since": since},
+    token = registry["db"].create_token("dave", "user")  # a token of its own: only these two rows are dave's
+    assert chat(gw.url, token, content="제 번호는 010-1234-5678, 메일 kim@example.com 입니다").status_code == 200
+    assert chat(gw.url, token, model="previous", stream=True).status_code == 200
+    rows = httpx.get(f"{gw.url}/admin/usage", params={"token": "dave", "since": since},
                      headers=auth(registry["admin"])).json()["data"]
     assert [(r["alias"], r["version"], r["stream"], r["status"]) for r in rows] == [
         ("champion", "2", False, 200), ("previous", "1", True, 200)]
@@ -136,7 +137,7 @@ def test_usage_rows_masked_and_exported_as_csv(served, registry):
     assert first["prompt"] == "제 번호는 <PHONE>, 메일 <EMAIL> 입니다" and first["request_id"].startswith("chatcmpl-gw-")
     assert first["input_tokens"] > 0 and first["output_tokens"] == 3 and first["latency_ms"] > 0
     assert streamed["ttft_ms"] is not None and 0 < streamed["ttft_ms"] <= streamed["latency_ms"]
-    text = httpx.get(f"{gw.url}/admin/usage.csv", params={"token": "bob", "since": since}, headers=auth(registry["admin"])).text
+    text = httpx.get(f"{gw.url}/admin/usage.csv", params={"token": "dave", "since": since}, headers=auth(registry["admin"])).text
     table = list(csv.DictReader(io.StringIO(text)))
     assert [r["request_id"] for r in table] == [r["request_id"] for r in rows] and "010-1234" not in text
     assert {"token_name", "alias", "version", "input_tokens", "output_tokens", "ttft_ms", "latency_ms",

@@ -72,7 +72,7 @@ class Catalog:
             return self._versions(name, alias)
         from serving.registry import alias_version
 
-        return alias_version(name, alias)
+        return alias_version(name, alias, strict=True)
 
     def refresh_sync(self) -> dict[str, str]:
         found = {}
