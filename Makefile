@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-gateway bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -84,7 +84,7 @@ rag: setup  ## index data/raw/rag into Qdrant (incremental) and measure dense/sp
 ask: setup  ## answer Q="..." from the corpus with the served model (`make serve` first), citing documents
 	@$(PY) -m flows.rag $(CFG_ARGS) --ask "$(Q)"
 
-bench: bench-prepare bench-finetune bench-eval bench-gate bench-rag bench-serve bench-pipeline bench-model-key bench-plan  ## every benchmark; each writes its section of docs/BENCHMARKS.md
+bench: bench-prepare bench-finetune bench-eval bench-gate bench-rag bench-serve bench-gateway bench-pipeline bench-model-key bench-plan  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 
 bench-model-key: envs  ## the model fingerprint of a synthetic >= 4 GB safetensors folder (target < 1 s)
 	@$(PY) -m workspace.bench_model_key
@@ -112,6 +112,9 @@ bench-pipeline: setup  ## the pipeline from empty state, then cached (targets: <
 
 bench-serve: setup  ## load benchmark of the champion: vLLM vs `transformers serve`, concurrency 1/5/10 x prompts to 2k, SLO, plots
 	@$(PY) -m flows.bench $(CFG_ARGS)
+
+bench-gateway: setup  ## the gateway in front of the champion: overhead vs direct (c 1/5/10), SOAK=300 s soak, failover, KPIs
+	@$(PY) -m flows.bench_gateway $(CFG_ARGS) $(if $(SOAK),--soak-s $(SOAK))
 
 bench-prepare: setup  ## 100k rows through the prepare stage (target < 60 s)
 	@$(PY) -m finetune.bench_prepare
