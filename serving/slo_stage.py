@@ -7,13 +7,14 @@ Wired by flows/promote.py and flows/pipeline.py, between the evaluate and gate s
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
 
 from serving.bench import BenchError, slo_benchmark, slo_rules, workload_texts
-from workspace.config import LoadedConfig
+from workspace.config import LoadedConfig, adapter_mode
 from workspace.endpoint import EndpointError
 from workspace.model_ref import ModelNotFound, base_model
 from workspace.paths import resolve
@@ -21,7 +22,7 @@ from workspace.stage import Stage, StageData, digest
 from workspace.tracking import stage_run
 from workspace.vllm_server import ServerError
 
-SLO_VERSION = "1"
+SLO_VERSION = "2"  # 2: the merged weights measured in merged mode
 
 
 class SloInputs(StageData):
@@ -47,7 +48,8 @@ class SloStage(Stage[SloInputs, SloOutputs]):
 
     def cache_key(self, loaded: LoadedConfig, inputs: SloInputs) -> str:
         cfg = loaded.config
-        return digest(inputs.run_key, cfg.serving.model_dump(mode="json", exclude={"bench"}),
+        return digest(inputs.run_key, cfg.serving.model_dump(mode="json", exclude={"bench", "gateway", "replicas"}),
+                      adapter_mode(cfg)[0],
                       cfg.gate.slo.model_dump(mode="json", exclude={"required"}), cfg.finetune.lora_rank, SLO_VERSION)
 
     def run(self, loaded: LoadedConfig, inputs: SloInputs, console: Optional[Console] = None) -> SloOutputs:
@@ -57,12 +59,17 @@ class SloStage(Stage[SloInputs, SloOutputs]):
         slo = cfg.gate.slo
         base = base_model(loaded).base
         work = Path(inputs.adapter_dir) / "promotion" / "slo"
+        # measure what will be served: the merged weights in merged mode, else the base + the adapter as LoRA
+        manifest = Path(inputs.adapter_dir) / "manifest.json"
+        merged = (json.loads(manifest.read_text()).get("merged_model") if manifest.exists() else None) \
+            if adapter_mode(cfg)[0] == "merged" else None
+        model, adapter = (merged, None) if merged else (base, inputs.adapter_dir)
         texts = workload_texts(resolve(cfg.data.test_source.path) if cfg.data.test_source else None, resolve(cfg.rag.corpus))
         (console or Console()).print(f"[slo] serving the candidate and sending {slo.requests} requests, {slo.concurrency} "
                                      f"at a time, ~{slo.prompt_tokens} prompt tokens ...")
         with stage_run(loaded, "slo-check") as run:
             try:
-                step = slo_benchmark(cfg.serving, slo, base, inputs.adapter_dir, cfg.finetune.lora_rank, texts, work)
+                step = slo_benchmark(cfg.serving, slo, model, adapter, cfg.finetune.lora_rank, texts, work)
                 rows, name, metrics = slo_rules(step, slo), step.step, step.metrics()
             except (BenchError, ServerError) as exc:
                 rows = [{"name": "slo-benchmark", "metric": "serve/*", "value": None, "threshold": None, "passed": False,

@@ -24,7 +24,8 @@ from workspace.paths import ROOT, VENVS, resolve
 
 QLORA = ["finetune.method=qlora", "finetune.quantization_bit=4"]  # cpu_tiny trains LoRA; cpu_smoke and GPU profiles QLoRA
 TINY = ["finetune.max_steps=6", "finetune.save_steps=3", "finetune.logging_steps=1", "finetune.lora_rank=8",
-        "finetune.lora_alpha=16", "finetune.batch_size=4", "finetune.verify_prompts=2"]
+        "finetune.lora_alpha=16", "finetune.batch_size=4", "finetune.verify_prompts=2",
+        "serving.adapter_mode=lora"]  # no merged copy here: the merge path is the pipeline test's (cpu_smoke)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from workspace.processes import free_port
 from workspace import offline
@@ -86,6 +87,10 @@ def test_first_run_registers_serves_and_records_everything(ws):
     files = set(os.listdir(mlflow.artifacts.download_artifacts("models:/e2e-assistant@champion",
                                                                dst_path=str(ws["tmp"] / "champion-check"))))
     assert {"serving.yaml", "gate.json", "manifest.json"} <= files
+    # the profile's adapter_mode auto chose merged (one model served): the merged weights are registered and served
+    assert champion.tags["adapter_mode"] == "merged" and "merged" in files
+    conf = yaml.safe_load((ws["tmp"] / "champion-check" / "serving.yaml").read_text())
+    assert conf["model"] == "merged" and "lora-modules" not in conf
 
     # the endpoint answered: the serve-check stage started vLLM on the champion and got tokens back
     serve = next(c for c in children if c.data.tags["mlflow.runName"] == "serve-check")

@@ -168,20 +168,25 @@ def build(env: str, force: bool = False) -> bool:
 
 
 BROWSER = "/usr/bin/chromium"
+REDIS = "/usr/bin/redis-server"
+# Debian packages the tests need: chromium for the gateway's chat page (Playwright drives it with executable_path:
+# Playwright's own browser download needs its CDN, which these machines cannot reach) and redis-server for the
+# gateway's shared rate-limit counters (a real server on 127.0.0.1, started and stopped by the test)
+SYSTEM_PACKAGES = {"chromium": BROWSER, "redis-server": REDIS}
 
 
-def ensure_browser() -> None:
-    """Debian's chromium for the gateway's chat-page test (Playwright drives it with executable_path: Playwright's
-    own browser download needs its CDN, which these machines cannot reach). Installed with apt-get when missing and
-    this runs as root; otherwise the command to run is printed. A few seconds when already there."""
-    if Path(BROWSER).exists():
+def ensure_system_packages() -> None:
+    """Install the missing SYSTEM_PACKAGES with apt-get when this runs as root; otherwise print the command.
+    Nothing to do (well under a second) when they are there."""
+    missing = [pkg for pkg, path in SYSTEM_PACKAGES.items() if not Path(path).exists()]
+    if not missing:
         return
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        print(f"[setup] the chat page's browser test needs Chromium at {BROWSER}: run `sudo {' '.join(cmd)}` "
-              "(Debian/Ubuntu), or install Chromium there by other means", file=sys.stderr)
+        print(f"[setup] the gateway's tests need {', '.join(missing)}: run `sudo {' '.join(cmd)}` (Debian/Ubuntu)",
+              file=sys.stderr)
         return
-    print("[setup] browser   installing Debian's chromium (the chat page's test) ...", flush=True)
+    print(f"[setup] system    installing {', '.join(missing)} (Debian packages the gateway's tests use) ...", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
         _run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)  # a fresh machine has no package lists yet
@@ -217,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if not args.envs:
         try:
-            ensure_browser()
+            ensure_system_packages()
         except subprocess.CalledProcessError as exc:
-            print(f"[setup] FAILED installing chromium ({exc}); the chat page's browser test will say so", file=sys.stderr)
+            print(f"[setup] FAILED installing {', '.join(SYSTEM_PACKAGES)} ({exc}); the tests that need them will say so",
+                  file=sys.stderr)
     return 0
 
 

@@ -237,17 +237,20 @@ class ReplicaPool:
             folder = await asyncio.to_thread(catalog.fetch, target.registered_model, target.version)
             adapter = folder / "adapter"
             if r.fixed_models or not (adapter / "adapter_config.json").exists():
-                raise GatewayError(503, f"{target.registered_model} v{target.version} is a full model, not a LoRA "
-                                   f"adapter, and no replica serves it as {target.upstream_model!r}: serve it "
-                                   "(`make serve`) and list it in serving.gateway.upstreams", "model_not_served",
-                                   "server_error")
+                raise GatewayError(503, f"no replica serves {target.registered_model} v{target.version} "
+                                   f"({target.alias}): {r.base_url} serves merged weights of one version and cannot "
+                                   "load another at run time. Serve several versions from one vLLM with "
+                                   "serving.adapter_mode: lora, or point serving.gateway.upstreams at a server of "
+                                   "that version", "model_not_served", "server_error")
             resp = await self.client.post(f"{r.base_url}/load_lora_adapter", headers=self.headers, timeout=120,
                                           json={"lora_name": target.upstream_model, "lora_path": str(adapter.resolve())})
-            if resp.status_code in (404, 405):
+            if resp.status_code in (404, 405):  # no run-time LoRA loading there: merged weights, or another server
                 r.fixed_models = True
+                raise GatewayError(503, f"no replica serves {target.registered_model} v{target.version} "
+                                   f"({target.alias}): {r.base_url} cannot load adapters at run time (merged weights, "
+                                   "or vLLM started without VLLM_ALLOW_RUNTIME_LORA_UPDATING, which `make serve` sets "
+                                   "in LoRA mode)", "model_not_served", "server_error")
             if resp.status_code != 200 and "already been loaded" not in resp.text:
-                hint = (" (start vLLM with `make serve`: it enables run-time LoRA loading)"
-                        if resp.status_code in (404, 405) else "")
                 raise GatewayError(503, f"replica {r.base_url} could not load {target.upstream_model} "
-                                   f"({resp.status_code}: {resp.text[:200]}){hint}", "model_not_served", "server_error")
+                                   f"({resp.status_code}: {resp.text[:200]})", "model_not_served", "server_error")
             r.models.add(target.upstream_model)
