@@ -59,12 +59,18 @@ def champion_model_name(info: dict) -> str:
 
 def usage(server: VllmServer, info: dict) -> str:
     model = champion_model_name(info)
+    if info.get("adapter_mode") == "merged":
+        models = f"'{info['served_model_name']}' and '{info.get('versioned_name')}' (the merged weights, no LoRA)"
+    else:
+        models = (f"base '{info['served_model_name']}', adapter {info['lora_names']}"
+                  + (f" (also '{info['versioned_name']}'; the gateway loads other versions at run time)"
+                     if info.get("versioned_name") else ""))
     key = server.cfg.api_key_env
     auth = f" \\\n    -H \"Authorization: Bearer ${key}\"" if key else ""
     key_line = (f"\n  API key: the value of ${key} (serving.api_key_env); every route but /health needs it, /metrics too"
                 if key else "\n  API key: none (set serving.api_key_env to the NAME of a variable holding one)")
     return f"""serving {info.get('version') and 'champion v' + info['version']} at {server.base_url}
-  models: base '{info['served_model_name']}', adapter(s) {info['lora_names']}{key_line}
+  models: {models}{key_line}
   curl {server.base_url}/chat/completions -H 'Content-Type: application/json'{auth} \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "회원 목록 화면을 생성해주세요. 필드: 이름, 이메일"}}]}}'
   python: import os; from openai import OpenAI; c = OpenAI(base_url="{server.base_url}", api_key={f'os.environ["{key}"]' if key else '"EMPTY"'})
