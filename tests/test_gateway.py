@@ -440,7 +440,7 @@ def test_two_gateways_share_rate_limits_through_redis(registry, tmp_path):
     redis = ManagedProcess([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                            log_path=tmp_path / "redis.log",
                            healthy=lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, what="redis-server")
-    with redis.start(timeout=30), Upstream() as up, \
+    with redis, Upstream() as up, \
             gateway(registry, up, requests_per_min=3, limits_storage=f"redis://127.0.0.1:{port}") as a, \
             gateway(registry, up, requests_per_min=3, limits_storage=f"redis://127.0.0.1:{port}") as b:
         codes = [chat(g.url, registry["user"]).status_code for g in (a, b, a)]

@@ -98,7 +98,8 @@ def test_adapter_mode_auto_chooses_by_the_number_of_served_versions_and_says_why
     m, why = mode("serving.adapter_mode=auto", 'serving.gateway.routes=[{"name": "x", "model": "candidate", "keywords": ["XML"]}]')
     assert m == "lora" and "routes" in why
     assert mode("serving.adapter_mode=merged", "serving.gateway.canary.percent=10")[0] == "merged"  # explicit wins
-    assert mode()[0] == "lora"  # the default: every alias of the registry servable from one vLLM
+    assert mode()[0] == "merged"  # the embedded default (cpu_tiny) says auto and serves one model
+    assert ServingConfig().adapter_mode == "lora"  # the schema's default: every alias servable from one vLLM
     with pytest.raises(ConfigError, match="neither keywords nor regex"):
         load_config(overrides=['serving.gateway.routes=[{"name": "x", "model": "candidate"}]'])
     with pytest.raises(ConfigError, match="does not compile"):

@@ -77,7 +77,8 @@ class Limiter:
     """Per-token requests/min and tokens/min (moving windows) from the `limits` library."""
 
     def __init__(self, uri: str, requests_per_min: int, tokens_per_min: int):
-        self.storage = storage_from_string("async+" + uri)
+        # redis-py (already in the lock) as the client, not the library's default coredis
+        self.storage = storage_from_string("async+" + uri, **({"implementation": "redispy"} if uri.startswith("redis") else {}))
         self.strategy = MovingWindowRateLimiter(self.storage)
         self.req = RateLimitItemPerMinute(requests_per_min, namespace="requests")
         self.tok = RateLimitItemPerMinute(tokens_per_min, namespace="tokens")
@@ -311,6 +312,13 @@ class Gateway:
         if refused is not None and failures == 0:
             raise refused
         if not tried:
+            fixed = [r for r in self.pool.replicas if r.healthy and r.fixed_models]
+            if fixed:
+                served = ", ".join(sorted({m for r in fixed for m in r.models}))
+                raise GatewayError(503, f"no replica serves {target.registered_model} v{target.version} ({target.alias}):"
+                                   f" the running replicas serve merged weights of other versions ({served}) and cannot "
+                                   "load another at run time; serve several versions from one vLLM with "
+                                   "serving.adapter_mode: lora", "model_not_served", "server_error")
             down = "; ".join(f"{r.base_url}: {r.last_error or 'unhealthy'}" for r in self.pool.replicas)
             raise GatewayError(503, f"no healthy model server replica ({down}); is `make serve` running?",
                                "no_healthy_replica", "server_error")

@@ -220,6 +220,8 @@ class ReplicaPool:
             return None
         # a replica that cannot load adapters at run time (merged weights) only gets the models it lists
         ready = [r for r in ready if model in r.models or not r.fixed_models]
+        if not ready:
+            return None
         self._rr += 1
         least = min(r.inflight for r in ready)
         tied = [r for r in ready if r.inflight == least]
