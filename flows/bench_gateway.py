@@ -293,7 +293,8 @@ def main() -> int:
         return 2
     md = report(res, loaded.config)
     console.print(md)
-    cmd = "make bench-gateway" + (f" SOAK={args.soak_s:.0f}" if args.soak_s != 300 else "")
+    cmd = "make bench-gateway" + (f" SOAK={args.soak_s:.0f}" if args.soak_s != 300 else "") + \
+        (f' SET="{" ".join(args.overrides)}"' if args.overrides else "")
     update_section("gateway", "Gateway: overhead vs direct, soak, failover, service-plan KPIs", cmd, md)
     return 0
 
