@@ -128,13 +128,7 @@ token: envs  ## create a gateway API token: make token NAME=alice ROLE=user|admi
 ui: envs  ## the MLflow UI on 127.0.0.1 (one worker) for the configured store, until Ctrl-C (UI_PORT=5000)
 	@$(PY) -m workspace.ui $(CFG_ARGS) --port $(UI_PORT)
 
-prefect-gateway: setup  ## the OpenAI-compatible gateway + chat page on 127.0.0.1:8080 in front of `make serve` (tokens, limits, usage, aliases)
-	@$(PY) -m flows.gateway $(CFG_ARGS) $(if $(PORT),--port $(PORT))
-
-token: envs  ## create a gateway API token: make token NAME=alice ROLE=user|admin (printed once, stored as a digest)
-	@$(PY) -m flows.gateway $(CFG_ARGS) --token "$(NAME)" --role $(or $(ROLE),user)
-
-ui: envs  ## a local Prefect server + UI on 127.0.0.1:4200 (ORCH_PORT=) in the background (`make prefect-down` stops it)
+prefect-ui: envs  ## a local Prefect server + UI on 127.0.0.1:4200 (ORCH_PORT=) in the background (`make prefect-down` stops it)
 	@$(PY) -m flows.deploy server --port $(ORCH_PORT)
 
 prefect-up: envs  ## local Prefect server, the `local-process` work pool, prefect.yaml's deployments and a worker (background)

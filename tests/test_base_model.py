@@ -132,3 +132,21 @@ def test_the_fingerprint_covers_the_weights_not_the_build_record(tmp_path):
     blob[-1] ^= 1
     weights.write_bytes(bytes(blob))
     assert folder_fingerprint(copy) != before
+
+
+def test_every_make_target_is_defined_once_and_runs_its_own_command():
+    """A recipe defined twice is a make warning and the later one silently wins (`make ui` once started Prefect)."""
+    import re
+    import subprocess
+
+    from workspace.paths import ROOT
+
+    text = (ROOT / "Makefile").read_text()
+    targets = re.findall(r"^([a-z][a-z-]*):.*##", text, re.M)
+    assert len(targets) == len(set(targets)), sorted(t for t in targets if targets.count(t) > 1)
+    run = lambda *a: subprocess.run(["make", "-n", *a], cwd=ROOT, capture_output=True, text=True, timeout=60)  # noqa: E731
+    assert "warning" not in run("help").stderr
+    for target, module in (("ui", "workspace.ui"), ("prefect-ui", "flows.deploy server"), ("gateway", "flows.gateway"),
+                           ("serve", "flows.serve"), ("bench-gateway", "flows.bench_gateway")):
+        assert module in run(target).stdout.splitlines()[-1], target
+    assert "--token \"alice\" --role admin" in run("token", "NAME=alice", "ROLE=admin").stdout
