@@ -109,6 +109,15 @@ def make_app(state: UpstreamState) -> FastAPI:
     return app
 
 
+def _wait_started(server: uvicorn.Server, thread: threading.Thread, what: str, timeout: float) -> None:
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.02)
+
+
 class Upstream:
     """`with Upstream() as up:` a replica stand-in at up.base_url (.../v1)."""
 
@@ -123,12 +132,7 @@ class Upstream:
         self._server = uvicorn.Server(uvicorn.Config(make_app(self.state), host="127.0.0.1", port=self.port,
                                                      log_level="error", lifespan="off"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 20
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError(f"the upstream stand-in did not start on port {self.port}")
-            time.sleep(0.02)
+        _wait_started(self._server, self._thread, f"the upstream stand-in on port {self.port}", 20)
         return self
 
     def stop(self) -> None:
@@ -156,12 +160,7 @@ class ServeApp:
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def __enter__(self) -> "ServeApp":
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError(f"the app did not start on port {self.port}")
-            time.sleep(0.02)
+        _wait_started(self._server, self._thread, f"the app on port {self.port}", 30)
         return self
 
     def __exit__(self, *exc) -> None:

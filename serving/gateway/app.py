@@ -216,8 +216,7 @@ class Gateway:
             conv_id = body.pop("conversation_id", None)
             if conv_id is not None and (not isinstance(conv_id, int) or
                                         await run_in_threadpool(self.db.conversation, p.name, conv_id) is None):
-                raise GatewayError(404, f"conversation {conv_id!r} does not exist for token {p.name!r}",
-                                   "conversation_not_found")
+                raise _no_conversation(conv_id, p.name)
             prompt = next((_text(m) for m in reversed(msgs) if m["role"] == "user"), "")
             row.update(requested_model=body.get("model") or self.gw.default_model, stream=bool(body.get("stream")))
             if self.gw.log_text:
@@ -531,8 +530,7 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
             p = await gw.principal(request)
             c = await run_in_threadpool(gw.db.conversation, p.name, conv_id)
             if c is None:
-                raise GatewayError(404, f"conversation {conv_id} does not exist for token {p.name!r}",
-                                   "conversation_not_found")
+                raise _no_conversation(conv_id, p.name)
             return c
         return await guarded(run)
 
@@ -545,8 +543,7 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
                                         title=mask(str(body["title"])) if body.get("title") else None,
                                         model=body.get("model"))
             if c is None:
-                raise GatewayError(404, f"conversation {conv_id} does not exist for token {p.name!r}",
-                                   "conversation_not_found")
+                raise _no_conversation(conv_id, p.name)
             return c
         return await guarded(run)
 
@@ -613,6 +610,11 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return app
+
+
+def _no_conversation(conv_id, token_name: str) -> GatewayError:
+    """Another token's conversation is not found, not forbidden (its existence is not revealed)."""
+    return GatewayError(404, f"conversation {conv_id!r} does not exist for token {token_name!r}", "conversation_not_found")
 
 
 async def _json(request: Request) -> dict:
