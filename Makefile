@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-gateway bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-gateway bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -69,8 +69,17 @@ eval: setup  ## KoBEST (lm-eval) + custom DeepEval metrics for base and candidat
 gate: setup  ## the gate only: candidate vs champion (or base), rule table; non-zero exit when it fails
 	@$(PY) -m flows.promote $(CFG_ARGS) --gate-only
 
-promote: setup  ## gate, then register the candidate in MLflow and move @champion (all or nothing)
-	@$(PY) -m flows.promote $(CFG_ARGS)
+promote: setup  ## gate, then register the candidate in MLflow and move @champion (all or nothing); VERSION=n: promote a registered candidate (make loop's)
+	@$(PY) -m flows.promote $(CFG_ARGS) $(if $(VERSION),--version $(VERSION))
+
+card: envs  ## print the model card of a registered version: make card VERSION=n
+	@$(PY) -m flows.promote $(CFG_ARGS) --card "$(VERSION)"
+
+harvest: envs  ## export the gateway's ratings, corrections and arena votes to data/raw/feedback/<date>/ (SINCE=2026-11-01 or SINCE_VERSION=n)
+	@$(PY) -m flows.harvest $(CFG_ARGS) $(if $(SINCE),--since $(SINCE)) $(if $(SINCE_VERSION),--since-version $(SINCE_VERSION))
+
+loop: setup  ## harvest -> prepare -> DPO from the champion -> evaluate -> gate -> register as @candidate (the gateway's canary serves it)
+	@$(PY) -m flows.loop $(CFG_ARGS) $(if $(SINCE),--since $(SINCE)) $(if $(FORCE),--force)
 
 rollback: setup  ## move @champion back to @previous
 	@$(PY) -m flows.promote $(CFG_ARGS) --rollback

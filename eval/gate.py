@@ -9,6 +9,11 @@ Rule kinds:
   items must exceed `min_effect` (the smallest gain that retraining with another seed does not produce by itself;
   measured by `make bench-gate`).
 - `adapter_changes_outputs`: the finetune verification saw changed greedy outputs.
+- `preference` (off by default): people in the gate. The candidate's win rate over the reference in the gateway's
+  arena (ties count half), from votes the flow reads from the gateway database; the one-sided lower Wilson bound
+  at `confidence` must exceed `threshold` (0.5 when unset) on at least `min_votes` votes. A candidate that is not
+  registered yet has no votes: for registration as `candidate` (`make loop`) the row is "pending" and does not
+  block, since the canary is how votes are collected; for promotion to champion it fails until enough votes exist.
 Both statistical rules refuse to decide below `gate.min_items` paired items. The intervals come from
 scipy.stats.bootstrap (paired, BCa), Holm from statsmodels. The reference is the current champion, or the base
 model when there is none. Writes the decision and the rule table (n, estimate, interval, method for every
@@ -284,8 +289,39 @@ def no_regression_results(rule: GateRule, keys: list[str], pairs: dict[str, tupl
     return [out[k] for k in keys]
 
 
+def preference_result(rule: GateRule, arena: Optional[dict], purpose: str = "champion") -> RuleResult:
+    """The arena rule on a tally {wins, losses, ties, version, reference_version}. The Wilson interval treats the
+    ties-split score as a binomial proportion; a tie (0.5) varies less than a win or loss, so the bound is, if
+    anything, conservative."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    threshold = 0.5 if rule.threshold is None else rule.threshold
+    arena = arena or {}
+    wins, losses, ties = (int(arena.get(k, 0)) for k in ("wins", "losses", "ties"))
+    n = wins + losses + ties
+    versus = f"v{arena.get('version') or '?'} vs v{arena.get('reference_version') or '?'}"
+    if n < rule.min_votes:
+        pending = purpose == "candidate"
+        return RuleResult(rule.name, rule.kind, "arena/win_rate", None, threshold, pending,
+                          f"{'pending' if pending else 'too few votes'}: {n} of {rule.min_votes} arena votes "
+                          f"({versus})" + ("; registered as candidate, the canary and arena collect them" if pending
+                                           else "; keep the candidate in the arena (make loop registers it) and retry"),
+                          n=n, method="arena votes, ties half")
+    rate = (wins + 0.5 * ties) / n
+    alpha = 1 - rule.confidence
+    low, high = proportion_confint(wins + 0.5 * ties, n, alpha=2 * alpha, method="wilson")
+    ok = low > threshold - EPS
+    return RuleResult(rule.name, rule.kind, "arena/win_rate", float(low), threshold, ok,
+                      f"win rate {rate:.3f} ({wins} won, {losses} lost, {ties} tied; {versus}); lower "
+                      f"{rule.confidence:.0%} bound {low:.3f} {'>' if ok else '<='} {threshold}",
+                      n=n, estimate=rate, ci_low=float(low), ci_high=math.inf,
+                      method=f"Wilson one-sided {rule.confidence:.0%}, ties half")
+
+
 def _rule(rule: GateRule, cfg: GateConfig, cand: dict, ref: dict, cand_items: Path, ref_items: Path,
-          verification: dict) -> list[RuleResult]:
+          verification: dict, arena: Optional[dict] = None, purpose: str = "champion") -> list[RuleResult]:
+    if rule.kind == "preference":
+        return [preference_result(rule, arena, purpose)]
     if rule.kind == "adapter_changes_outputs":
         n, total = verification.get("outputs_differ"), verification.get("prompts")
         ok = bool(n)
@@ -315,11 +351,13 @@ def _rule(rule: GateRule, cfg: GateConfig, cand: dict, ref: dict, cand_items: Pa
 
 
 def decide(cfg: GateConfig, candidate_metrics: dict, reference_metrics: dict, candidate_items: Path, reference_items: Path,
-           verification: dict, reference_name: str) -> GateDecision:
+           verification: dict, reference_name: str, arena: Optional[dict] = None,
+           purpose: str = "champion") -> GateDecision:
+    """`arena`: the preference rule's tally; `purpose`: champion (promotion) or candidate (registration only)."""
     results: list[RuleResult] = []
     for rule in cfg.rules:
         results += _rule(rule, cfg, candidate_metrics, reference_metrics, candidate_items, reference_items,
-                         verification)
+                         verification, arena, purpose)
     failed = [r for r in results if not r.passed]
     return GateDecision(not failed, f"rule '{failed[0].name}' ({failed[0].metric}): {failed[0].detail}" if failed
                         else "all rules passed", reference_name, results)

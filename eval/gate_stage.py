@@ -45,6 +45,10 @@ class GateInputs(StageData):
     test_file: str
     reference: Optional[Reference] = None  # None: the base model
     extra_rules: list[dict] = []  # rows measured by another stage (the SLO check), folded into the decision
+    # the preference rule's arena tally {version, reference_version, wins, losses, ties}, read by the flow from the
+    # gateway's database; purpose: champion (promotion) or candidate (registration for the canary, `make loop`)
+    arena: Optional[dict] = None
+    purpose: str = "champion"
 
 
 class GateOutputs(StageData):
@@ -88,7 +92,8 @@ class GateStage(Stage[GateInputs, GateOutputs]):
         # rag_min_hit_at_5 is the rag stage's floor; the SLO settings reach the gate as measured rows
         gate_cfg = cfg.gate.model_dump(mode="json", exclude={"rag_min_hit_at_5", "slo"})
         return digest(inputs.run_key, inputs.reference and inputs.reference.model_dump(), gate_cfg,
-                      cfg.eval.model_dump(mode="json"), inputs.extra_rules, inputs.verification, GATE_VERSION)
+                      cfg.eval.model_dump(mode="json"), inputs.extra_rules, inputs.verification, GATE_VERSION,
+                      *([inputs.arena, inputs.purpose] if inputs.arena is not None or inputs.purpose != "champion" else []))
 
     def outputs_present(self, loaded: LoadedConfig, outputs: GateOutputs) -> bool:
         return Path(outputs.gate_json).exists()
@@ -111,7 +116,7 @@ class GateStage(Stage[GateInputs, GateOutputs]):
         with stage_run(loaded, "gate") as gate_run:                 # never points at files another one overwrote
             cand_res, ref_res = evaluate(loaded, candidate, test_file=test), evaluate(loaded, reference, test_file=test)
             decision = decide(cfg.gate, cand_res.metrics, ref_res.metrics, cand_res.items_path, ref_res.items_path,
-                              inputs.verification, reference.name)
+                              inputs.verification, reference.name, inputs.arena, inputs.purpose)
             if inputs.extra_rules:
                 decision = with_rules(decision, "slo", inputs.extra_rules)
             js, md = write_decision(decision, decided)

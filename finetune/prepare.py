@@ -310,13 +310,159 @@ def content_hash(loaded: LoadedConfig, tokenizer_fingerprint: str) -> str:
     h = hashlib.sha256()
     data_cfg = cfg.data.model_dump(mode="json")
     data_cfg.pop("output_dir")
+    if not cfg.data.feedback.enabled:  # off: the key (and every cached dataset) is what it was before feedback existed
+        data_cfg.pop("feedback")
     h.update(json.dumps({"data": data_cfg, "cutoff_len": cfg.finetune.cutoff_len, "tokenizer": tokenizer_fingerprint,
                          "version": PREPARE_VERSION, "code": _file_sha(Path(__file__))}, sort_keys=True).encode())
     for key, src in source_keys(loaded):
         path = check_source_path(loaded, key, src)
         h.update(src.path.encode())
         h.update(_file_sha(path).encode())
+    for folder in feedback_dirs(loaded):
+        for name in FEEDBACK_FILES:
+            if (folder / name).exists():
+                h.update(f"{folder.name}/{name}".encode())
+                h.update(_file_sha(folder / name).encode())
     return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------ harvested feedback
+FEEDBACK_FILES = ("sft.jsonl", "pref.jsonl")
+
+
+def feedback_dirs(loaded: LoadedConfig) -> list[Path]:
+    """The harvest folders (`make harvest`: data/raw/feedback/<date>/ with manifest.json, written last) that
+    data.feedback selects, oldest first; none when it is off. An unfinished harvest (no manifest) is not read."""
+    fb = loaded.config.data.feedback
+    if not fb.enabled:
+        return []
+    root = resolve(fb.dir)
+    if not root.is_dir():
+        raise PrepareError(f"data.feedback.dir = {fb.dir} (set in {loaded.origin('data.feedback')}): no such folder; "
+                           "run `make harvest` first, or set data.feedback.enabled: false")
+    found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "manifest.json").exists())
+    if not found:
+        raise PrepareError(f"data.feedback.dir = {fb.dir}: no finished harvest in it (a folder with manifest.json); "
+                           "run `make harvest` first, or set data.feedback.enabled: false")
+    return found[-1:] if fb.harvests == "latest" else found
+
+
+def _pair_messages(data: dict) -> tuple[list[dict], str, str]:
+    """A LLaMA-Factory ranking row (sharegpt: conversations + chosen + rejected [+ system]) -> (prompt messages,
+    chosen, rejected). Raises RowRejected."""
+    prompt = to_messages(data, "sharegpt")
+    system = _text_field(data, "system", False)
+    if system.strip():
+        prompt = [{"role": "system", "content": system}] + prompt
+    if prompt[-1]["role"] != "user":
+        raise RowRejected("pair_prompt_not_user", "the conversation must end with the user's turn")
+    answers = []
+    for key in ("chosen", "rejected"):
+        turn = data.get(key)
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise RowRejected(f"missing_field:{key}", 'expected {"from": "gpt", "value": "..."}')
+        answers.append(turn["value"])
+    return prompt, answers[0], answers[1]
+
+
+@dataclass
+class _Pair:
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    file: str
+    line: int
+
+    def ranking_row(self) -> dict:
+        """LLaMA-Factory's ranking format (sharegpt formatting, ranking: true)."""
+        system = self.prompt[0]["content"] if self.prompt[0]["role"] == "system" else ""
+        turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
+                 for m in self.prompt if m["role"] != "system"]
+        return {"conversations": turns, "chosen": {"from": "gpt", "value": self.chosen},
+                "rejected": {"from": "gpt", "value": self.rejected}, "system": system}
+
+
+def _load_pairs(path: Path, count: SourceCount, counter: TokenCounter, cutoff: int, quarantine: list[dict],
+                pii: Counter, held_out: set[str], seen: set[str]) -> list[_Pair]:
+    def reject(line: int, reason: str, detail: str, raw: str) -> None:
+        count.rejected += 1
+        count.reasons[reason] += 1
+        quarantine.append({"file": count.file, "line": line, "reason": reason, "detail": mask_pii(detail),
+                           "raw": snippet(raw)})
+
+    pairs: list[_Pair] = []
+    for row in read_rows(path, count.file):
+        count.rows_read += 1
+        if row.error:
+            reject(row.line, row.error, "", row.raw)
+            continue
+        try:
+            prompt, chosen, rejected = _pair_messages(row.data)
+            for m in prompt:
+                m["content"] = mask_pii(clean_text(m["content"]), pii)
+            chosen, rejected = mask_pii(clean_text(chosen), pii), mask_pii(clean_text(rejected), pii)
+            check_turns(prompt + [{"role": "assistant", "content": chosen}])
+            if not chosen.strip() or not rejected.strip():
+                raise RowRejected("empty_answer", "chosen and rejected must both be non-empty")
+            if chosen == rejected:
+                raise RowRejected("chosen_equals_rejected", "a pair of identical answers teaches nothing")
+        except RowRejected as exc:
+            reject(row.line, exc.reason, exc.detail, row.raw)
+            continue
+        if dedup_key(prompt) in held_out:  # (prompt_key drops a final answer; a pair's prompt has none)
+            reject(row.line, "harvested_prompt_in_eval_split", "the prompt is an evaluation (test/val) prompt", row.raw)
+            continue
+        key = hashlib.sha1(json.dumps([prompt, chosen, rejected], ensure_ascii=False).encode()).hexdigest()
+        if key in seen:
+            count.duplicates += 1
+            continue
+        longest = max(counter.count([prompt + [{"role": "assistant", "content": a}] for a in (chosen, rejected)]))
+        if longest > cutoff:
+            reject(row.line, "over_token_budget", f"{longest} tokens > finetune.cutoff_len {cutoff}", row.raw)
+            continue
+        seen.add(key)
+        pairs.append(_Pair(prompt, chosen, rejected, count.file, row.line))
+    count.kept += len(pairs)
+    return pairs
+
+
+def _load_feedback(loaded: LoadedConfig, counter: TokenCounter, splits: dict[str, list], counts: list,
+                   quarantine: list[dict], stats: Counter, pii: Counter, seen: dict[str, str],
+                   seen_norm: dict[str, str]) -> tuple[list["_Kept"], list[_Pair]]:
+    """Harvested rows: supervised rows join the training split only (deduplicated against every row read so
+    far, weighted by data.feedback.sft_weight) and preference pairs are kept for DPO; a harvested prompt that is a
+    test or validation prompt is quarantined, so feedback on the shipped test items never reaches training."""
+    fb = loaded.config.data.feedback
+    cutoff = loaded.config.finetune.cutoff_len
+    held_out = {prompt_key(r.messages) for r in splits["test"] + splits["val"]}
+    sft: list[_Kept] = []
+    pairs: list[_Pair] = []
+    pair_seen: set[str] = set()
+    for folder in feedback_dirs(loaded):
+        for name in FEEDBACK_FILES:
+            path = folder / name
+            if not path.exists() or path.stat().st_size == 0:
+                continue
+            key = f"data.feedback[{folder.name}].{name.split('.')[0]}"
+            count = SourceCount(_display(path), key, "train", "openai" if name == "sft.jsonl" else "ranking")
+            counts.append(count)
+            if name == "pref.jsonl":
+                pairs += _load_pairs(path, count, counter, cutoff, quarantine, pii, held_out, pair_seen)
+                continue
+            src = DataSource(path=str(path), format="openai", weight=fb.sft_weight)
+            rows = _load_source(src, path, count, counter, cutoff, None, quarantine, pii)
+            keep = []
+            for r in rows:
+                if prompt_key(r.messages) in held_out:
+                    count.rejected += 1
+                    count.reasons["harvested_prompt_in_eval_split"] += 1
+                    quarantine.append({"file": r.file, "line": r.line, "reason": "harvested_prompt_in_eval_split",
+                                       "detail": "the prompt is an evaluation (test/val) prompt",
+                                       "raw": snippet(json.dumps(r.messages, ensure_ascii=False))})
+                else:
+                    keep.append(r)
+            sft += _dedupe(keep, count, quarantine, stats, seen, seen_norm)
+    return sft, pairs
 
 
 def source_keys(loaded: LoadedConfig) -> list[tuple[str, DataSource]]:
@@ -662,6 +808,8 @@ def prepare_dataset(loaded: LoadedConfig, force: bool = False) -> PreparedDatase
                                    f"(same prompt): {shown}. Remove them from one side; a test set that overlaps "
                                    "training measures memory, not generalisation.")
             splits["test"] = test_rows
+        feedback_sft, pairs = _load_feedback(loaded, counter, splits, counts, quarantine, stats, pii, seen, seen_norm)
+        splits["train"] += feedback_sft
         # every source is under data.max_reject_ratio (checked above), so their sum is too
         rejected = sum(c.rejected for c in train_counts)
         total = sum(c.rows_read for c in train_counts)
@@ -695,6 +843,8 @@ def prepare_dataset(loaded: LoadedConfig, force: bool = False) -> PreparedDatase
         "duplicates_normalized": stats["duplicates_normalized"],
         "pii_masked": {k: pii.get(k, 0) for k in PII_KINDS},
         "splits": {name: len(r) for name, r in splits.items()},
+        "feedback": {"harvests": [d.name for d in feedback_dirs(loaded)], "sft_rows": len(feedback_sft),
+                     "preference_pairs": len(pairs)} if cfg.data.feedback.enabled else None,
         "prompt_groups": {name: prompt_groups(r) for name, r in splits.items()},
         "tokens": {name: _percentiles(v) for name, v in lengths.items()},
         "cutoff_len": cutoff,
@@ -707,7 +857,15 @@ def prepare_dataset(loaded: LoadedConfig, force: bool = False) -> PreparedDatase
         for name, rows_ in splits.items():
             if rows_:
                 _write_jsonl(tmp / f"{name}.jsonl", rows_)
-        (tmp / "dataset_info.json").write_text(json.dumps(dataset_info(splits), indent=2), encoding="utf-8")
+        info = dataset_info(splits)
+        if pairs:
+            with open(tmp / "pref_train.jsonl", "w", encoding="utf-8") as fh:
+                for pair in pairs:
+                    fh.write(json.dumps(pair.ranking_row(), ensure_ascii=False) + "\n")
+            info["pref_train"] = {"file_name": "pref_train.jsonl", "formatting": "sharegpt", "ranking": True,
+                                  "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected",
+                                              "system": "system"}}
+        (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
         with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as fh:
             for q in quarantine:
                 fh.write(json.dumps(q, ensure_ascii=False) + "\n")

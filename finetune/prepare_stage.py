@@ -54,6 +54,10 @@ def summary_table(result: PreparedDataset) -> Table:
         tok = s["tokens"].get(name) or {}
         groups = (s.get("prompt_groups") or {}).get(name)
         table.add_row(f"{name} rows", f"{n}{f' in {groups} prompt groups' if groups is not None else ''}  (tokens p50 {tok.get('p50', '-')}, p99 {tok.get('p99', '-')}, max {tok.get('max', '-')})")
+    if s.get("feedback"):
+        fb = s["feedback"]
+        table.add_row("harvested feedback", f"{', '.join(fb['harvests'])}: {fb['sft_rows']} supervised rows in train, "
+                      f"{fb['preference_pairs']} preference pairs (pref_train.jsonl)")
     table.add_row("seconds", str(s["seconds"]))
     return table
 

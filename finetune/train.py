@@ -68,13 +68,26 @@ def render_llamafactory_config(loaded: LoadedConfig, dataset_dir: Path, output_d
         cfg["model_revision"] = loaded.config.base_model.revision
     cfg.update({
         "### method": None,
-        "stage": "sft",
+        "stage": ft.stage,
         "do_train": True,
         "finetuning_type": "full" if ft.method == "full" else "lora",
     })
     if ft.method != "full":
         cfg.update({"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha, "lora_dropout": ft.lora_dropout,
                     "lora_target": ft.lora_target})
+    start = init_adapter(loaded)
+    if start is not None:
+        # LLaMA-Factory loads the adapter trainable and keeps training it (no new adapter on top: the result is one
+        # adapter, served like any other); its rank must be the configured one
+        cfg["adapter_name_or_path"] = str(start)
+    if ft.stage == "dpo":
+        cfg.update({"pref_beta": ft.pref_beta, "pref_loss": ft.pref_loss})
+        if start is not None:
+            # the reference is the model DPO starts from (base + that adapter, frozen), not the bare base, which
+            # LLaMA-Factory would use for a LoRA policy by default (its adapter disabled)
+            cfg.update({"ref_model": model, "ref_model_adapters": str(start)})
+            if ft.method == "qlora":
+                cfg["ref_model_quantization_bit"] = ft.quantization_bit
     if ft.method == "qlora":
         # LLaMA-Factory's enum value is `bnb` (QuantizationMethod.BNB); it accepted `bitsandbytes` without a word
         # and trained unquantized. finetune/lf_train.py now checks every enum value before training starts.
@@ -89,7 +102,7 @@ def render_llamafactory_config(loaded: LoadedConfig, dataset_dir: Path, output_d
     cfg.update({
         "### dataset": None,
         "dataset_dir": str(dataset_dir),
-        "dataset": "train",
+        "dataset": "pref_train" if ft.stage == "dpo" else "train",
         "template": ft.template,
         "cutoff_len": ft.cutoff_len,
         "overwrite_cache": True,
@@ -122,7 +135,7 @@ def render_llamafactory_config(loaded: LoadedConfig, dataset_dir: Path, output_d
         # the same config, seed and code give the same adapter, at some cost in speed. On the CPU the same thread
         # count already gives bit-identical adapters (make bench-gate, reproducibility).
         cfg.update({"bf16": ft.bf16, "fp16": not ft.bf16, "ddp_timeout": 180000000, "full_determinism": True})
-    if (dataset_dir / "val.jsonl").exists():
+    if ft.stage == "sft" and (dataset_dir / "val.jsonl").exists():  # (val holds SFT rows, not pairs)
         cfg.update({"### eval": None, "eval_dataset": "val", "per_device_eval_batch_size": ft.batch_size,
                     "eval_strategy": "steps", "eval_steps": ft.save_steps})
     return cfg
@@ -144,6 +157,32 @@ def plain_config(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("###")}
 
 
+def init_adapter(loaded: LoadedConfig) -> Optional[Path]:
+    """The adapter `finetune.init_adapter` names (training continues it), checked; None when unset. The alias
+    `champion` is resolved to a fetched folder by the flows (they may read the registry; this stage may not)."""
+    name = loaded.config.finetune.init_adapter
+    if not name:
+        return None
+    if name == "champion":
+        raise FinetuneError("finetune.init_adapter is 'champion', which only the flows resolve (make finetune, make "
+                            "pipeline, make loop fetch the champion's adapter); here, give the adapter's folder")
+    path = resolve(name)
+    if not (path / "adapter_config.json").exists():
+        raise FinetuneError(f"finetune.init_adapter = {name} (set in {loaded.origin('finetune.init_adapter')}): no "
+                            "adapter_config.json there; point it at a LoRA adapter folder (a finished run, or a "
+                            "registered version's adapter/)")
+    return path
+
+
+def adapter_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        if (path / name).exists():
+            h.update(name.encode())
+            h.update((path / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def run_key(loaded: LoadedConfig, dataset_hash: str) -> str:
     """Cache key of a training run: everything that changes the adapter, nothing else. Not part of it: where the
     run is written, whether a merged copy is also exported (done on a cached run when asked), how many prompts the
@@ -152,6 +191,13 @@ def run_key(loaded: LoadedConfig, dataset_hash: str) -> str:
     ft = loaded.config.finetune.model_dump(mode="json")
     for key in RUN_KEY_EXCLUDES:
         ft.pop(key)
+    if ft["stage"] == "sft":  # the DPO settings change nothing in an SFT run (and old SFT run keys stay valid)
+        for key in ("stage", "pref_beta", "pref_loss"):
+            ft.pop(key)
+    if ft["init_adapter"] is None:
+        ft.pop("init_adapter")
+    else:  # the adapter's bytes, not its path: the same folder may hold another adapter tomorrow
+        ft["init_adapter"] = adapter_fingerprint(init_adapter(loaded))
     blob = json.dumps({"finetune": ft, "seed": loaded.config.project.seed, "dataset": dataset_hash, "base": base_rev,
                        "version": FINETUNE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -404,6 +450,10 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
     if not (dataset_dir / "dataset_info.json").exists():
         raise FinetuneError(f"{dataset_dir} has no dataset_info.json: run `make prepare` first (or point at a "
                             "folder written by the prepare stage)")
+    if loaded.config.finetune.stage == "dpo" and not (dataset_dir / "pref_train.jsonl").exists():
+        raise FinetuneError(f"finetune.stage is dpo but {dataset_dir} has no preference pairs (pref_train.jsonl): "
+                            "collect arena votes or corrections in the gateway, run `make harvest`, and keep "
+                            "data.feedback.enabled: true")
     rank = os.environ.get("NODE_RANK", "0")
     if loaded.config.finetune.nnodes > 1 and rank != "0":
         raise FinetuneError(f"this host has NODE_RANK={rank}: run `make finetune-worker` here (it only trains); "
@@ -469,6 +519,9 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
     manifest = {
         "run_key": key,
         "method": ft.method,
+        "stage": ft.stage,
+        "pref_beta": ft.pref_beta if ft.stage == "dpo" else None,
+        "init_adapter": str(init_adapter(loaded)) if ft.init_adapter else None,
         "base_model": model,
         "base_model_revision": base_rev,
         "dataset_dir": str(dataset_dir),
@@ -489,6 +542,10 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
         "resumed_from_step": resumed_from,
         "rendered_config": RENDERED,
         "lora_rank": ft.lora_rank if ft.method != "full" else None,
+        # DPO: the share of pairs whose chosen answer the policy ranks above the rejected one (relative to the
+        # reference), and the mean margin, at the last logged step
+        "dpo_reward_accuracy": next((h["rewards/accuracies"] for h in reversed(history) if "rewards/accuracies" in h), None),
+        "dpo_reward_margin": next((h["rewards/margins"] for h in reversed(history) if "rewards/margins" in h), None),
         "method_check": method_check,
     }
     return FinetuneResult(output_dir, output_dir, manifest, skipped=False, resumed_from=resumed_from)

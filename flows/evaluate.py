@@ -22,6 +22,7 @@ from prefect import flow  # noqa: E402
 from finetune.finetune_stage import FINETUNE  # noqa: E402
 from finetune.prepare_stage import PREPARE  # noqa: E402
 from flows._cli import run_flow_cli  # noqa: E402
+from flows._registry import resolve_init_adapter  # noqa: E402
 from flows.pipeline import evaluate_candidate  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
 from workspace.config import load_config  # noqa: E402
@@ -31,7 +32,7 @@ from workspace.locks import workspace_lock  # noqa: E402
 @flow(name="evaluate")  # not log_prints: lm-eval prints task internals
 def evaluate_flow(config: str | None = None, profile: str | None = None, overrides: list[str] | None = None,
                   force: bool = False) -> dict:
-    loaded = load_config(config, profile, overrides or [])
+    loaded = resolve_init_adapter(load_config(config, profile, overrides or []))
     runner = StageRunner(loaded, force=force)
     with workspace_lock("evaluate"):
         prepared = runner.run(PREPARE)

@@ -26,6 +26,7 @@ from finetune.finetune_stage import FINETUNE, FinetuneInputs  # noqa: E402
 from finetune.prepare_stage import PREPARE  # noqa: E402
 from finetune.train import train_worker  # noqa: E402
 from flows._cli import run_flow_cli  # noqa: E402
+from flows._registry import resolve_init_adapter  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
 from workspace.config import load_config  # noqa: E402
 from workspace.locks import workspace_lock  # noqa: E402
@@ -34,7 +35,7 @@ from workspace.locks import workspace_lock  # noqa: E402
 @flow(name="finetune", log_prints=True)
 def finetune_flow(config: str | None = None, profile: str | None = None, overrides: list[str] | None = None,
                   force: bool = False, worker: bool = False) -> dict:
-    loaded = load_config(config, profile, overrides or [])
+    loaded = resolve_init_adapter(load_config(config, profile, overrides or []))
     runner = StageRunner(loaded, force=force)
     with workspace_lock("finetune"):
         prepared = runner.run(PREPARE)

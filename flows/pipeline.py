@@ -46,11 +46,12 @@ from eval.gate import GateFailed  # noqa: E402
 from eval.gate_stage import GATE, GateInputs, GateOutputs, Reference  # noqa: E402
 from finetune.finetune_stage import FINETUNE, FinetuneInputs, FinetuneOutputs  # noqa: E402
 from finetune.prepare_stage import PREPARE, PrepareInputs, PrepareOutputs  # noqa: E402
+from flows._registry import resolve_init_adapter  # noqa: E402
 from flows.runner import KNOWN_ERRORS, StageRunner  # noqa: E402
 from flows.summary import log_parent, run_url, summarise  # noqa: E402
 from rag.rag_stage import RAG, RagOutputs  # noqa: E402
 from serving.promote_stage import PROMOTE, PromoteInputs, PromoteOutputs  # noqa: E402
-from serving.registry import gate_reference  # noqa: E402
+from serving.registry import gate_reference, version_of_run  # noqa: E402
 from serving.serve_check_stage import SERVE_CHECK, ServeCheckInputs  # noqa: E402
 from serving.slo_stage import SLO, SloInputs  # noqa: E402
 from workspace.config import LoadedConfig, add_cli_args, load_config  # noqa: E402
@@ -86,22 +87,39 @@ def evaluate_candidate(runner: StageRunner, prepared: PrepareOutputs,
     return indexed, evaluated
 
 
+def arena_tally(loaded: LoadedConfig, version: Optional[str], reference_version: Optional[str]) -> Optional[dict]:
+    """The gateway's arena votes between two registry versions, for the gate's preference rule (None when no such
+    rule is configured). A candidate not registered yet has no votes."""
+    if not any(r.kind == "preference" for r in loaded.config.gate.rules):
+        return None
+    tally = {"wins": 0, "losses": 0, "ties": 0}
+    if version and reference_version:
+        from serving.gateway.db import GatewayDb, database_url
+
+        tally = GatewayDb(database_url(loaded)).arena_tally(version, reference_version)
+    return {"version": version, "reference_version": reference_version, **tally}
+
+
 def gate_candidate(runner: StageRunner, loaded: LoadedConfig, prepared: PrepareOutputs,
-                   tuned: FinetuneOutputs) -> GateOutputs:
-    """The serving SLOs (when required), then the gate against the reference the registry names."""
+                   tuned: FinetuneOutputs, purpose: str = "champion") -> GateOutputs:
+    """The serving SLOs (when required), then the gate against the reference the registry names. `purpose`:
+    champion (promotion) or candidate (the loop's registration)."""
     slo = runner.run(SLO, SloInputs(adapter_dir=tuned.adapter_dir, run_key=tuned.run_key))
     configure(loaded)
-    ref = gate_reference(loaded.config.tracking.registered_model, tuned.run_key)
+    name = loaded.config.tracking.registered_model
+    ref = gate_reference(name, tuned.run_key)
+    arena = arena_tally(loaded, version_of_run(name, tuned.run_key), ref["version"] if ref else None)
     return runner.run(GATE, GateInputs(adapter_dir=tuned.adapter_dir, run_key=tuned.run_key,
                                        verification=tuned.manifest.get("verification") or {},
                                        test_file=test_file(prepared), reference=Reference(**ref) if ref else None,
-                                       extra_rules=slo.rules if slo else []))
+                                       extra_rules=slo.rules if slo else [], arena=arena, purpose=purpose))
 
 
-def promote_candidate(runner: StageRunner, gate: GateOutputs) -> PromoteOutputs:
+def promote_candidate(runner: StageRunner, gate: GateOutputs, alias: str = "champion") -> PromoteOutputs:
     return runner.run(PROMOTE, PromoteInputs(passed=gate.passed, adapter=gate.adapter, run_key=gate.run_key,
                                              gate_json=gate.gate_json, gate_md=gate.gate_md, report_md=gate.report_md,
-                                             gate_run_id=gate.run_id, reference_version=gate.reference_version))
+                                             gate_run_id=gate.run_id, reference_version=gate.reference_version,
+                                             alias=alias))
 
 
 def first_prompt(test: str) -> str:
@@ -121,7 +139,7 @@ def console_for_logs() -> Console:
 @flow(name="pipeline")
 def pipeline_flow(config: Optional[str] = None, profile: Optional[str] = None, overrides: Optional[list[str]] = None,
                   force: bool = False, serve_check: bool = True, lock_timeout: Optional[float] = None) -> dict:
-    loaded = load_config(config, profile, overrides or [])
+    loaded = resolve_init_adapter(load_config(config, profile, overrides or []))
     offline.apply(loaded.config.hub.enabled)
     # before anything starts: a GPU setting on a machine without CUDA is refused here, naming the setting
     require_cuda(loaded, ("finetune", "eval", "serving"), what="the pipeline")

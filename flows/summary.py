@@ -69,7 +69,8 @@ def summarise(loaded: LoadedConfig, runner: StageRunner, mlflow, parent_id: str,
     rows.append(("gate", status("gate"), gate_text, g.get("run_id", "")))
     pr = r.get("promote") or {}
     rows.append(("promote", status("promote"),
-                 f"{pr.get('registered_model')} v{pr.get('version')} @champion" + (f" (previous v{pr['previous']})" if pr.get("previous") else "")
+                 f"{pr.get('registered_model')} v{pr.get('version')} @{pr.get('alias', 'champion')}"
+                 + (f" ({'champion' if pr.get('alias') == 'candidate' else 'previous'} v{pr['previous']})" if pr.get("previous") else "")
                  if pr else "-", pr.get("run_id", "")))
     s = r.get("serve") or {}
     rows.append(("serve", status("serve"), f"champion v{s['version']} answered {s['completion_tokens']} tokens in "

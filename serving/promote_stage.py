@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from rich.console import Console
 
 from serving.config import FitError, fit_report, model_spec, render_vllm_config, validate_with_vllm, write_vllm_config
-from serving.registry import PromotionError, build_bundle, champion_info, promote
+from serving.card import CARD, model_card
+from serving.registry import CANDIDATE, PromotionError, alias_version, build_bundle, champion_info, promote, version_info
 from workspace.config import LoadedConfig, adapter_mode
 from workspace.model_ref import ModelNotFound, base_model
 from workspace.stage import Stage, StageData, digest
 from workspace.tracking import configure, stage_run
 
-PROMOTE_VERSION = "3"  # 3: serving.adapter_mode (merged weights in the bundle)
+PROMOTE_VERSION = "4"  # 3: serving.adapter_mode (merged weights in the bundle); 4: model card, dataset stats
 
 
 class PromoteInputs(StageData):
@@ -33,6 +34,8 @@ class PromoteInputs(StageData):
     report_md: str
     gate_run_id: str = ""
     reference_version: Optional[str] = None  # what the gate compared with (recorded on the version)
+    # champion: `make promote` / `make pipeline`; candidate: `make loop` registers it for the canary and the arena
+    alias: Literal["champion", "candidate"] = "champion"
 
 
 class PromoteOutputs(StageData):
@@ -54,11 +57,13 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
         cfg = loaded.config
         return digest(inputs.run_key, inputs.passed, inputs.reference_version, cfg.tracking.registered_model,
                       cfg.serving.model_dump(mode="json", exclude={"bench", "gateway", "replicas"}), adapter_mode(cfg)[0],
-                      cfg.finetune.lora_rank, PROMOTE_VERSION)
+                      cfg.finetune.lora_rank, PROMOTE_VERSION, *([inputs.alias] if inputs.alias != "champion" else []))
 
     def outputs_present(self, loaded: LoadedConfig, outputs: PromoteOutputs) -> bool:
         configure(loaded)
         champ = champion_info(outputs.registered_model)
+        if outputs.alias == CANDIDATE and alias_version(outputs.registered_model, CANDIDATE) == outputs.version:
+            return True
         return bool(champ and champ["version"] == outputs.version)
 
     def run(self, loaded: LoadedConfig, inputs: PromoteInputs, console: Optional[Console] = None) -> PromoteOutputs:
@@ -74,6 +79,13 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
                 champ["tags"].get("adapter_mode", "lora") == mode:
             console.print(f"[promote] this candidate ({inputs.run_key}) already is {name}@champion (v{champ['version']})")
             return PromoteOutputs(registered_model=name, version=champ["version"], previous=None, unchanged=True)
+        if inputs.alias == CANDIDATE:
+            cand = alias_version(name, CANDIDATE)
+            tags = version_info(name, cand)["tags"] if cand else {}
+            if tags.get("finetune_run_key") == inputs.run_key and tags.get("adapter_mode", "lora") == mode:
+                console.print(f"[promote] this run ({inputs.run_key}) already is {name}@candidate (v{cand})")
+                return PromoteOutputs(registered_model=name, version=cand, previous=None, unchanged=True,
+                                      alias=CANDIDATE)
         adapter = Path(inputs.adapter)
         work = adapter / "promotion"
         base = base_model(loaded).base
@@ -98,20 +110,36 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
         check = work / "serving-check.yaml"
         write_vllm_config(check_conf, check, cfg.serving.api_key_env)
         validate_with_vllm(check)
+        stats = Path(manifest["dataset_dir"]) / "stats.json"
         bundle = build_bundle(work / "bundle", adapter, merged=Path(merged) if merged else None, files={
+            **({"dataset_stats.json": stats} if stats.exists() else {}),
             "manifest.json": adapter / "manifest.json", "gate.json": Path(inputs.gate_json),
             "gate.md": Path(inputs.gate_md), "eval_report.md": Path(inputs.report_md),
             "serving.yaml": write_vllm_config(serving, work / "serving.yaml", cfg.serving.api_key_env).read_text(),
             "fit_check.txt": fit.text() + "\n"})
+        limits = [f"Served as {mode}: {reason}."]
+        (bundle / CARD).write_text(model_card(bundle, registered_model=name, alias=inputs.alias, limits=tuple(limits)),
+                                   encoding="utf-8")
+
+        def describe(version: str) -> str:
+            return model_card(bundle, registered_model=name, version=version, alias=inputs.alias, limits=tuple(limits))
+
         with stage_run(loaded, "promote") as run:
-            result = promote(name, run.info.run_id, bundle, {
+            result = promote(name, run.info.run_id, bundle, champion=inputs.alias != CANDIDATE, describe=describe,
+                             tags={
                 "dataset_hash": manifest["dataset_hash"], "config_hash": loaded.hash, "git_commit": manifest["git_commit"],
                 "gate": "pass", "gate_run_id": inputs.gate_run_id, "finetune_run_key": inputs.run_key,
-                "gate_reference_version": inputs.reference_version or "", "base_model": base, "adapter_mode": mode})
-        console.print(f"[promote] {name} v{result.version} is now @champion"
-                      + (f" (v{result.previous} is @previous; `make rollback` restores it)" if result.previous else " (first champion)"))
+                "gate_reference_version": inputs.reference_version or "", "base_model": base, "adapter_mode": mode,
+                "finetune_stage": manifest.get("stage", "sft")})
+        if inputs.alias == CANDIDATE:
+            console.print(f"[promote] {name} v{result.version} is registered as @candidate (the champion stays "
+                          f"v{result.previous or '-'}): the gateway's canary and arena serve it; `make promote "
+                          f"VERSION={result.version}` makes it the champion. Card: `make card VERSION={result.version}`")
+        else:
+            console.print(f"[promote] {name} v{result.version} is now @champion"
+                          + (f" (v{result.previous} is @previous; `make rollback` restores it)" if result.previous else " (first champion)"))
         return PromoteOutputs(registered_model=name, version=result.version, previous=result.previous, unchanged=False,
-                              run_id=run.info.run_id)
+                              run_id=run.info.run_id, alias=inputs.alias)
 
 
 PROMOTE = PromoteStage()

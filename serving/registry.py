@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 CHAMPION, PREVIOUS, CANDIDATE = "champion", "previous", "candidate"
 REQUIRED = ("manifest.json", "gate.json", "serving.yaml")
+MAX_DESCRIPTION = 5000  # characters of the model card kept as the version's description (the artifact has it all)
 
 
 class PromotionError(RuntimeError):
@@ -64,9 +65,13 @@ def champion_info(name: str) -> Optional[dict]:
     return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 
-def promote(name: str, run_id: str, bundle: Path, tags: dict[str, str], *,
+def promote(name: str, run_id: str, bundle: Path, tags: dict[str, str], *, champion: bool = True,
+            describe: Optional[Callable[[str], str]] = None,
             _after_step: Callable[[str], None] = lambda step: None) -> Promotion:
     """Register `bundle` (a folder with the model files and REQUIRED files) from the active run `run_id`.
+    `champion=False` stops at the alias `candidate` (the loop's registration: the gateway's canary and arena serve
+    it; `promote_version` makes it the champion later). `describe(version)` gives the version's description (its
+    model card).
 
     `_after_step` is a test hook called after each step (artifacts, version, candidate, verify, previous)."""
     import mlflow
@@ -99,6 +104,11 @@ def promote(name: str, run_id: str, bundle: Path, tags: dict[str, str], *,
     if absent:
         raise PromotionError(f"registered version {mv.version} lacks artifacts {absent}; champion unchanged")
     _after_step("verify")
+    if describe is not None:
+        client.update_model_version(name, mv.version, description=describe(str(mv.version))[:MAX_DESCRIPTION])
+    if not champion:
+        client.set_model_version_tag(name, mv.version, "registered_as", CANDIDATE)
+        return Promotion(name, str(mv.version), alias_version(name, CHAMPION), run_id, source)
     old = alias_version(name, CHAMPION)
     if old is not None and old != str(mv.version):
         client.set_registered_model_alias(name, PREVIOUS, old)
@@ -106,6 +116,50 @@ def promote(name: str, run_id: str, bundle: Path, tags: dict[str, str], *,
     client.set_registered_model_alias(name, CHAMPION, mv.version)  # the one step that changes what is served
     client.set_model_version_tag(name, mv.version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return Promotion(name, str(mv.version), old, run_id, source)
+
+
+def promote_version(name: str, version: str) -> Optional[str]:
+    """Make the registered `version` (a loop's candidate, already served by the canary) the champion: `previous`
+    moves to the old champion first, `champion` last; the `candidate` alias is removed when it pointed at
+    `version` (the arena would otherwise compare the champion with itself). Returns the old champion."""
+    client = _client()
+    try:
+        client.get_model_version(name, version)
+    except Exception as exc:  # noqa: BLE001
+        raise PromotionError(f"{name} has no version {version}: {exc}") from None
+    old = alias_version(name, CHAMPION)
+    if old == str(version):
+        raise PromotionError(f"{name} v{version} already is the champion")
+    if old is not None:
+        client.set_registered_model_alias(name, PREVIOUS, old)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    client.set_model_version_tag(name, str(version), "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if alias_version(name, CANDIDATE) == str(version):
+        client.delete_registered_model_alias(name, CANDIDATE)
+    return old
+
+
+def version_info(name: str, version: str) -> dict:
+    """{version, source, run_id, tags, description, aliases, created} of one registered version."""
+    try:
+        mv = _client().get_model_version(name, str(version))
+    except Exception as exc:  # noqa: BLE001
+        raise PromotionError(f"{name} has no version {version} ({type(exc).__name__})") from None
+    return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags),
+            "description": mv.description or "", "aliases": list(mv.aliases or []),
+            "created": mv.creation_timestamp}
+
+
+def list_versions(name: str) -> list[dict]:
+    """Every registered version of `name`, oldest first ([] when the model does not exist yet)."""
+    import mlflow
+
+    try:
+        found = _client().search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return []
+    return sorted(({"version": str(v.version), "tags": dict(v.tags), "aliases": list(v.aliases or []),
+                    "created": v.creation_timestamp} for v in found), key=lambda v: int(v["version"]))
 
 
 def rollback(name: str) -> tuple[str, str]:
@@ -139,6 +193,34 @@ def fetch_version(name: str, version: str, dest: Optional[Path] = None) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
     except mlflow.exceptions.MlflowException as exc:
         raise PromotionError(f"models:/{name}/{version} cannot be fetched: {exc}") from exc
+
+
+def fetch_version_cached(name: str, version: str) -> Path:
+    """The version's files in <cache>/registry/<name>/v<version> (downloaded once, whole or not at all: a version's
+    files never change once registered)."""
+    from workspace.paths import CACHE
+
+    dest = CACHE / "registry" / name / f"v{version}"
+    if (dest / "manifest.json").exists():
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    if part.exists():
+        shutil.rmtree(part)
+    part.mkdir(parents=True)
+    folder = fetch_version(name, version, part)
+    if dest.exists():
+        shutil.rmtree(dest)
+    folder.rename(dest)
+    shutil.rmtree(part, ignore_errors=True)
+    return dest
+
+
+def version_of_run(name: str, run_key: str) -> Optional[str]:
+    """The newest registered version trained by finetune run `run_key`, or None."""
+    for v in reversed(list_versions(name)):
+        if v["tags"].get("finetune_run_key") == run_key:
+            return v["version"]
+    return None
 
 
 def gate_reference(name: str, run_key: str) -> Optional[dict]:

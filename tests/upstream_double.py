@@ -52,7 +52,11 @@ def make_app(state: UpstreamState) -> FastAPI:
         if body["lora_name"] in state.loaded:
             return JSONResponse({"error": {"message": f"The lora adapter '{body['lora_name']}' has already been loaded."}},
                                 status_code=400)
-        weights = (Path(body["lora_path"]) / "adapter_model.safetensors").read_bytes().decode()
+        raw = (Path(body["lora_path"]) / "adapter_model.safetensors").read_bytes()
+        try:
+            weights = raw.decode()
+        except UnicodeDecodeError:  # a real adapter (binary): named by the version folder it was fetched into
+            weights = f"lora-{Path(body['lora_path']).parent.name}"
         state.loaded[body["lora_name"]] = weights
         return f"Success: LoRA adapter '{body['lora_name']}' added successfully."
 

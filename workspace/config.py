@@ -126,6 +126,17 @@ class DataSource(Strict):
     weight: float = Field(1.0, gt=0)
 
 
+class FeedbackData(Strict):
+    """What `make harvest` exported from the gateway (data/raw/feedback/<date>/): supervised rows (answers rated up,
+    corrected answers) mixed into training with `sft_weight`, and preference pairs (arena winner over loser,
+    correction over the original answer) for `finetune.stage: dpo`. Harvested rows only ever go to training: a
+    harvested prompt that is also a test prompt is dropped (quarantined), never moved into the test split."""
+    enabled: bool = False
+    dir: str = "data/raw/feedback"
+    harvests: Literal["all", "latest"] = "all"  # every harvest folder under dir, or only the newest
+    sft_weight: float = Field(1.0, gt=0)
+
+
 class DataConfig(Strict):
     sources: list[DataSource] = [DataSource(path="data/raw/screens/train.jsonl", format="alpaca")]
     test_source: Optional[DataSource] = DataSource(path="data/raw/screens/test.jsonl", format="alpaca")
@@ -135,9 +146,18 @@ class DataConfig(Strict):
     stratify_by: Optional[str] = None
     max_reject_ratio: float = Field(0.05, ge=0, le=1)
     seed: int = 42
+    feedback: FeedbackData = FeedbackData()
 
 
 class FinetuneConfig(Strict):
+    # sft: supervised rows (train.jsonl); dpo: LLaMA-Factory's DPO on the preference pairs the prepare stage wrote
+    # from harvested feedback (pref_train.jsonl), with the same LoRA/QLoRA settings
+    stage: Literal["sft", "dpo"] = "sft"
+    pref_beta: float = Field(0.1, gt=0)  # DPO's beta: how far the policy may move from the reference
+    pref_loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    # start from an existing adapter and keep training it: "champion" (the registry's, fetched by the flow) or a
+    # folder; for dpo the same adapter (frozen) is the reference model, so DPO moves away from the SFT model
+    init_adapter: Optional[str] = None
     method: Literal["qlora", "lora", "full"] = "qlora"
     device: Literal["cpu", "cuda"] = "cpu"
     template: str = "chatml"  # LLaMA-Factory template name; must match the base model's chat format
@@ -186,6 +206,8 @@ class FinetuneConfig(Strict):
                              ("deepspeed", bool(self.deepspeed)), ("liger_kernel", self.liger_kernel)):
                 if bad:
                     raise ValueError(f"finetune.{key} needs finetune.device: cuda (device is cpu)")
+        if self.init_adapter and self.method == "full":
+            raise ValueError("finetune.init_adapter continues a LoRA adapter; method 'full' has none (use lora/qlora)")
         if self.nnodes > 1 and self.num_gpus < 1:
             raise ValueError("finetune.nnodes > 1 needs finetune.num_gpus (GPUs per node) >= 1")
         return self
@@ -230,7 +252,7 @@ class EvalConfig(Strict):
 
 class GateRule(Strict):
     name: str
-    kind: Literal["floor", "no_regression", "improvement", "adapter_changes_outputs"]
+    kind: Literal["floor", "no_regression", "improvement", "adapter_changes_outputs", "preference"]
     metric: Optional[str] = None
     threshold: Optional[float] = None
     tolerance: float = Field(0.0, ge=0)
@@ -238,6 +260,15 @@ class GateRule(Strict):
     # improvement: the lower confidence bound of mean(candidate - reference) must exceed this; the gain that
     # retraining with another seed does not produce by itself (make bench-gate measures it)
     min_effect: float = Field(0.0, ge=0)
+    # preference: the candidate's arena win rate over the reference (ties count half) from the gateway's votes;
+    # the lower bound of its Wilson interval must exceed `threshold` (0.5: people prefer it), on >= min_votes votes
+    min_votes: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _kind_fields(self):
+        if self.kind == "preference" and self.threshold is not None and not 0 <= self.threshold < 1:
+            raise ValueError(f"rule {self.name!r}: a preference threshold is a win rate in [0, 1), got {self.threshold}")
+        return self
 
 
 class SloConfig(Strict):
@@ -309,6 +340,19 @@ class RouteRule(Strict):
         return self
 
 
+class ArenaConfig(Strict):
+    """The gateway's arena (POST /v1/arena): one prompt answered by two aliases, shown blind in random order."""
+    models: list[str] = ["champion", "candidate"]
+    max_tokens: int = Field(512, ge=1)
+
+    @field_validator("models")
+    @classmethod
+    def _two(cls, v: list[str]) -> list[str]:
+        if len(v) != 2 or v[0] == v[1]:
+            raise ValueError(f"the arena compares two different models, got {v}")
+        return v
+
+
 class GatewayConfig(Strict):
     """`make gateway`: the OpenAI-compatible front door (serving/gateway/): tokens, limits, usage, aliases, replicas."""
     host: str = "127.0.0.1"
@@ -330,6 +374,7 @@ class GatewayConfig(Strict):
     log_text: bool = True  # keep the (PII-masked) prompt and answer in the usage rows
     canary: Optional[CanaryConfig] = None
     routes: list[RouteRule] = []
+    arena: ArenaConfig = ArenaConfig()
 
     @field_validator("limits_storage")
     @classmethod
@@ -388,6 +433,16 @@ class RagConfig(Strict):
     qdrant: QdrantConfig = QdrantConfig()
 
 
+class LoopConfig(Strict):
+    """`make loop` (flows/loop.py): harvest -> prepare -> finetune -> evaluate -> gate -> register as `candidate`
+    (the gateway's canary share answers with it); `make promote VERSION=n` makes it the champion."""
+    stage: Literal["sft", "dpo"] = "dpo"  # finetune.stage for the loop's run
+    from_champion: bool = True  # start from the champion's adapter (finetune.init_adapter: champion)
+    since: Optional[str] = None  # harvest feedback from this ISO date; None: since the champion was registered
+    min_items: int = Field(1, ge=1)  # fewer harvested rows + pairs and the loop stops after the harvest
+    schedule: Optional[str] = "0 3 * * 1"  # the Prefect deployment's cron (Mondays 03:00); null: run by hand
+
+
 class PipelineConfig(Strict):
     profile: str = "cpu_tiny"
     project: ProjectConfig = ProjectConfig()
@@ -400,6 +455,7 @@ class PipelineConfig(Strict):
     gate: GateConfig = GateConfig()
     serving: ServingConfig = ServingConfig()
     rag: RagConfig = RagConfig()
+    loop: LoopConfig = LoopConfig()
 
     @model_validator(mode="after")
     def _cross(self):
@@ -407,6 +463,9 @@ class PipelineConfig(Strict):
             raise ValueError("base_model.source is 'hub' but hub.enabled is false: enable the hub or use a local path")
         if self.eval.kobest_source == "hub" and not self.hub.enabled:
             raise ValueError("eval.kobest_source is 'hub' but hub.enabled is false: enable the hub or use 'local'")
+        if self.finetune.stage == "dpo" and not self.data.feedback.enabled:
+            raise ValueError("finetune.stage dpo trains on preference pairs, which come from harvested feedback: set "
+                             "data.feedback.enabled: true (and run `make harvest`)")
         return self
 
 

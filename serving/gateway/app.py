@@ -5,7 +5,11 @@
                                 the exchange to a saved conversation
     GET  /v1/models             the aliases set in the registry (and `auto` when routes exist)
     /v1/conversations[/{id}]    create, list, load, retitle (each token sees its own)
-    GET  /admin/usage[.csv]     usage rows (admin); /admin/tokens (list, create, revoke); POST /admin/reload
+    POST /v1/feedback           thumbs up/down and/or a corrected answer on an answered request (by its id)
+    POST /v1/arena              one prompt answered by two models (default champion vs candidate), shown blind as A
+                                and B in random order; POST /v1/arena/{id}/vote {"winner": "A"|"B"|"tie"} reveals them
+    GET  /admin/usage[.csv]     usage rows (admin); /admin/tokens (list, create, revoke); POST /admin/reload;
+                                /admin/feedback, /admin/arena (votes and per-version win rates)
     GET  /healthz               the replicas and the registry, no token;  GET /metrics (Prometheus, admin token)
     GET  /                      the chat page (serving/gateway/static/index.html, no external resources)
 
@@ -25,6 +29,7 @@ import contextlib
 import datetime as dt
 import json
 import math
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -71,6 +76,9 @@ class Metrics:
         self.inflight = Gauge("gateway_inflight_requests", "requests in flight per replica", ["replica"], registry=r)
         self.retries = Counter("gateway_retries", "requests retried on another replica", registry=r)
         self.cancelled = Counter("gateway_cancelled", "requests whose client disconnected", registry=r)
+        self.feedback = Counter("gateway_feedback", "feedback by rating and whether it carries a correction",
+                                ["rating", "correction"], registry=r)
+        self.votes = Counter("gateway_arena_votes", "arena votes by winner (A, B, tie)", ["winner"], registry=r)
 
 
 class Limiter:
@@ -431,6 +439,9 @@ class Gateway:
         m.tokens.labels("output").inc(row.get("output_tokens") or 0)
         await self.limiter.spend(p.name, (row.get("input_tokens") or 0) + (row.get("output_tokens") or 0))
         await self._record(row)
+        if self.gw.log_text:  # the context an answer was given in, for feedback on it (make harvest)
+            with contextlib.suppress(Exception):
+                await run_in_threadpool(self.db.add_exchange, row["request_id"], p.name, _masked(msgs))
         if conv_id is not None:
             user = next((m for m in reversed(msgs) if m["role"] == "user"), None)
             system = next((_text(m) for m in msgs if m["role"] == "system"), None)
@@ -452,6 +463,113 @@ class Gateway:
             import sys
 
             print(f"[gateway] usage row {row.get('request_id')} not written: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    # --- feedback and arena ---
+    async def feedback(self, request: Request) -> dict:
+        p = await self.principal(request)
+        body = await _json(request)
+        rid = body.get("request_id")
+        if not isinstance(rid, str) or not rid:
+            raise GatewayError(400, "feedback needs `request_id`: the `id` of the chat completion it is about",
+                               "invalid_feedback")
+        rating = body.get("rating")
+        if rating not in (None, "up", "down", 1, -1):
+            raise GatewayError(400, f"rating {rating!r}: use \"up\", \"down\" or leave it out", "invalid_feedback")
+        correction = body.get("correction")
+        if correction is not None and (not isinstance(correction, str) or not correction.strip()):
+            raise GatewayError(400, "correction must be the corrected answer's text (non-empty)", "invalid_feedback")
+        if rating is None and correction is None:
+            raise GatewayError(400, "feedback needs a rating (up/down), a correction, or both", "invalid_feedback")
+        used = await run_in_threadpool(self.db.answered, p.name, rid)
+        if used is None:
+            raise GatewayError(404, f"no answered request {rid!r} for token {p.name!r}", "request_not_found")
+        comment = body.get("comment")
+        row = await run_in_threadpool(
+            self.db.set_feedback, p.name, rid, alias=used["alias"], version=used["version"],
+            rating={"up": 1, "down": -1}.get(rating, rating), correction=mask(correction) if correction else None,
+            comment=mask(str(comment)) if comment else None)
+        self.metrics.feedback.labels("up" if row["rating"] == 1 else "down" if row["rating"] == -1 else "none",
+                                     str(bool(row["correction"])).lower()).inc()
+        return {"object": "feedback", **{k: row[k] for k in ("request_id", "alias", "version", "rating", "correction",
+                                                               "comment", "updated_at")}}
+
+    async def arena(self, request: Request) -> dict:
+        p = await self.principal(request)
+        await self.limiter.admit(p.name)
+        body = await _json(request)
+        msgs = _validate(body)
+        models = body.get("models") or list(self.gw.arena.models)
+        if not (isinstance(models, list) and len(models) == 2 and all(isinstance(m, str) for m in models)):
+            raise GatewayError(400, f"models: two model names, e.g. [\"champion\", \"candidate\"]; got {models!r}",
+                               "invalid_arena")
+        prompt = next((_text(m) for m in reversed(msgs) if m["role"] == "user"), "")
+        targets = [self.catalog.resolve(m, prompt, canary_split=False) for m in models]
+        if targets[0].version == targets[1].version:
+            raise GatewayError(409, f"{models[0]} and {models[1]} are the same version (v{targets[0].version}): the "
+                               "arena needs two different models (register a candidate with `make loop`)",
+                               "arena_same_model")
+        secrets.SystemRandom().shuffle(targets)  # blind: which side is which is drawn per match, never shown
+        params = {k: body[k] for k in ("temperature", "top_p", "max_tokens", "seed") if k in body}
+        params.setdefault("max_tokens", self.gw.arena.max_tokens)
+        answers = await asyncio.gather(*(self._answer(p, msgs, t, params) for t in targets))
+        a, b = ({"model": t.alias, "version": t.version, "answer": mask(ans), "request_id": rid}
+                for t, (ans, rid) in zip(targets, answers))
+        match = await run_in_threadpool(self.db.create_match, p.name, _masked(msgs), a, b)
+        return {"id": match["id"], "object": "arena.match",
+                "answers": [{"label": "A", "content": answers[0][0]}, {"label": "B", "content": answers[1][0]}]}
+
+    async def _answer(self, p: Principal, msgs: list[dict], target: Target, params: dict) -> tuple[str, str]:
+        """One non-streamed completion through the replicas, recorded as a usage row: (answer, request id)."""
+        rid = "chatcmpl-gw-" + uuid.uuid4().hex[:24]
+        t0 = time.monotonic()
+        row: dict[str, Any] = {"request_id": rid, "status": 200, "stream": False, "token_name": p.name,
+                               "requested_model": f"arena:{target.alias}", "alias": target.alias,
+                               "version": target.version, "upstream_model": target.upstream_model}
+        if self.gw.log_text:
+            row["prompt"] = mask(next((_text(m) for m in reversed(msgs) if m["role"] == "user"), ""))
+        try:
+            resp, replica, attempts = await self._open({"messages": msgs, **params, "model": target.upstream_model},
+                                                       target, row)
+        except GatewayError as exc:
+            row.update(status=exc.status, error=exc.message[:1000])
+            await self._finish_error(row, t0)
+            raise
+        row.update(replica=replica.base_url, attempts=attempts)
+        try:
+            content = await resp.aread()
+            if resp.status_code >= 400:
+                raise GatewayError(resp.status_code, content.decode("utf-8", "replace")[:500], "upstream_error",
+                                   "server_error" if resp.status_code >= 500 else "invalid_request_error")
+            data = json.loads(content)
+        except GatewayError as exc:
+            row.update(status=exc.status, error=exc.message)
+            await self._finish_error(row, t0)
+            raise
+        finally:
+            await resp.aclose()
+            replica.inflight -= 1
+            self.metrics.inflight.labels(replica.base_url).set(replica.inflight)
+        usage = data.get("usage") or {}
+        answer = "".join((c.get("message") or {}).get("content") or "" for c in data.get("choices", []))
+        row.update(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"))
+        await self._finish(row, t0, p, target, msgs, answer, None)
+        return answer, rid
+
+    async def vote(self, request: Request, match_id: int) -> dict:
+        from serving.gateway.db import GatewayDbError
+
+        p = await self.principal(request)
+        body = await _json(request)
+        try:
+            m = await run_in_threadpool(self.db.vote, p.name, match_id, str(body.get("winner")))
+        except GatewayDbError as exc:
+            raise GatewayError(409 if "already" in str(exc) else 400, str(exc), "invalid_vote") from None
+        if m is None:
+            raise GatewayError(404, f"arena match {match_id} does not exist for token {p.name!r}", "match_not_found")
+        self.metrics.votes.labels(m["winner"]).inc()
+        return {"id": m["id"], "object": "arena.vote", "winner": m["winner"],
+                "A": {"model": m["model_a"], "version": m["version_a"]},
+                "B": {"model": m["model_b"], "version": m["version_b"]}}
 
     def health(self) -> dict:
         reps = [{"url": r.base_url, "healthy": r.healthy, "inflight": r.inflight, "served": r.served,
@@ -605,11 +723,43 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
             return {"aliases": aliases, "error": gw.catalog.error}
         return await guarded(run)
 
+    # --- feedback and arena ---
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        return await guarded(gw.feedback, request)
+
+    @app.post("/v1/arena")
+    async def arena(request: Request):
+        return await guarded(gw.arena, request)
+
+    @app.post("/v1/arena/{match_id}/vote")
+    async def vote(match_id: int, request: Request):
+        return await guarded(gw.vote, request, match_id)
+
+    @app.get("/admin/feedback")
+    async def feedback_rows(request: Request, since: Optional[str] = None):
+        async def run():
+            await gw.principal(request, admin=True)
+            return {"object": "list", "data": await run_in_threadpool(gw.db.feedback, _since(since))}
+        return await guarded(run)
+
+    @app.get("/admin/arena")
+    async def arena_rows(request: Request, since: Optional[str] = None):
+        async def run():
+            await gw.principal(request, admin=True)
+            return {"object": "list", "data": await run_in_threadpool(gw.db.matches, _since(since)),
+                    "summary": await run_in_threadpool(gw.db.arena_summary)}
+        return await guarded(run)
+
     @app.get("/")
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return app
+
+
+def _masked(msgs: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": mask(_text(m))} for m in msgs]
 
 
 def _no_conversation(conv_id, token_name: str) -> GatewayError:

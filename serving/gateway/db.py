@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import hashlib
 import io
+import json
 import secrets
 from pathlib import Path
 from typing import Iterable, Optional
@@ -105,7 +106,60 @@ class Message(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
 
 
+class Exchange(Base):
+    """A chat request's input messages (PII-masked JSON), kept when `log_text` so feedback on its answer can be
+    harvested as a training row with its whole context."""
+    __tablename__ = "exchanges"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    token_name: Mapped[str] = mapped_column(String(100), index=True)
+    messages: Mapped[str] = mapped_column(Text)  # JSON, PII-masked
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+
+class Feedback(Base):
+    """A rating (+1 up, -1 down) and/or a corrected answer on one answered request; one per request (the last
+    word counts). The answering alias and registry version are copied from the usage row."""
+    __tablename__ = "feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    token_name: Mapped[str] = mapped_column(String(100), index=True)
+    alias: Mapped[Optional[str]] = mapped_column(String(200))
+    version: Mapped[Optional[str]] = mapped_column(String(50), index=True)
+    rating: Mapped[Optional[int]] = mapped_column(Integer)
+    correction: Mapped[Optional[str]] = mapped_column(Text)  # PII-masked
+    comment: Mapped[Optional[str]] = mapped_column(Text)  # PII-masked
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+
+class ArenaMatch(Base):
+    """One prompt answered by two models, shown blind as A and B (the order drawn at random); `winner` is A, B or
+    tie once the person voted."""
+    __tablename__ = "arena"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_name: Mapped[str] = mapped_column(String(100), index=True)
+    messages: Mapped[str] = mapped_column(Text)  # JSON, PII-masked
+    model_a: Mapped[str] = mapped_column(String(200))
+    version_a: Mapped[str] = mapped_column(String(50), index=True)
+    answer_a: Mapped[str] = mapped_column(Text)  # PII-masked
+    request_a: Mapped[str] = mapped_column(String(64))
+    model_b: Mapped[str] = mapped_column(String(200))
+    version_b: Mapped[str] = mapped_column(String(50), index=True)
+    answer_b: Mapped[str] = mapped_column(Text)  # PII-masked
+    request_b: Mapped[str] = mapped_column(String(64))
+    winner: Mapped[Optional[str]] = mapped_column(String(4))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, index=True)
+    voted_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, index=True)
+
+
+WINNERS = ("A", "B", "tie")
 USAGE_COLUMNS = [c.name for c in Usage.__table__.columns]
+
+
+def _row(obj) -> dict:
+    return {c.name: (v.isoformat() if isinstance(v := getattr(obj, c.name), dt.datetime) else v)
+            for c in obj.__table__.columns}
 
 
 def database_url(loaded: LoadedConfig) -> str:
@@ -256,3 +310,107 @@ class GatewayDb:
                 if v is not None:
                     setattr(c, k, v)
             c.updated_at = _now()
+
+    # --- exchanges, feedback, arena ---
+    def add_exchange(self, request_id: str, token_name: str, messages: list[dict]) -> None:
+        with self.session() as s, s.begin():
+            s.add(Exchange(request_id=request_id, token_name=token_name,
+                           messages=json.dumps(messages, ensure_ascii=False)))
+
+    def answered(self, token_name: str, request_id: str) -> Optional[dict]:
+        """The usage row of a request this token made and got an answer to (status 200), or None."""
+        with self.session() as s:
+            u = s.scalar(select(Usage).where(Usage.request_id == request_id, Usage.token_name == token_name,
+                                             Usage.status == 200))
+            return _row(u) if u is not None else None
+
+    def set_feedback(self, token_name: str, request_id: str, *, alias: Optional[str], version: Optional[str],
+                     rating: Optional[int], correction: Optional[str], comment: Optional[str]) -> dict:
+        with self.session() as s, s.begin():
+            f = s.scalar(select(Feedback).where(Feedback.request_id == request_id))
+            if f is None:
+                f = Feedback(request_id=request_id, token_name=token_name, alias=alias, version=version)
+                s.add(f)
+            f.rating, f.correction, f.comment, f.updated_at = rating, correction, comment, _now()
+            s.flush()
+            return _row(f)
+
+    def feedback(self, since: Optional[dt.datetime] = None) -> list[dict]:
+        """Feedback rows joined with the request's prompt messages and answer (both PII-masked)."""
+        q = (select(Feedback, Exchange.messages, Usage.answer)
+             .join(Exchange, Exchange.request_id == Feedback.request_id, isouter=True)
+             .join(Usage, Usage.request_id == Feedback.request_id, isouter=True).order_by(Feedback.id))
+        if since is not None:
+            q = q.where(Feedback.updated_at >= since)
+        with self.session() as s:
+            return [{**_row(f), "messages": json.loads(m) if m else None, "answer": a} for f, m, a in s.execute(q)]
+
+    def create_match(self, token_name: str, messages: list[dict], a: dict, b: dict) -> dict:
+        with self.session() as s, s.begin():
+            m = ArenaMatch(token_name=token_name, messages=json.dumps(messages, ensure_ascii=False),
+                           model_a=a["model"], version_a=a["version"], answer_a=a["answer"], request_a=a["request_id"],
+                           model_b=b["model"], version_b=b["version"], answer_b=b["answer"], request_b=b["request_id"])
+            s.add(m)
+            s.flush()
+            return _row(m)
+
+    def vote(self, token_name: str, match_id: int, winner: str) -> Optional[dict]:
+        """Record the vote; None when the match is not this token's; GatewayDbError when it was voted on already."""
+        if winner not in WINNERS:
+            raise GatewayDbError(f"winner {winner!r} is not one of {', '.join(WINNERS)}")
+        with self.session() as s, s.begin():
+            m = s.get(ArenaMatch, match_id)
+            if m is None or m.token_name != token_name:
+                return None
+            if m.winner is not None:
+                raise GatewayDbError(f"arena match {match_id} already has a vote ({m.winner}); one vote per match")
+            m.winner, m.voted_at = winner, _now()
+            return _row(m)
+
+    def matches(self, since: Optional[dt.datetime] = None, voted: bool = True) -> list[dict]:
+        q = select(ArenaMatch).order_by(ArenaMatch.id)
+        if voted:
+            q = q.where(ArenaMatch.winner.is_not(None))
+        if since is not None:
+            q = q.where(ArenaMatch.created_at >= since)
+        with self.session() as s:
+            return [{**_row(m), "messages": json.loads(m.messages)} for m in s.scalars(q)]
+
+    def arena_tally(self, version: str, reference: str) -> dict:
+        """Votes between two registry versions, from `version`'s side: wins, losses, ties (either display order)."""
+        out = {"wins": 0, "losses": 0, "ties": 0}
+        pair = {version, reference}
+        with self.session() as s:
+            q = select(ArenaMatch).where(ArenaMatch.winner.is_not(None), ArenaMatch.version_a.in_(pair),
+                                         ArenaMatch.version_b.in_(pair), ArenaMatch.version_a != ArenaMatch.version_b)
+            for m in s.scalars(q):
+                if m.winner == "tie":
+                    out["ties"] += 1
+                else:
+                    won = m.version_a if m.winner == "A" else m.version_b
+                    out["wins" if won == version else "losses"] += 1
+        return out
+
+    def arena_summary(self) -> list[dict]:
+        """Per version: matches voted, wins, losses, ties and win rate (ties count half), across all opponents."""
+        stats: dict[str, dict] = {}
+        with self.session() as s:
+            for m in s.scalars(select(ArenaMatch).where(ArenaMatch.winner.is_not(None))):
+                for side, v in (("A", m.version_a), ("B", m.version_b)):
+                    st = stats.setdefault(v, {"version": v, "votes": 0, "wins": 0, "losses": 0, "ties": 0})
+                    st["votes"] += 1
+                    st["ties" if m.winner == "tie" else "wins" if m.winner == side else "losses"] += 1
+        for st in stats.values():
+            st["win_rate"] = round((st["wins"] + 0.5 * st["ties"]) / st["votes"], 4)
+        return sorted(stats.values(), key=lambda st: -st["win_rate"])
+
+    def version_usage(self, version: str) -> dict:
+        """What the gateway saw of one registry version: requests, errors, median latency, ratings, corrections."""
+        with self.session() as s:
+            rows = s.execute(select(Usage.status, Usage.latency_ms).where(Usage.version == str(version))).all()
+            fb = s.execute(select(Feedback.rating, Feedback.correction).where(Feedback.version == str(version))).all()
+        lat = sorted(r[1] for r in rows if r[0] == 200 and r[1] is not None)
+        return {"requests": len(rows), "errors": sum(1 for r in rows if r[0] != 200),
+                "latency_p50_ms": lat[len(lat) // 2] if lat else None,
+                "up": sum(1 for r in fb if r[0] == 1), "down": sum(1 for r in fb if r[0] == -1),
+                "corrected": sum(1 for r in fb if r[1])}

@@ -107,12 +107,13 @@ class Catalog:
                 return rule.model, rule.name
         return self.gw.default_model, None
 
-    def resolve(self, requested: Optional[str], prompt: str = "") -> Target:
+    def resolve(self, requested: Optional[str], prompt: str = "", *, canary_split: bool = True) -> Target:
+        """`canary_split=False`: exactly the model asked for (the arena compares named aliases)."""
         requested = requested or self.gw.default_model
         model, route = (self._route(prompt) if requested == "auto" else (requested, None))
         canary = False
         c = self.gw.canary
-        if c and c.percent > 0 and model == "champion" and c.alias != "champion":
+        if canary_split and c and c.percent > 0 and model == "champion" and c.alias != "champion":
             if self.rng.random() * 100 < c.percent and self._version_of(c.alias, quiet=True):
                 model, canary = c.alias, True
         name, version = self._version_of(model)

@@ -1,0 +1,117 @@
+"""The loop as one Prefect flow (`make loop`, deployment `loop/weekly` in prefect.yaml, which can be scheduled):
+
+    harvest -> prepare -> finetune -> rag -> evaluate -> slo -> gate -> register as @candidate
+
+What people said in the gateway (ratings, corrections, arena votes) since the champion was registered (or
+`loop.since`, or SINCE=) is harvested to data/raw/feedback/<date>/; the run trains with `loop.stage` (dpo by default:
+LLaMA-Factory's DPO on the harvested pairs, starting from the champion's adapter, which is also DPO's reference)
+on the prepared data plus the harvest (`data.feedback.enabled` and `finetune.stage` are set for this run and printed);
+the candidate is evaluated and gated against the champion like any other, with a `preference` rule (if configured)
+pending until the candidate has arena votes; and a pass registers it as `candidate`, never as the champion. The
+gateway's canary (`serving.gateway.canary`, alias candidate) and arena then serve it. Promotion stays a decision:
+`make promote VERSION=n` gates it again with its arena votes and prints what the canary saw.
+
+    .venv/bin/python -m flows.loop [--since 2026-11-01] [--profile cpu_smoke] [--set loop.stage=sft]
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
+    from workspace.processes import guard_this_process
+
+    guard_this_process()
+
+import sys
+import time
+from typing import Optional
+
+from workspace import offline
+
+offline.apply()
+
+from prefect import flow  # noqa: E402
+
+from finetune.finetune_stage import FINETUNE, FinetuneInputs  # noqa: E402
+from finetune.prepare_stage import PREPARE, PrepareInputs  # noqa: E402
+from flows._cli import run_flow_cli  # noqa: E402
+from flows._registry import resolve_init_adapter  # noqa: E402
+from flows.harvest import harvest_table  # noqa: E402
+from flows.pipeline import console_for_logs, evaluate_candidate, gate_candidate, promote_candidate  # noqa: E402
+from flows.runner import StageRunner  # noqa: E402
+from flows.summary import log_parent, run_url, summarise  # noqa: E402
+from serving.gateway.harvest import harvest, parse_since, since_of_version  # noqa: E402
+from serving.registry import champion_info  # noqa: E402
+from workspace.config import LoadedConfig, load_config  # noqa: E402
+from workspace.locks import workspace_lock  # noqa: E402
+from workspace.tracking import configure, pipeline_run  # noqa: E402
+
+
+def loop_overrides(loaded: LoadedConfig, has_champion: bool) -> list[str]:
+    """What the loop sets for its own run, on top of the user's config."""
+    lp = loaded.config.loop
+    out = [f"finetune.stage={lp.stage}", "data.feedback.enabled=true"]
+    if lp.from_champion and has_champion:
+        out.append("finetune.init_adapter=champion")
+    return out
+
+
+@flow(name="loop")
+def loop_flow(config: Optional[str] = None, profile: Optional[str] = None, overrides: Optional[list[str]] = None,
+              since: Optional[str] = None, force: bool = False) -> dict:
+    user = load_config(config, profile, overrides or [])
+    console = console_for_logs()
+    mlflow = configure(user)
+    name = user.config.tracking.registered_model
+    t0 = time.monotonic()
+    with workspace_lock("loop"):
+        champ = champion_info(name)
+        start = parse_since(since or user.config.loop.since)
+        if start is None and champ is not None:
+            start = since_of_version(user, champ["version"])  # what people said about the current champion
+        got = harvest(user, since=start)
+        console.print(harvest_table(got))
+        n = len(got.sft) + len(got.pairs)
+        if n < user.config.loop.min_items:
+            console.print(f"[loop] {n} harvested rows and pairs < loop.min_items {user.config.loop.min_items}: nothing "
+                          "to learn from yet; collect ratings, corrections and arena votes in the gateway")
+            return {"stopped": "too little feedback", "harvest": got.manifest}
+        extra = loop_overrides(user, champ is not None)
+        console.print(f"[loop] this run's settings on top of the config: {' '.join(extra)}")
+        loaded = resolve_init_adapter(load_config(config, profile, (overrides or []) + extra))
+        runner = StageRunner(loaded, console, force)
+        with pipeline_run(loaded, name=f"loop-{loaded.hash[:8]}") as parent:
+            console.print(f"[bold]loop[/] profile {loaded.profile}, config {loaded.hash[:12]}, MLflow run "
+                          f"{run_url(mlflow, parent.info.run_id)}")
+            mlflow.log_dict(got.manifest, "harvest/manifest.json")
+            failure: Optional[BaseException] = None
+            registered = None
+            try:
+                prepared = runner.run(PREPARE, PrepareInputs())
+                tuned = runner.run(FINETUNE, FinetuneInputs(dataset_dir=prepared.path,
+                                                            dataset_hash=prepared.content_hash))
+                evaluate_candidate(runner, prepared, tuned)
+                gate = gate_candidate(runner, loaded, prepared, tuned, purpose="candidate")
+                registered = promote_candidate(runner, gate, alias="candidate")
+            except BaseException as exc:  # noqa: BLE001 - the summary is written either way
+                failure = exc
+            total = round(time.monotonic() - t0, 1)
+            summary = summarise(loaded, runner, mlflow, parent.info.run_id, total, failure)
+            console.print(summary["table"])
+            log_parent(loaded, mlflow, runner, summary, total)
+            if failure is not None:
+                raise failure
+    canary = loaded.config.serving.gateway.canary
+    share = (f"the gateway's canary sends {canary.percent:g}% of champion requests to it" if canary and
+             canary.alias == "candidate" and canary.percent > 0 else
+             "no canary share is configured (serving.gateway.canary: {alias: candidate, percent: 10}); the arena "
+             "serves it")
+    console.print(f"[loop] v{registered.version} is @candidate: {share}. When its arena and usage numbers convince "
+                  f"you: make promote VERSION={registered.version}")
+    return {"harvest": got.manifest, "registered": registered.model_dump(), "summary": summary["json"]}
+
+
+def _options(ap) -> None:
+    ap.add_argument("--since", default=None, help="harvest from this ISO date (default: since the champion was registered)")
+
+
+if __name__ == "__main__":
+    sys.exit(run_flow_cli(__doc__, loop_flow, _options))
