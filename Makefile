@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-rag bench-serve bench-gateway bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ card: envs  ## print the model card of a registered version: make card VERSION=n
 harvest: envs  ## export the gateway's ratings, corrections and arena votes to data/raw/feedback/<date>/ (SINCE=2026-11-01 or SINCE_VERSION=n)
 	@$(PY) -m flows.harvest $(CFG_ARGS) $(if $(SINCE),--since $(SINCE)) $(if $(SINCE_VERSION),--since-version $(SINCE_VERSION))
 
+leaderboard: setup  ## base model(s) + every registered version on identical items: KoBEST acc/F1 + custom metrics with intervals (Markdown, PNG, MLflow)
+	@$(PY) -m flows.leaderboard $(CFG_ARGS)
+
 loop: setup  ## harvest -> prepare -> DPO from the champion -> evaluate -> gate -> register as @candidate (the gateway's canary serves it)
 	@$(PY) -m flows.loop $(CFG_ARGS) $(if $(SINCE),--since $(SINCE)) $(if $(FORCE),--force)
 
@@ -106,6 +109,9 @@ bench-tests: setup  ## time `make test-fast` (FULL=1: and `make test`) -> docs/B
 
 bench-finetune: setup  ## the finetune stage on the profile vs plain llamafactory-cli (target < 5 min)
 	@$(PY) -m finetune.bench_finetune $(CFG_ARGS)
+
+bench-loop: setup  ## harvest speed, DPO from the champion on harvested corrections (effect, gate), leaderboard first/cached (needs a champion)
+	@$(PY) -m flows.bench_loop $(CFG_ARGS) $(ARGS)
 
 bench-eval: setup  ## base vs candidate quality, hf vs vLLM scoring speed (needs `make finetune`)
 	@$(PY) -m flows.bench_eval $(CFG_ARGS)

@@ -151,6 +151,8 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
         raise EvalError(f"custom suite needs the prepared test split; {test_file} not found (run `make prepare`)")
     key = cache_key(loaded, model, suites, test_file, backend)
     out_dir = (out_root or resolve(loaded.config.data.output_dir) / "evals") / f"{model.name}-{key}"
+    if not (out_dir / "metrics.json").exists():  # the same model, data and settings scored under another label
+        out_dir = next((p for p in sorted(out_dir.parent.glob(f"*-{key}")) if (p / "metrics.json").exists()), out_dir)
     if (out_dir / "metrics.json").exists():
         saved = json.loads((out_dir / "metrics.json").read_text())
         return EvalResult(model, saved["metrics"], out_dir / "items.jsonl", out_dir, cached=True, info=saved["info"])

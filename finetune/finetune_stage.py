@@ -111,6 +111,7 @@ def log_finetune(result: FinetuneResult, loaded: LoadedConfig) -> None:
                "train/best_val_loss": m.get("best_val_loss"), "train/trainable_params": m.get("trainable_params"),
                "train/global_step": m.get("global_step"), "train/tokens_per_s_avg": m.get("tokens_per_s"),
                "train/stage_wall_s": m.get("stage_wall_s"), "verify/val_loss_base": v.get("val_loss_base"),
+               "train/dpo_reward_accuracy": m.get("dpo_reward_accuracy"), "train/dpo_reward_margin": m.get("dpo_reward_margin"),
                "verify/val_loss_candidate": v.get("val_loss_candidate"),
                "verify/outputs_differ_fraction": v.get("differ_fraction")}
     mlflow.log_metrics({k: float(x) for k, x in summary.items() if x is not None})
@@ -133,12 +134,14 @@ def summary_table(result: FinetuneResult) -> Table:
     mc = m.get("method_check") or {}
     layers = (f"{mc['quantized_layers']} x {mc['quantized_layer_type']}" if mc.get("quantized_layers")
               else "none (full precision)") if mc else None
-    rows = [("method", m.get("method")), ("quantized layers (seen in training)", layers),
+    rows = [("stage", m.get("stage")), ("method", m.get("method")), ("quantized layers (seen in training)", layers),
             ("LoRA modules x rank", f"{mc['lora_modules']} x r{mc['lora_rank']}" if mc.get("lora_modules") else None),
             ("steps", m.get("global_step")),
             ("resumed from step", m.get("resumed_from_step")),
             ("trainable params", f"{m['trainable_params']:,}" if m.get("trainable_params") else None),
             ("final train loss", m.get("final_train_loss")), ("best val loss", m.get("best_val_loss")),
+            ("DPO reward accuracy / margin", f"{m['dpo_reward_accuracy']:.3f} / {m['dpo_reward_margin']:.3f}"
+             if m.get("dpo_reward_accuracy") is not None and m.get("dpo_reward_margin") is not None else None),
             ("val loss base -> candidate", f"{v['val_loss_base']:.3f} -> {v['val_loss_candidate']:.3f}" if v else None),
             ("outputs changed", f"{v.get('outputs_differ')}/{v.get('prompts')}" if v else None),
             ("tokens/s", m.get("tokens_per_s")), ("stage wall s", m.get("stage_wall_s"))]

@@ -34,6 +34,7 @@ from rich.table import Table
 
 from finetune.fit import TrainFitError, train_fit, zero_stage
 from finetune.train import FinetuneError, dump_rendered, render_llamafactory_config
+from flows._registry import resolve_init_adapter
 from serving.config import FitError, fit_report, model_spec, render_vllm_config, write_vllm_config
 from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config
 from workspace.device import Hardware, cuda_settings, detect, serve_env_for, train_env
@@ -107,6 +108,11 @@ def plan_static(profile: str, config: Optional[str], overrides: list[str], hardw
     except ConfigError as exc:
         plan.add("config", "load and validate", FAIL, str(exc))
         return plan
+    if loaded.config.finetune.init_adapter == "champion":  # the adapter a run would start from, fetched as the flows do
+        try:
+            loaded = resolve_init_adapter(loaded)
+        except Exception as exc:  # noqa: BLE001 - no champion, registry down: one FAIL row, the rest still planned
+            plan.add("finetune", "init adapter", FAIL, str(exc))
     plan.loaded = loaded
     c = loaded.config
     (folder / "config.yaml").write_text(f"# profile {profile}, config hash {loaded.hash}\n" +

@@ -28,6 +28,10 @@ def run_url(mlflow, run_id: Optional[str]) -> str:
     return f"{MLFLOW_UI}/#/experiments/{exp}/runs/{run_id}"
 
 
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def summarise(loaded: LoadedConfig, runner: StageRunner, mlflow, parent_id: str, total: float,
                failure: Optional[BaseException]) -> dict:
     r = {name: rec.result for name, rec in runner.records.items()}
@@ -46,9 +50,10 @@ def summarise(loaded: LoadedConfig, runner: StageRunner, mlflow, parent_id: str,
     f = r.get("finetune") or {}
     m = f.get("manifest") or {}
     rows.append(("finetune", status("finetune"),
-                 f"{m.get('method', '-')} r{m.get('lora_rank', '-')}, {m.get('global_step', '-')} steps in "
-                 f"{m.get('train_runtime_s', 0):.0f} s; train loss {m.get('final_train_loss', float('nan')):.3f}, "
-                 f"val loss {m.get('final_val_loss', float('nan')):.3f}" if m else "-", f.get("run_id", "")))
+                 f"{m.get('stage', 'sft')} {m.get('method', '-')} r{m.get('lora_rank', '-')}, {m.get('global_step', '-')} "
+                 f"steps in {m.get('train_runtime_s') or 0:.0f} s; train loss {_num(m.get('final_train_loss'))}, "
+                 + (f"val loss {_num(m.get('final_val_loss'))}" if m.get("stage", "sft") == "sft" else
+                    f"DPO reward accuracy {_num(m.get('dpo_reward_accuracy'))}") if m else "-", f.get("run_id", "")))
     rg = r.get("rag") or {}
     rm = rg.get("metrics") or {}
     rows.append(("rag", status("rag"), f"{rg.get('collection')}: {rg.get('chunks')} chunks, hybrid hit@5 "
@@ -139,7 +144,8 @@ def log_parent(loaded: LoadedConfig, mlflow, runner: StageRunner, summary: dict,
         metrics[f"data/rows_{split}"] = n
     m = (r.get("finetune") or {}).get("manifest") or {}
     for k, name in (("final_train_loss", "train/final_loss"), ("final_val_loss", "train/final_val_loss"),
-                    ("train_runtime_s", "train/runtime_s"), ("tokens_per_s", "train/tokens_per_s")):
+                    ("train_runtime_s", "train/runtime_s"), ("tokens_per_s", "train/tokens_per_s"),
+                    ("dpo_reward_accuracy", "train/dpo_reward_accuracy"), ("dpo_reward_margin", "train/dpo_reward_margin")):
         if isinstance(m.get(k), (int, float)):
             metrics[name] = m[k]
     e = r.get("evaluate") or {}

@@ -31,7 +31,8 @@ def _fmt(v) -> str:
 
 
 def gate_rows(gate: dict) -> list[str]:
-    lines = ["| rule | metric | n | estimate | interval | value | threshold | result |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| rule | metric | n | estimate | interval | value | threshold | result | detail |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in gate.get("rules", []):
         lo, hi = r.get("ci_low"), r.get("ci_high")
         interval = "-" if lo is None and hi is None else \
@@ -39,7 +40,8 @@ def gate_rows(gate: dict) -> list[str]:
         lines.append(f"| {r['name']} | {r['metric']} | {r.get('n') if r.get('n') is not None else '-'} | "
                      f"{'-' if r.get('estimate') is None else format(r['estimate'], '+.4f')} | {interval} | "
                      f"{'-' if r.get('value') is None else format(r['value'], '.4f')} | "
-                     f"{'-' if r.get('threshold') is None else r['threshold']} | {'pass' if r['passed'] else 'FAIL'} |")
+                     f"{'-' if r.get('threshold') is None else r['threshold']} | {'pass' if r['passed'] else 'FAIL'} | "
+                     f"{(r.get('detail') or '').replace('|', '/')} |")
     return lines
 
 

@@ -1,7 +1,7 @@
 """The gateway's chat page in a real headless browser: Debian's chromium (installed by `make setup`), driven by
 Playwright's Python package through `executable_path` (Playwright's own browser download needs a CDN these
 machines cannot reach). Log in with a token, send a prompt and see the answer stream in chunk by chunk, stop a
-long answer, switch the alias, reload a saved conversation."""
+long answer, switch the alias, reload a saved conversation; rate and correct an answer, and vote in the arena."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +30,13 @@ def page_env(tmp_path_factory):
     for tag in ("one", "two"):
         with stage_run(loaded, "promote") as run:
             promote("page-test", run.info.run_id, make_bundle(tmp, tag), {})
-    token = GatewayDb(database_url(loaded)).create_token("pat", "user")
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias("page-test", "candidate", "1")  # the arena: champion v2 vs candidate v1
+    db = GatewayDb(database_url(loaded))
+    token = db.create_token("pat", "user")
     with Upstream() as up, ServeApp(create_app(loaded, upstreams=[up.base_url])) as gw:
+        gw.db = db
         yield gw, up, token
 
 
@@ -90,3 +95,49 @@ def test_chat_page_login_stream_stop_switch_and_reload(page_env):
         finally:
             browser.close()
     assert up.state.cut > cut_before
+
+
+def test_chat_page_rates_corrects_and_votes_in_the_arena(page_env):
+    from playwright.sync_api import expect, sync_playwright
+
+    gw, up, token = page_env
+    up.state.token_delay_s = 0.0
+    up.state.max_model_len = 100_000
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=BROWSER, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(gw.url + "/")
+            page.fill("#token", token)
+            page.click("#login-btn")
+            page.select_option("#model", "champion")
+            page.click("#new-conv")
+            page.fill("#prompt", "주문 목록 화면")
+            page.click("#send")
+            expect(page.locator("#status")).to_have_text("done", timeout=30_000)
+            page.locator(".fb-up").last.click()
+            expect(page.locator(".fb-status").last).to_contain_text("recorded")
+            [fb] = gw.db.feedback()
+            assert (fb["rating"], fb["version"], fb["messages"][-1]["content"]) == (1, "2", "주문 목록 화면")
+            page.locator(".fb-correct").last.click()
+            page.locator(".fb-text").last.fill('<Screen id="orderList"/>')
+            page.locator(".fb-save").last.click()
+            expect(page.locator(".fb-status").last).to_contain_text("recorded")
+            [fb] = gw.db.feedback()
+            assert fb["correction"] == '<Screen id="orderList"/>'
+
+            # arena: two blind answers, a vote, then the reveal names what A and B were
+            page.check("#arena")
+            page.fill("#prompt", "재고 화면")
+            page.click("#send")
+            expect(page.locator(".arena-answer")).to_have_count(2)
+            a_text = page.locator(".arena-answer").first.inner_text()
+            page.click(".vote-A")
+            expect(page.locator(".reveal")).to_contain_text("you picked A")
+            [m] = gw.db.matches()
+            expect(page.locator(".reveal")).to_contain_text(f"A = {m['model_a']} v{m['version_a']}")
+            assert m["winner"] == "A" and {m["version_a"], m["version_b"]} == {"1", "2"}
+            assert ("weights-two" in a_text) == (m["version_a"] == "2")  # the page showed A's own answer as A
+            assert page.locator(".vote-B").is_disabled()  # one vote per match
+        finally:
+            browser.close()

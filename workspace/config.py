@@ -433,6 +433,29 @@ class RagConfig(Strict):
     qdrant: QdrantConfig = QdrantConfig()
 
 
+class LeaderboardModel(Strict):
+    """One more model on `make leaderboard`: a base model by local folder or hub id (optionally with an adapter)."""
+    name: str
+    path: Optional[str] = None
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None
+    adapter: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if bool(self.path) == bool(self.hub_id):
+            raise ValueError(f"leaderboard model {self.name!r}: give exactly one of path (a local folder) or hub_id")
+        return self
+
+
+class LeaderboardConfig(Strict):
+    """`make leaderboard`: the configured base model, `models`, and the registered versions, on identical items."""
+    models: list[LeaderboardModel] = []
+    registered: Literal["all", "aliases", "none"] = "all"  # every registered version, only aliased ones, or none
+    confidence: float = Field(0.95, gt=0, lt=1)
+    bootstrap_samples: int = Field(1000, ge=100)
+
+
 class LoopConfig(Strict):
     """`make loop` (flows/loop.py): harvest -> prepare -> finetune -> evaluate -> gate -> register as `candidate`
     (the gateway's canary share answers with it); `make promote VERSION=n` makes it the champion."""
@@ -456,6 +479,7 @@ class PipelineConfig(Strict):
     serving: ServingConfig = ServingConfig()
     rag: RagConfig = RagConfig()
     loop: LoopConfig = LoopConfig()
+    leaderboard: LeaderboardConfig = LeaderboardConfig()
 
     @model_validator(mode="after")
     def _cross(self):
@@ -463,6 +487,8 @@ class PipelineConfig(Strict):
             raise ValueError("base_model.source is 'hub' but hub.enabled is false: enable the hub or use a local path")
         if self.eval.kobest_source == "hub" and not self.hub.enabled:
             raise ValueError("eval.kobest_source is 'hub' but hub.enabled is false: enable the hub or use 'local'")
+        if any(m.hub_id for m in self.leaderboard.models) and not self.hub.enabled:
+            raise ValueError("a leaderboard model has a hub_id but hub.enabled is false: enable the hub or use a path")
         if self.finetune.stage == "dpo" and not self.data.feedback.enabled:
             raise ValueError("finetune.stage dpo trains on preference pairs, which come from harvested feedback: set "
                              "data.feedback.enabled: true (and run `make harvest`)")

@@ -380,10 +380,18 @@ class Gateway:
                      msgs: list[dict], conv_id: Optional[int]) -> AsyncIterator[bytes]:
         parts: list[str] = []
         ttft: Optional[float] = None
-        finished = False
+        finished = closed = False
         try:
             async for line in resp.aiter_lines():
-                if line.startswith("data: ") and line[6:].strip() != "[DONE]":
+                if line.startswith("data: ") and line[6:].strip() == "[DONE]":
+                    # the usage row (and the exchange) are written before the client sees the end, so feedback
+                    # posted right after the answer finds its request
+                    finished = closed = True
+                    await asyncio.shield(self._close_stream(resp, replica, row, t0, p, target, msgs, parts, ttft,
+                                                            conv_id, True))
+                    yield (line + "\n\n").encode("utf-8")
+                    break  # (the upstream response is closed; nothing follows [DONE])
+                if line.startswith("data: "):
                     try:
                         chunk = json.loads(line[6:])
                     except ValueError:
@@ -406,8 +414,9 @@ class Gateway:
             yield f"data: {json.dumps(err.body())}\n\n".encode("utf-8")
         finally:
             # runs on normal end, on an upstream error, and when the client disconnected (the task is cancelled)
-            await asyncio.shield(self._close_stream(resp, replica, row, t0, p, target, msgs, parts, ttft, conv_id,
-                                                    finished))
+            if not closed:
+                await asyncio.shield(self._close_stream(resp, replica, row, t0, p, target, msgs, parts, ttft, conv_id,
+                                                        finished))
 
     async def _close_stream(self, resp, replica, row, t0, p, target, msgs, parts, ttft, conv_id, finished) -> None:
         await resp.aclose()  # closes the upstream connection: vLLM aborts a request whose client is gone

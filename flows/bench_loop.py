@@ -1,0 +1,196 @@
+"""Benchmark of the loop on the default profile (`make bench-loop`; needs a champion: `make pipeline` first):
+
+1. harvest: the gateway database filled with N corrections (the champion's real answers to training prompts,
+   corrected to the reference screen) and M arena votes, then `make harvest` timed;
+2. DPO: `make loop` on that harvest (LLaMA-Factory DPO from the champion's adapter, which is also the reference
+   model), wall time per stage, the DPO reward accuracy, and the candidate against the champion on the gate's items
+   (the gate table: every metric with its interval);
+3. leaderboard: base + the registered versions, first run (evaluates) and again (cached).
+
+Everything runs in a temporary registry, gateway database and data folder: the user's registry is only read (its
+champion is copied in as v1). Writes docs/BENCHMARKS.md (section loop).
+
+    .venv/bin/python -m flows.bench_loop [--rows 10000] [--pairs 120] [--steps 100]
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
+    from workspace.processes import guard_this_process
+
+    guard_this_process()
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from workspace import offline
+
+offline.apply()
+
+from eval.evaluate import evaluate  # noqa: E402
+from eval.gate import GateFailed  # noqa: E402
+from flows.leaderboard import leaderboard_flow  # noqa: E402
+from flows.loop import loop_flow  # noqa: E402
+from serving.gateway.db import GatewayDb  # noqa: E402
+from serving.gateway.harvest import harvest  # noqa: E402
+from serving.registry import champion_info, fetch_version_cached, promote  # noqa: E402
+from workspace.benchmarks import update_section  # noqa: E402
+from workspace.config import add_cli_args, load_config  # noqa: E402
+from workspace.model_ref import base_model  # noqa: E402
+from workspace.paths import resolve  # noqa: E402
+from workspace.tracking import configure, stage_run  # noqa: E402
+
+
+def _fill_gateway(db: GatewayDb, items: list[dict], rows: int, votes: int) -> None:
+    """`rows` corrections and `votes` arena votes, cycling over the champion's real answers."""
+    from serving.gateway.db import ArenaMatch, Exchange, Feedback, Usage
+
+    with db.session() as s, s.begin():
+        for i in range(rows):
+            it = items[i % len(items)]
+            rid = f"chatcmpl-bench-{uuid.uuid4().hex[:20]}"
+            s.add(Usage(request_id=rid, token_name="bench", requested_model="champion", alias="champion", version="1",
+                        status=200, prompt=it["messages"][-1]["content"], answer=it["output"]))
+            s.add(Exchange(request_id=rid, token_name="bench", messages=json.dumps(it["messages"], ensure_ascii=False)))
+            s.add(Feedback(request_id=rid, token_name="bench", alias="champion", version="1", rating=-1,
+                           correction=it["reference"]))
+        for i in range(votes):
+            it = items[i % len(items)]
+            s.add(ArenaMatch(token_name="bench", messages=json.dumps(it["messages"], ensure_ascii=False),
+                             model_a="champion", version_a="1", answer_a=it["output"], request_a="a",
+                             model_b="reference", version_b="0", answer_b=it["reference"], request_b="b", winner="B"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cli_args(ap)
+    ap.add_argument("--rows", type=int, default=10_000, help="corrections in the gateway database")
+    ap.add_argument("--votes", type=int, default=2_000, help="arena votes in the gateway database")
+    ap.add_argument("--pairs", type=int, default=120, help="training prompts the champion answers (distinct pairs)")
+    ap.add_argument("--steps", type=int, default=100, help="DPO steps")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    user = load_config(args.config, args.profile, args.overrides)
+    configure(user)
+    name = user.config.tracking.registered_model
+    champ = champion_info(name)
+    if champ is None:
+        print(f"[bench-loop] {name} has no champion in {user.config.tracking.uri}: run `make pipeline` first")
+        return 2
+    src = fetch_version_cached(name, champ["version"])
+    tmp = Path(tempfile.mkdtemp(prefix="bench-loop-"))
+    sets = list(args.overrides) + [
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts", "tracking.experiment=bench-loop",
+        f"data.output_dir={tmp}/processed", f"finetune.output_dir={tmp}/adapters", f"data.feedback.dir={tmp}/feedback",
+        f"serving.gateway.database_url=sqlite:///{tmp}/gw.db", "rag.enabled=false",
+        f"finetune.max_steps={args.steps}", f"finetune.save_steps={args.steps}", "serving.adapter_mode=lora"]
+    loaded = load_config(args.config, args.profile, sets)
+    configure(loaded)
+    with stage_run(loaded, "promote") as run:  # the user's champion, copied in as v1
+        bundle = tmp / "champion"
+        shutil.copytree(src, bundle, ignore=shutil.ignore_patterns("merged"))
+        promote(loaded.config.tracking.registered_model, run.info.run_id, bundle, {
+            **{k: v for k, v in champ["tags"].items() if k in ("finetune_run_key", "base_model", "dataset_hash")},
+            "adapter_mode": "lora"})
+    lines: list[str] = []
+
+    # 1. the champion's real answers to training prompts (the rejected side), the references (the chosen side)
+    train = [json.loads(x) for x in resolve(loaded.config.data.sources[0].path).read_text(encoding="utf-8").splitlines()]
+    prompts = tmp / "prompts.jsonl"
+    with open(prompts, "w", encoding="utf-8") as fh:
+        for row in train[: args.pairs]:
+            user_text = f"{row['instruction']}\n{row['input']}" if row.get("input") else row["instruction"]
+            fh.write(json.dumps({"messages": [{"role": "user", "content": user_text},
+                                              {"role": "assistant", "content": row["output"]}]}, ensure_ascii=False) + "\n")
+    t0 = time.monotonic()
+    champion = base_model(loaded).with_adapter("champion", str(src / "adapter"))
+    gen = evaluate(load_config(args.config, args.profile, sets + [f"eval.custom_limit={args.pairs}"]), champion,
+                   ("custom",), test_file=prompts, out_root=tmp / "answers")
+    gen_s = time.monotonic() - t0
+    msgs = {f"prompts:{i}": json.loads(x)["messages"][:-1] for i, x in enumerate(prompts.read_text().splitlines(), 1)}
+    items = []
+    for x in Path(gen.items_path).read_text(encoding="utf-8").splitlines():
+        it = json.loads(x)
+        if it.get("suite") == "custom" and it["output"].strip() != it["reference"].strip():
+            items.append({"messages": msgs[it["id"]], "output": it["output"], "reference": it["reference"]})
+    db = GatewayDb(f"sqlite:///{tmp}/gw.db")
+    t0 = time.monotonic()
+    _fill_gateway(db, items, args.rows, args.votes)
+    fill_s = time.monotonic() - t0
+
+    # 2. harvest
+    t0 = time.monotonic()
+    got = harvest(loaded)
+    harvest_s = time.monotonic() - t0
+    c = got.manifest["counts"]
+    lines += ["### Harvest", "",
+              f"The gateway database (SQLite) held {args.rows:,} corrections (the champion v{champ['version']}'s real "
+              f"answers to {len(items)} training prompts, corrected to the reference screen; {args.pairs - len(items)} "
+              f"answers were already exact) and {args.votes:,} arena votes (the reference answer against the "
+              f"champion's), written in {fill_s:.1f} s. Answering the {args.pairs} prompts took {gen_s:.0f} s.", "",
+              "| rows read | supervised rows | preference pairs | files | seconds | rows/s |", "|---|---|---|---|---|---|",
+              f"| {c['feedback'] + c['arena_votes']:,} | {c['sft_rows']:,} | {c['preference_pairs']:,} | "
+              f"{', '.join(sorted(got.manifest['files']))} | {harvest_s:.2f} | "
+              f"{(c['feedback'] + c['arena_votes']) / harvest_s:,.0f} |", ""]
+
+    # 3. the loop: prepare (the harvest mixed in, pairs deduplicated) -> DPO -> evaluate -> gate -> register
+    t0 = time.monotonic()
+    result, failed = {}, None
+    try:
+        result = loop_flow(config=args.config, profile=args.profile, overrides=sets)
+    except GateFailed as exc:
+        failed = exc
+    loop_s = time.monotonic() - t0
+    adapters = [p for p in (tmp / "adapters").iterdir() if (p / "manifest.json").exists()]
+    run = json.loads((adapters[0] / "manifest.json").read_text()) if adapters else {}
+    stats = json.loads((Path(run["dataset_dir"]) / "stats.json").read_text()) if run else {}
+    gate_json = next(iter(sorted(tmp.glob("adapters/*/promotion/gate-*/gate.json"))), None)
+    gate = json.loads(gate_json.read_text()) if gate_json else {}
+    lines += ["### DPO from the champion on the harvest (`make loop`)", "",
+              f"{(stats.get('feedback') or {}).get('preference_pairs', '?')} distinct preference pairs after prepare "
+              f"(the {c['preference_pairs']:,} harvested pairs deduplicated; prompts of the test split removed), "
+              f"{run.get('global_step', '?')} DPO steps (pref_beta {run.get('pref_beta')}, LoRA rank "
+              f"{run.get('lora_rank')}, batch {loaded.config.finetune.batch_size}) from the champion's adapter.", "",
+              "| loop wall s | DPO train s | final loss | reward accuracy | reward margin | gate |", "|---|---|---|---|---|---|",
+              f"| {loop_s:.0f} | {run.get('train_runtime_s') or 0:.0f} | {run.get('final_train_loss') or float('nan'):.3f} | "
+              f"{run.get('dpo_reward_accuracy') if run.get('dpo_reward_accuracy') is not None else '-'} | "
+              f"{run.get('dpo_reward_margin') if run.get('dpo_reward_margin') is not None else '-'} | "
+              f"{'PASS: registered as candidate' if gate.get('passed') else 'FAIL: ' + gate.get('decided_by', str(failed))} |",
+              "", "Its effect, candidate against the champion on the gate's items (estimate = mean(candidate - champion), "
+              "with the gate's interval):", "",
+              "| rule | metric | n | estimate | interval | result |", "|---|---|---|---|---|---|"]
+    for r in gate.get("rules", []):
+        lo, hi = r.get("ci_low"), r.get("ci_high")
+        iv = "-" if lo is None and hi is None else f"[{'-inf' if lo is None else f'{lo:+.3f}'}, {'+inf' if hi is None else f'{hi:+.3f}'}]"
+        lines.append(f"| {r['name']} | {r['metric']} | {r.get('n') or '-'} | "
+                     f"{'-' if r.get('estimate') is None else format(r['estimate'], '+.3f')} | {iv} | "
+                     f"{'pass' if r['passed'] else 'FAIL'} |")
+
+    # 4. leaderboard: first (evaluates what is not cached) and again (all cached)
+    t0 = time.monotonic()
+    first = leaderboard_flow(config=args.config, profile=args.profile, overrides=sets)
+    first_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    again = leaderboard_flow(config=args.config, profile=args.profile, overrides=sets)
+    again_s = time.monotonic() - t0
+    lines += ["", "### Leaderboard", "",
+              "| run | models | evaluated now | seconds |", "|---|---|---|---|",
+              f"| first | {', '.join(first['models'])} | {', '.join(first['evaluated_now']) or 'none'} | {first_s:.0f} |",
+              f"| again | {', '.join(again['models'])} | {', '.join(again['evaluated_now']) or 'none'} | {again_s:.0f} |",
+              "", "The table it wrote:", "", Path(first["markdown"]).read_text(encoding="utf-8").split("\n", 2)[2].strip()]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        update_section("loop", "The loop: harvest, DPO from the champion, leaderboard",
+                       "make bench-loop" + (f" ARGS='--rows {args.rows} --steps {args.steps}'" if (args.rows, args.steps) != (10_000, 100) else ""),
+                       body)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if result or failed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
