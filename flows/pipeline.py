@@ -53,7 +53,7 @@ from rag.rag_stage import RAG, RagOutputs  # noqa: E402
 from serving.promote_stage import PROMOTE, PromoteInputs, PromoteOutputs  # noqa: E402
 from serving.registry import gate_reference, version_of_run  # noqa: E402
 from serving.serve_check_stage import SERVE_CHECK, ServeCheckInputs  # noqa: E402
-from serving.slo_stage import SLO, SloInputs  # noqa: E402
+from serving.slo_stage import SLO, SloInputs, slo_rows  # noqa: E402
 from workspace.config import LoadedConfig, add_cli_args, load_config  # noqa: E402
 from workspace.device import require_cuda  # noqa: E402
 from workspace.locks import workspace_lock  # noqa: E402
@@ -112,7 +112,8 @@ def gate_candidate(runner: StageRunner, loaded: LoadedConfig, prepared: PrepareO
     return runner.run(GATE, GateInputs(adapter_dir=tuned.adapter_dir, run_key=tuned.run_key,
                                        verification=tuned.manifest.get("verification") or {},
                                        test_file=test_file(prepared), reference=Reference(**ref) if ref else None,
-                                       extra_rules=slo.rules if slo else [], arena=arena, purpose=purpose))
+                                       extra_rules=slo_rows(slo, loaded.config.gate.slo) if slo else [], arena=arena,
+                                       purpose=purpose))
 
 
 def promote_candidate(runner: StageRunner, gate: GateOutputs, alias: str = "champion") -> PromoteOutputs:

@@ -13,6 +13,7 @@ from rich.console import Group
 from rich.table import Table
 
 from flows.runner import StageRecord, StageRunner
+from serving.slo_stage import SloOutputs, slo_rows
 from workspace.config import LoadedConfig
 
 MLFLOW_UI = "http://127.0.0.1:5000"  # `make ui`
@@ -62,8 +63,9 @@ def summarise(loaded: LoadedConfig, runner: StageRunner, mlflow, parent_id: str,
     e = r.get("evaluate") or {}
     rows.append(("evaluate", status("evaluate"), f"report {e['report']}" if e else "-", e.get("run_id", "")))
     so = r.get("slo") or {}
+    slo_now = slo_rows(SloOutputs(**so), loaded.config.gate.slo) if so else []  # this run's thresholds
     rows.append(("slo", status("slo"), (f"{so['step']}: " + ", ".join(f"{x['name']} {'pass' if x['passed'] else 'FAIL'}"
-                                                                      for x in so.get("rules", [])))
+                                                                      for x in slo_now))
                  if so else (runner.records.get('slo') or StageRecord('slo')).error or "-", so.get("run_id", "")))
     g = r.get("gate") or {}
     if runner.records.get("gate") and runner.records["gate"].status == "failed":

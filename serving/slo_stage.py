@@ -8,12 +8,14 @@ Wired by flows/promote.py and flows/pipeline.py, between the evaluate and gate s
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
 
-from serving.bench import BenchError, slo_benchmark, slo_rules, workload_texts
+from serving.bench import BenchError, StepResult, as_dict, slo_benchmark, slo_rules, workload_texts
 from workspace.config import LoadedConfig, adapter_mode
 from workspace.endpoint import EndpointError
 from workspace.model_ref import ModelNotFound, base_model
@@ -22,7 +24,7 @@ from workspace.stage import Stage, StageData, digest
 from workspace.tracking import stage_run
 from workspace.vllm_server import ServerError
 
-SLO_VERSION = "2"  # 2: the merged weights measured in merged mode
+SLO_VERSION = "3"  # 2: the merged weights measured in merged mode; 3: keyed on the workload, not the thresholds
 
 
 class SloInputs(StageData):
@@ -35,6 +37,21 @@ class SloOutputs(StageData):
     metrics: dict[str, float]
     rules: list[dict]  # rows for the gate table: name, metric, value, threshold, passed, detail
     run_id: str
+    result: dict = {}  # the measured step (serving.bench.StepResult); {} when it could not be measured
+
+
+def slo_rows(outputs: SloOutputs, slo) -> list[dict]:
+    """The gate's SLO rows for the thresholds configured NOW: the measurement is cached on the workload (what was
+    served and how it was loaded), so changing a threshold re-decides without serving the candidate again."""
+    if not outputs.result:
+        return outputs.rules  # the row that says why it could not be served
+    known = {f.name for f in fields(StepResult)}
+    res = StepResult(**{k: (math.nan if v is None else v) for k, v in outputs.result.items() if k in known})
+    return _json_safe(slo_rules(res, slo))
+
+
+def _json_safe(rows: list[dict]) -> list[dict]:
+    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
 
 
 class SloStage(Stage[SloInputs, SloOutputs]):
@@ -50,7 +67,9 @@ class SloStage(Stage[SloInputs, SloOutputs]):
         cfg = loaded.config
         return digest(inputs.run_key, cfg.serving.model_dump(mode="json", exclude={"bench", "gateway", "replicas"}),
                       adapter_mode(cfg)[0],
-                      cfg.gate.slo.model_dump(mode="json", exclude={"required"}), cfg.finetune.lora_rank, SLO_VERSION)
+                      cfg.gate.slo.model_dump(mode="json", exclude={"required", "ttft_p50_ms", "min_requests_per_min",
+                                                                     "max_error_rate"}),
+                      cfg.finetune.lora_rank, SLO_VERSION)
 
     def run(self, loaded: LoadedConfig, inputs: SloInputs, console: Optional[Console] = None) -> SloOutputs:
         import mlflow
@@ -68,18 +87,18 @@ class SloStage(Stage[SloInputs, SloOutputs]):
         (console or Console()).print(f"[slo] serving the candidate and sending {slo.requests} requests, {slo.concurrency} "
                                      f"at a time, ~{slo.prompt_tokens} prompt tokens ...")
         with stage_run(loaded, "slo-check") as run:
+            result: dict = {}
             try:
                 step = slo_benchmark(cfg.serving, slo, model, adapter, cfg.finetune.lora_rank, texts, work)
                 rows, name, metrics = slo_rules(step, slo), step.step, step.metrics()
+                result = {k: (None if isinstance(v, float) and v != v else v) for k, v in as_dict(step).items()}
             except (BenchError, ServerError) as exc:
                 rows = [{"name": "slo-benchmark", "metric": "serve/*", "value": None, "threshold": None, "passed": False,
                          "detail": f"the candidate could not be served and benchmarked: {str(exc).splitlines()[0][:200]}"}]
                 name, metrics = "none", {}
             mlflow.log_metrics({f"serve/{name}/{k}": v for k, v in metrics.items()})
             mlflow.log_dict({"step": name, "rules": rows}, "slo/rules.json")
-        return SloOutputs(step=name, metrics=metrics, rules=[{k: (None if isinstance(v, float) and v != v else v)
-                                                              for k, v in r.items()} for r in rows],
-                          run_id=run.info.run_id)
+        return SloOutputs(step=name, metrics=metrics, rules=_json_safe(rows), run_id=run.info.run_id, result=result)
 
 
 SLO = SloStage()

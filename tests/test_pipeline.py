@@ -218,11 +218,13 @@ def _newest(ws, pattern: str):
 @pytest.mark.slow
 def test_slo_beyond_reach_refuses_the_candidate(ws):
     """The candidate is served, benchmarked briefly, and refused: the SLO rows are in the gate table."""
-    proc = _promote_gate_only(ws, "gate.slo.ttft_p50_ms=1", "gate.slo.requests=4", "gate.slo.prompt_tokens=128")
+    # the same workload as the test below, another threshold: whichever runs second reuses the measurement (the SLO
+    # stage is keyed on what is served and how it is loaded; the rows are decided with the thresholds of the run)
+    proc = _promote_gate_only(ws, "gate.slo.ttft_p50_ms=1")
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "slo-ttft-p50" in proc.stderr and "TTFT p50 must be < 1 ms" in proc.stderr
     gate_md = _newest(ws, "adapters/*/promotion/gate-*/gate.md").read_text()
-    err_row = next(line for line in gate_md.splitlines() if line.startswith("| slo-error-rate | slo | serve/c5_p128/error_rate |"))
+    err_row = next(line for line in gate_md.splitlines() if line.startswith("| slo-error-rate | slo | serve/c5_p"))
     assert "| slo-ttft-p50 | slo |" in gate_md and "| 0.0000 | 0.0100 | pass |" in err_row
 
 
