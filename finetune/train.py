@@ -520,6 +520,7 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
         "run_key": key,
         "method": ft.method,
         "stage": ft.stage,
+        "learning_rate": ft.learning_rate,
         "pref_beta": ft.pref_beta if ft.stage == "dpo" else None,
         "init_adapter": str(init_adapter(loaded)) if ft.init_adapter else None,
         "base_model": model,

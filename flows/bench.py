@@ -116,7 +116,8 @@ def run_bench(loaded: LoadedConfig, console: Console, doc: Path | None = None, w
 
     png = plot(results, work / "serve_bench.png")
     js = work / "serve_bench.json"
-    payload = {"champion": info["version"], "model": model_name, "base": base, "seconds": seconds,
+    payload = {"champion": info["version"], "run_id": info["run_id"], "registered_model": cfg.tracking.registered_model,
+               "model": model_name, "base": base, "seconds": seconds,
                "machine": machine(), "steps": [as_dict(r) for r in results], "slo": slo_rows}
     js.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
 

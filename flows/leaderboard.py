@@ -43,11 +43,11 @@ from workspace.paths import CACHE, resolve  # noqa: E402
 from workspace.tracking import configure, stage_run  # noqa: E402
 
 
-def candidates(loaded: LoadedConfig) -> list[tuple[ModelRef, str, str]]:
-    """(model, kind, detail) of every model on the board, base first."""
+def candidates(loaded: LoadedConfig) -> list[tuple[ModelRef, str, str, Optional[str]]]:
+    """(model, kind, detail, registry run id) of every model on the board, base first."""
     cfg = loaded.config
     base = base_model(loaded)
-    out = [(base, "base", f"configured base model {cfg.base_model.hub_id or cfg.base_model.path}")]
+    out = [(base, "base", f"configured base model {cfg.base_model.hub_id or cfg.base_model.path}", None)]
     for m in cfg.leaderboard.models:
         if m.path:
             path = resolve(m.path)
@@ -57,7 +57,7 @@ def candidates(loaded: LoadedConfig) -> list[tuple[ModelRef, str, str]]:
         else:
             ref = ModelRef(m.name, m.hub_id, adapter=str(resolve(m.adapter)) if m.adapter else None,  # type: ignore[arg-type]
                            revision=m.revision, hub=True)
-        out.append((ref, "listed", m.path or f"hub {m.hub_id}@{m.revision or 'main'}"))
+        out.append((ref, "listed", m.path or f"hub {m.hub_id}@{m.revision or 'main'}", None))
     if cfg.leaderboard.registered == "none":
         return out
     name = cfg.tracking.registered_model
@@ -70,18 +70,19 @@ def candidates(loaded: LoadedConfig) -> list[tuple[ModelRef, str, str]]:
                        adapter=str(folder / "adapter"), revision=base.revision, hub=base.hub)
         what = f"{name} v{v['version']}" + (f" @{', @'.join(v['aliases'])}" if v["aliases"] else "") + \
             f", {v['tags'].get('finetune_stage', 'sft')}, run {v['tags'].get('finetune_run_key', '?')}"
-        out.append((ref, "registered", what))
+        out.append((ref, "registered", what, v["run_id"]))
     return out
 
 
-def serving_numbers(loaded: LoadedConfig, version: Optional[str]) -> dict[str, float]:
-    """The newest `make bench-serve` of this version (vLLM) at the SLO's concurrency, longest prompt up to its context."""
-    if version is None:
+def serving_numbers(loaded: LoadedConfig, run_id: Optional[str]) -> dict[str, float]:
+    """The newest `make bench-serve` of this version (matched by its registry run, not its number: another registry
+    has a v1 too), vLLM at the SLO's concurrency, the longest prompt up to its context."""
+    if run_id is None:
         return {}
     slo = loaded.config.gate.slo
     for path in sorted((CACHE / "bench-serve").glob("*/serve_bench.json"), reverse=True):
         data = json.loads(path.read_text(encoding="utf-8"))
-        if str(data.get("champion")) != version:
+        if data.get("run_id") != run_id:
             continue
         steps = [s for s in data["steps"] if s["server"] == "vllm" and s["concurrency"] == slo.concurrency
                  and s["prompt_tokens"] <= slo.prompt_tokens]
@@ -108,13 +109,12 @@ def leaderboard_flow(config: Optional[str] = None, profile: Optional[str] = None
         with Progress(TextColumn("[leaderboard] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("evaluating", total=len(models))
-            for ref, kind, detail in models:
+            for ref, kind, detail, run_id in models:
                 progress.update(task, description=f"{ref.name}")
                 res = evaluate(loaded, ref, test_file=test)
-                version = ref.name[1:] if kind == "registered" else None
                 rows.append(Row(ref.name, kind, detail, scores(res, lb.confidence, lb.bootstrap_samples,
                                                                seed=loaded.config.project.seed),
-                                serving_numbers(loaded, version), cached=res.cached))
+                                serving_numbers(loaded, run_id), cached=res.cached))
                 progress.advance(task)
         kb = loaded.config.eval
         note = (f"KoBEST {', '.join(t.removeprefix('kobest_') for t in kb.kobest_tasks)}"

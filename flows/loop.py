@@ -49,6 +49,10 @@ def loop_overrides(loaded: LoadedConfig, has_champion: bool) -> list[str]:
     """What the loop sets for its own run, on top of the user's config."""
     lp = loaded.config.loop
     out = [f"finetune.stage={lp.stage}", "data.feedback.enabled=true"]
+    if lp.learning_rate is not None:
+        out.append(f"finetune.learning_rate={lp.learning_rate:g}")
+    if lp.max_steps is not None:
+        out.append(f"finetune.max_steps={lp.max_steps}")
     if lp.from_champion and has_champion:
         out.append("finetune.init_adapter=champion")
     return out

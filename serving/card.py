@@ -61,7 +61,7 @@ def model_card(bundle: Path, *, registered_model: str, version: Optional[str] = 
            "## Data", "",
            f"- dataset hash `{manifest.get('dataset_hash', '?')}` ({manifest.get('dataset_dir', '?')})"]
     if stats:
-        out.append(f"- rows: " + ", ".join(f"{k} {v}" for k, v in (stats.get("splits") or {}).items())
+        out.append("- rows: " + ", ".join(f"{k} {v}" for k, v in (stats.get("splits") or {}).items())
                    + f"; read {stats.get('rows_read')}, rejected {stats.get('rows_rejected')}")
         fb = stats.get("feedback")
         if fb:
@@ -83,7 +83,7 @@ def model_card(bundle: Path, *, registered_model: str, version: Optional[str] = 
     if report:
         out += ["", "<details><summary>evaluation report</summary>", "", report.strip(), "", "</details>"]
     out += ["", "## Serving", "", f"- mode: {'merged weights' if serving.get('model') == 'merged' else 'LoRA module on the base'}",
-            f"- engine settings: " + ", ".join(f"{k}={serving[k]}" for k in ("dtype", "max-model-len", "max-num-seqs",
+            "- engine settings: " + ", ".join(f"{k}={serving[k]}" for k in ("dtype", "max-model-len", "max-num-seqs",
                                                                                "quantization", "tensor-parallel-size")
                                                 if k in serving)]
     if fit:

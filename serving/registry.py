@@ -159,7 +159,7 @@ def list_versions(name: str) -> list[dict]:
     except mlflow.exceptions.MlflowException:
         return []
     return sorted(({"version": str(v.version), "tags": dict(v.tags), "aliases": list(v.aliases or []),
-                    "created": v.creation_timestamp} for v in found), key=lambda v: int(v["version"]))
+                    "created": v.creation_timestamp, "run_id": v.run_id} for v in found), key=lambda v: int(v["version"]))
 
 
 def rollback(name: str) -> tuple[str, str]:

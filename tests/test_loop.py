@@ -47,7 +47,7 @@ def test_feedback_to_dpo_candidate_to_champion(tmp_path, promote_random_adapter,
             f"serving.gateway.database_url=sqlite:///{tmp_path}/gw.db", "serving.gateway.registry_refresh_s=0.2",
             "serving.gateway.canary.alias=candidate", "serving.gateway.canary.percent=20", "rag.enabled=false",
             "eval.kobest_tasks=[kobest_copa]", "eval.limit=4", "eval.custom_limit=4", "eval.max_new_tokens=48",
-            "finetune.max_steps=4", "finetune.save_steps=4", "finetune.logging_steps=1", f"gate.rules={RULES}"]
+            "loop.max_steps=4", "finetune.save_steps=4", "finetune.logging_steps=1", f"gate.rules={RULES}"]
     loaded = load_config(profile="cpu_smoke", overrides=sets)
     base = str(resolve(loaded.config.base_model.path))
     for v in ("c1", "c2"):  # two random rank-8 LoRAs of the base model: v1 and v2
@@ -101,7 +101,8 @@ def test_feedback_to_dpo_candidate_to_champion(tmp_path, promote_random_adapter,
         loop_s = time.monotonic() - t0
         assert loop.returncode == 0, loop.stdout[-4000:] + loop.stderr[-3000:]
         out = loop.stdout
-        assert "finetune.stage=dpo data.feedback.enabled=true finetune.init_adapter=champion" in out
+        assert ("finetune.stage=dpo data.feedback.enabled=true finetune.learning_rate=5e-05 finetune.max_steps=4 "
+                "finetune.init_adapter=champion") in out
         assert "@candidate" in out and "make promote VERSION=3" in out and "canary sends 20%" in out
 
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")

@@ -187,6 +187,11 @@ def test_pipeline_deployment_runs_through_a_local_server_and_worker(ws):
         up = subprocess.run([*deploy, "up", "--port", str(port)], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
         assert up.returncode == 0, up.stdout + up.stderr
+        # the loop's deployment is registered with its cron schedule, inactive until someone switches it on
+        loop = subprocess.run([sys.executable, "-m", "prefect", "deployment", "inspect", "loop/weekly"], cwd=ROOT,
+                              env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}, capture_output=True,
+                              text=True, timeout=120)
+        assert loop.returncode == 0 and "0 3 * * 1" in loop.stdout and "flows.loop" in loop.stdout, loop.stdout + loop.stderr
         run = subprocess.run([*deploy, "run", "pipeline/default", "--port", str(port), "--timeout", "600",
                               "--param", "profile=cpu_smoke", "--param", f"overrides={json.dumps(ws['overrides'])}",
                               "--param", "serve_check=false"],
