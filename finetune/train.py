@@ -81,7 +81,7 @@ def render_llamafactory_config(loaded: LoadedConfig, dataset_dir: Path, output_d
         # adapter, served like any other); its rank must be the configured one
         cfg["adapter_name_or_path"] = str(start)
     if ft.stage == "dpo":
-        cfg.update({"pref_beta": ft.pref_beta, "pref_loss": ft.pref_loss})
+        cfg.update({"pref_beta": ft.pref_beta, "pref_loss": ft.pref_loss, "pref_ftx": ft.pref_ftx})
         if start is not None:
             # the reference is the model DPO starts from (base + that adapter, frozen), not the bare base, which
             # LLaMA-Factory would use for a LoRA policy by default (its adapter disabled)
@@ -192,7 +192,7 @@ def run_key(loaded: LoadedConfig, dataset_hash: str) -> str:
     for key in RUN_KEY_EXCLUDES:
         ft.pop(key)
     if ft["stage"] == "sft":  # the DPO settings change nothing in an SFT run (and old SFT run keys stay valid)
-        for key in ("stage", "pref_beta", "pref_loss"):
+        for key in ("stage", "pref_beta", "pref_loss", "pref_ftx"):
             ft.pop(key)
     if ft["init_adapter"] is None:
         ft.pop("init_adapter")
@@ -522,6 +522,7 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
         "stage": ft.stage,
         "learning_rate": ft.learning_rate,
         "pref_beta": ft.pref_beta if ft.stage == "dpo" else None,
+        "pref_ftx": ft.pref_ftx if ft.stage == "dpo" else None,
         "init_adapter": str(init_adapter(loaded)) if ft.init_adapter else None,
         "base_model": model,
         "base_model_revision": base_rev,

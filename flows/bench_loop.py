@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="DPO steps (default: loop.max_steps)")
     ap.add_argument("--lr", type=float, default=None, help="DPO learning rate (default: loop.learning_rate)")
     ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run the loop at the SFT recipe's learning rate, 100 steps (default: on)")
+                    help="run the loop at three settings (the SFT recipe's rate; a DPO-sized rate; the same with "
+                         "pref_ftx 1) instead of once with loop.* (default: on)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     user = load_config(args.config, args.profile, args.overrides)
@@ -145,16 +146,22 @@ def main(argv: list[str] | None = None) -> int:
     # 3. the loop, once with its own settings (loop.learning_rate, loop.max_steps) and once with the SFT recipe's
     # learning rate and more steps (what the loop did before it had its own): prepare (the harvest mixed in, pairs
     # deduplicated) -> DPO -> evaluate -> gate -> register
-    ft = loaded.config.finetune
-    settings = [("loop defaults", [])]
-    if args.compare:
-        settings.append(("the SFT recipe's rate", [f"loop.learning_rate={ft.learning_rate:g}", "loop.max_steps=100"]))
+    ft, lp = loaded.config.finetune, loaded.config.loop
+    settings = [(f"the loop's settings (lr {lp.learning_rate:g}, {lp.max_steps} steps, pref_ftx {lp.pref_ftx:g})"
+                 if lp.pref_ftx is not None else f"the loop's settings (lr {lp.learning_rate:g}, {lp.max_steps} steps)", [])]
+    if args.compare:  # what the loop's settings are chosen against
+        settings = [(f"the SFT recipe's rate (lr {ft.learning_rate:g}, 100 steps, pref_ftx 0)",
+                     [f"loop.learning_rate={ft.learning_rate:g}", "loop.max_steps=100", "loop.pref_ftx=0"]),
+                    ("a DPO-sized rate, plain DPO (lr 5e-05, 50 steps, pref_ftx 0)",
+                     ["loop.learning_rate=5e-05", "loop.max_steps=50", "loop.pref_ftx=0"]),
+                    ("the same with the SFT loss on the chosen answers (lr 5e-05, 50 steps, pref_ftx 1)",
+                     ["loop.learning_rate=5e-05", "loop.max_steps=50", "loop.pref_ftx=1"])]
     lines += ["### DPO from the champion on the harvest (`make loop`)", "",
               "Each row is one `make loop` on that harvest: prepare (the harvest mixed in: pairs deduplicated, prompts "
               "of the test and validation splits quarantined), LLaMA-Factory DPO from the champion's adapter (which is "
               "also the frozen reference model), evaluation, the gate against the champion.", "",
-              "| setting | pairs | steps | learning rate | loop wall s | DPO train s | final loss | reward accuracy | "
-              "reward margin | gate |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| setting | pairs | steps | loop wall s | DPO train s | final loss | reward accuracy | "
+              "reward margin | well-formed XML | gate |", "|---|---|---|---|---|---|---|---|---|---|"]
     effects: list[str] = []
     for label, extra in settings:
         t0 = time.monotonic()
@@ -172,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         gate = json.loads(gate_json.read_text()) if gate_json else {}
         verdict = "PASS: registered as @candidate" if gate.get("passed") else "FAIL: " + gate.get("decided_by", str(failed))
         acc, margin = run.get("dpo_reward_accuracy"), run.get("dpo_reward_margin")
+        xml = next((r["value"] for r in gate.get("rules", []) if r["metric"].endswith("/xml_valid")
+                    and r.get("value") is not None), None)
         lines.append(f"| {label} | {(stats.get('feedback') or {}).get('preference_pairs', '?')} | {run.get('global_step')} | "
-                     f"{run.get('learning_rate')} | {loop_s:.0f} | {run.get('train_runtime_s') or 0:.0f} | "
+                     f"{loop_s:.0f} | {run.get('train_runtime_s') or 0:.0f} | "
                      f"{run.get('final_train_loss') or 0:.3f} | {'-' if acc is None else f'{acc:.2f}'} | "
-                     f"{'-' if margin is None else f'{margin:.2f}'} | {verdict} |")
+                     f"{'-' if margin is None else f'{margin:.2f}'} | {'-' if xml is None else f'{xml:.2f}'} | {verdict} |")
         effects += ["", f"Effect of the {label} run, candidate against the champion on the gate's items (estimate = "
                     "mean(candidate - champion), with the gate's interval):", "",
                     "| rule | metric | n | estimate | interval | value | result |", "|---|---|---|---|---|---|---|"]
@@ -187,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                            f"{'-' if r.get('estimate') is None else format(r['estimate'], '+.3f')} | {iv} | "
                            f"{'-' if r.get('value') is None else format(r['value'], '.3f')} | "
                            f"{'pass' if r['passed'] else 'FAIL'} |")
+    champ_eval = evaluate(loaded, champion, test_file=Path(run["dataset_dir"]) / "test.jsonl")  # cached by the gate
+    lines += ["", f"The champion on the same items: well-formed XML "
+              f"{champ_eval.metrics.get('eval/custom/screens/xml_valid', float('nan')):.2f}, char_ngram_f1 "
+              f"{champ_eval.metrics.get('eval/custom/screens/char_ngram_f1', float('nan')):.3f}."]
     lines += effects
 
     # 4. leaderboard: first (evaluates what is not cached) and again (all cached)

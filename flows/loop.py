@@ -53,6 +53,8 @@ def loop_overrides(loaded: LoadedConfig, has_champion: bool) -> list[str]:
         out.append(f"finetune.learning_rate={lp.learning_rate:g}")
     if lp.max_steps is not None:
         out.append(f"finetune.max_steps={lp.max_steps}")
+    if lp.pref_ftx is not None and lp.stage == "dpo":
+        out.append(f"finetune.pref_ftx={lp.pref_ftx:g}")
     if lp.from_champion and has_champion:
         out.append("finetune.init_adapter=champion")
     return out

@@ -155,6 +155,9 @@ class FinetuneConfig(Strict):
     stage: Literal["sft", "dpo"] = "sft"
     pref_beta: float = Field(0.1, gt=0)  # DPO's beta: how far the policy may move from the reference
     pref_loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    # DPO + this weight x the supervised loss on the chosen answers (LLaMA-Factory's pref_ftx; RPO): keeps the model
+    # producing the chosen answers while it learns to rank them, where plain DPO can lower both
+    pref_ftx: float = Field(0.0, ge=0)
     # start from an existing adapter and keep training it: "champion" (the registry's, fetched by the flow) or a
     # folder; for dpo the same adapter (frozen) is the reference model, so DPO moves away from the SFT model
     init_adapter: Optional[str] = None
@@ -466,6 +469,7 @@ class LoopConfig(Strict):
     # while its reward accuracy read 1.0; null keeps finetune.learning_rate / max_steps
     learning_rate: Optional[float] = Field(5e-5, gt=0)
     max_steps: Optional[int] = Field(50, ge=1)
+    pref_ftx: Optional[float] = Field(None, ge=0)  # finetune.pref_ftx for the loop's DPO run; null keeps it
     since: Optional[str] = None  # harvest feedback from this ISO date; None: since the champion was registered
     min_items: int = Field(1, ge=1)  # fewer harvested rows + pairs and the loop stops after the harvest
     schedule: Optional[str] = "0 3 * * 1"  # the Prefect deployment's cron (Mondays 03:00); null: run by hand
