@@ -102,7 +102,7 @@ def test_feedback_to_dpo_candidate_to_champion(tmp_path, promote_random_adapter,
         assert loop.returncode == 0, loop.stdout[-4000:] + loop.stderr[-3000:]
         out = loop.stdout
         assert ("finetune.stage=dpo data.feedback.enabled=true finetune.learning_rate=5e-05 finetune.max_steps=4 "
-                "finetune.init_adapter=champion") in out
+                "finetune.pref_ftx=1 finetune.init_adapter=champion") in out
         assert "@candidate" in out and "make promote VERSION=3" in out and "canary sends 20%" in out
 
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
@@ -117,6 +117,7 @@ def test_feedback_to_dpo_candidate_to_champion(tmp_path, promote_random_adapter,
         assert run["dpo_reward_accuracy"] is not None
         rendered = (adapter / "llamafactory_train.yaml").read_text()
         assert "stage: dpo" in rendered and "ref_model_adapters:" in rendered and "pref_train" in rendered
+        assert "pref_ftx: 1.0" in rendered and run["pref_ftx"] == 1.0
         data = Path(run["dataset_dir"])
         pairs = (data / "pref_train.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(pairs) == 9  # 6 arena votes + 3 corrections
