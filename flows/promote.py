@@ -93,8 +93,9 @@ def promote_version_flow(config: str | None = None, profile: str | None = None, 
             return {"gate": gate.model_dump()}
         old = promote_version(name, str(version))
         card = info["description"] or ((folder / CARD).read_text(encoding="utf-8") if (folder / CARD).exists() else "")
-        card = with_promotion(card, str(version), json.loads(Path(gate.gate_json).read_text(encoding="utf-8")), old)
-        mlflow.MlflowClient().update_model_version(name, str(version), description=card[:MAX_DESCRIPTION])
+        card = with_promotion(card, str(version), json.loads(Path(gate.gate_json).read_text(encoding="utf-8")), old,
+                              limit=MAX_DESCRIPTION)
+        mlflow.MlflowClient().update_model_version(name, str(version), description=card)
     console.print(f"[promote] {name} v{version} is now @champion" + (f" (v{old} is @previous; `make rollback` "
                                                                       "restores it)" if old else ""))
     return {"version": str(version), "previous": old, "gate": gate.model_dump()}

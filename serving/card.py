@@ -46,8 +46,10 @@ def gate_rows(gate: dict) -> list[str]:
 
 
 def model_card(bundle: Path, *, registered_model: str, version: Optional[str] = None, alias: str = "champion",
-               limits: tuple[str, ...] = ()) -> str:
-    """The card of the bundle (a promotion folder or a downloaded version)."""
+               limits: tuple[str, ...] = (), report: bool = True) -> str:
+    """The card of the bundle (a promotion folder or a downloaded version). `report=False` leaves the full evaluation
+    report out (it is the artifact eval_report.md): the version's description holds at most MAX_DESCRIPTION
+    characters (MLflow's SQL store), and the promotion decision is appended to it later."""
     manifest = json.loads(_read(bundle / "manifest.json") or "{}")
     gate = json.loads(_read(bundle / "gate.json") or "{}")
     serving = yaml.safe_load(_read(bundle / "serving.yaml") or "{}") or {}
@@ -79,9 +81,12 @@ def model_card(bundle: Path, *, registered_model: str, version: Optional[str] = 
             f"({gate.get('decided_by', '')}). Statistical rows: n paired items (or votes), estimate = mean(candidate - "
             "reference) (or the win rate), interval = its confidence interval.", ""]
     out += gate_rows(gate)
-    report = _read(bundle / "eval_report.md")
-    if report:
-        out += ["", "<details><summary>evaluation report</summary>", "", report.strip(), "", "</details>"]
+    text = _read(bundle / "eval_report.md")
+    if text and report:
+        out += ["", "<details><summary>evaluation report</summary>", "", text.strip(), "", "</details>"]
+    elif text:
+        out += ["", "Every metric of both models: the version's artifact `eval_report.md` (and `MODEL_CARD.md`, this card "
+                "with it)."]
     out += ["", "## Serving", "", f"- mode: {'merged weights' if serving.get('model') == 'merged' else 'LoRA module on the base'}",
             "- engine settings: " + ", ".join(f"{k}={serving[k]}" for k in ("dtype", "max-model-len", "max-num-seqs",
                                                                                "quantization", "tensor-parallel-size")
@@ -107,9 +112,14 @@ def model_card(bundle: Path, *, registered_model: str, version: Optional[str] = 
     return "\n".join(out) + "\n"
 
 
-def with_promotion(card: str, version: str, gate: dict, old: Optional[str]) -> str:
-    """The card with the decision that made `version` the champion appended."""
+def with_promotion(card: str, version: str, gate: dict, old: Optional[str], limit: Optional[int] = None) -> str:
+    """The card with the decision that made `version` the champion appended; with `limit`, the earlier card is cut
+    (never the decision) so the whole fits."""
     lines = ["", f"## Promotion to champion (v{version}" + (f", replacing v{old})" if old else ")"), "",
              f"Gate: **{'PASS' if gate.get('passed') else 'FAIL'}** against `{gate.get('reference', '?')}` "
              f"({gate.get('decided_by', '')}).", ""] + gate_rows(gate)
-    return card.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+    section = "\n".join(lines) + "\n"
+    card = card.rstrip("\n") + "\n"
+    if limit is not None and len(card) + len(section) > limit:
+        card = card[: max(0, limit - len(section) - 40)] + "\n\n(cut: the full card is MODEL_CARD.md)\n"
+    return card + section

@@ -121,8 +121,9 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
         (bundle / CARD).write_text(model_card(bundle, registered_model=name, alias=inputs.alias, limits=tuple(limits)),
                                    encoding="utf-8")
 
-        def describe(version: str) -> str:
-            return model_card(bundle, registered_model=name, version=version, alias=inputs.alias, limits=tuple(limits))
+        def describe(version: str) -> str:  # the description: the card without the full report (MLflow's 5000 chars)
+            return model_card(bundle, registered_model=name, version=version, alias=inputs.alias, limits=tuple(limits),
+                              report=False)
 
         with stage_run(loaded, "promote") as run:
             result = promote(name, run.info.run_id, bundle, champion=inputs.alias != CANDIDATE, describe=describe,

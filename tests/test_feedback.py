@@ -257,3 +257,35 @@ def test_dpo_config_renders_and_passes_llamafactorys_parser(tmp_path, random_ada
     out = run_in_env("train", ["python", "-c", code, json.dumps(plain)], timeout=300, echo=False,
                      extra_env={"DISABLE_VERSION_CHECK": "1"})
     assert f"dpo 0.2 {random_adapter}" in "\n".join(out.tail)
+
+
+def test_model_card_sections_and_a_promotion_that_always_fits(tmp_path):
+    from serving.card import model_card, with_promotion
+    from serving.registry import MAX_DESCRIPTION
+
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "run_key": "abc", "base_model": "models/base-tiny", "base_model_revision": "sha256:1", "config_hash": "c",
+        "git_commit": "g", "profile": "cpu_tiny", "dataset_hash": "d", "stage": "dpo", "method": "lora",
+        "pref_beta": 0.1, "global_step": 50, "final_train_loss": 0.8, "dpo_reward_accuracy": 1.0,
+        "verification": {"outputs_differ": 5, "prompts": 5}}))
+    (tmp_path / "dataset_stats.json").write_text(json.dumps({"splits": {"train": 10}, "rows_read": 12, "rows_rejected": 0,
+                                                             "feedback": {"harvests": ["2026-11-26"], "sft_rows": 3,
+                                                                          "preference_pairs": 9}}))
+    (tmp_path / "gate.json").write_text(json.dumps({"passed": True, "reference": "champion-v1", "decided_by": "all rules passed",
+                                                    "rules": [{"name": "people", "kind": "preference", "metric": "arena/win_rate",
+                                                               "n": 21, "estimate": 0.86, "ci_low": 0.7, "ci_high": None,
+                                                               "value": 0.7, "threshold": 0.5, "passed": True,
+                                                               "detail": "win rate 0.857 | 17 won"}]}))
+    (tmp_path / "serving.yaml").write_text("model: merged\ndtype: bfloat16\nmax-model-len: 2048\n")
+    (tmp_path / "eval_report.md").write_text("| metric | base | candidate |\n" + "| m | 0.1 | 0.2 |\n" * 400)
+    full = model_card(tmp_path, registered_model="m", version="3")
+    short = model_card(tmp_path, registered_model="m", version="3", report=False)
+    for text in (full, short):
+        assert text.startswith("# Model card: m v3 (run abc)") and "harvested feedback (2026-11-26): 3 supervised rows, 9" in text
+        assert "| stage | dpo |" in text and "| dpo_reward_accuracy | 1.0000 |" in text and "merged weights" in text
+        assert "| people | arena/win_rate | 21 | +0.8600 | [+0.7000, +inf]" in text and "win rate 0.857 / 17 won" in text
+        assert "Trained with DPO on harvested preferences" in text
+    assert "<details>" in full and "<details>" not in short and len(short) < MAX_DESCRIPTION < len(full)
+    promoted = with_promotion(full, "3", json.loads((tmp_path / "gate.json").read_text()), "1", limit=MAX_DESCRIPTION)
+    assert len(promoted) <= MAX_DESCRIPTION and promoted.rstrip().endswith("| win rate 0.857 / 17 won |")
+    assert "## Promotion to champion (v3, replacing v1)" in promoted and "(cut: the full card is MODEL_CARD.md)" in promoted
