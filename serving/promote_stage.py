@@ -110,9 +110,9 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
         check = work / "serving-check.yaml"
         write_vllm_config(check_conf, check, cfg.serving.api_key_env)
         validate_with_vllm(check)
-        stats = Path(manifest["dataset_dir"]) / "stats.json"
+        stats = Path(manifest["dataset_dir"]) / "stats.json" if manifest.get("dataset_dir") else None
         bundle = build_bundle(work / "bundle", adapter, merged=Path(merged) if merged else None, files={
-            **({"dataset_stats.json": stats} if stats.exists() else {}),
+            **({"dataset_stats.json": stats} if stats and stats.exists() else {}),
             "manifest.json": adapter / "manifest.json", "gate.json": Path(inputs.gate_json),
             "gate.md": Path(inputs.gate_md), "eval_report.md": Path(inputs.report_md),
             "serving.yaml": write_vllm_config(serving, work / "serving.yaml", cfg.serving.api_key_env).read_text(),

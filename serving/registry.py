@@ -37,19 +37,20 @@ class Promotion:
     source: str
 
 
-def _client():
+def _client(tracking_uri: Optional[str] = None):
     import mlflow
 
-    return mlflow.MlflowClient()
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def alias_version(name: str, alias: str, *, strict: bool = False) -> Optional[str]:
+def alias_version(name: str, alias: str, *, strict: bool = False, tracking_uri: Optional[str] = None) -> Optional[str]:
     """The version an alias points at, or None (no model, no alias). `strict`: any other registry failure (a locked
-    database, a server down) raises instead of reading as "no alias" (the gateway keeps what it knew)."""
+    database, a server down) raises instead of reading as "no alias" (the gateway keeps what it knew).
+    `tracking_uri`: this store, not the process's current one (a long-running server names its own)."""
     import mlflow
 
     try:
-        return str(_client().get_model_version_by_alias(name, alias).version)
+        return str(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException as exc:
         if strict and exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
@@ -185,12 +186,16 @@ def fetch_champion(name: str, dest: Optional[Path] = None) -> tuple[dict, Path]:
     return info, fetch_version(name, info["version"], dest)
 
 
-def fetch_version(name: str, version: str, dest: Optional[Path] = None) -> Path:
+def fetch_version(name: str, version: str, dest: Optional[Path] = None, tracking_uri: Optional[str] = None) -> Path:
     import mlflow
 
     dest = dest or Path(tempfile.mkdtemp(prefix=f"model-v{version}-"))
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
+        # models:/ URIs resolve through the process's registry URI; with a store of its own, resolve the version's
+        # files through a client bound to that store
+        uri = _client(tracking_uri).get_model_version_download_uri(name, version) if tracking_uri else \
+            f"models:/{name}/{version}"
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri))
     except mlflow.exceptions.MlflowException as exc:
         raise PromotionError(f"models:/{name}/{version} cannot be fetched: {exc}") from exc
 

@@ -447,3 +447,19 @@ def test_two_gateways_share_rate_limits_through_redis(registry, tmp_path):
         over = chat(b.url, registry["user"])
         assert codes == [200, 200, 200] and over.status_code == 429 and over.headers["Retry-After"]
         assert chat(a.url, registry["other"]).status_code == 200  # still per token
+
+
+def test_the_gateway_reads_its_own_registry_wherever_the_process_points_mlflow(registry, tmp_path):
+    """Aliases and version files come from serving.gateway's configured store, not from MLflow's process-wide URI
+    (which anything else in the process may move: a flow, a test)."""
+    import mlflow
+
+    with Upstream() as up, gateway(registry, up) as gw:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/elsewhere.db")
+        try:
+            r = httpx.post(f"{gw.url}/admin/reload", headers=auth(registry["admin"])).json()
+            assert r["aliases"].get("champion") == "2" and r["error"] is None
+            answer = chat(gw.url, registry["user"], model=f"{NAME}@1", max_tokens=1).json()
+            assert answer["choices"][0]["message"]["content"] == "weights-one-0"
+        finally:
+            configure(registry["loaded"])

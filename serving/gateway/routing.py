@@ -26,6 +26,7 @@ import httpx
 
 from workspace.config import LoadedConfig
 from workspace.paths import CACHE
+from workspace.tracking import tracking_uri
 
 ALIASES = ("champion", "candidate", "previous")
 
@@ -66,13 +67,15 @@ class Catalog:
         self._fetch = fetch  # (name, version, dest) -> folder; the registry's fetch_version by default
         self._versions = versions  # (name, alias) -> version or None; the registry's alias_version by default
         self.routes = [(r, re.compile(r.regex) if r.regex else None) for r in self.gw.routes]
+        # its own store, not the process's current MLflow URI (which anything else in the process may move)
+        self.tracking_uri = tracking_uri(cfg.tracking)
 
     def _alias_version(self, name: str, alias: str) -> Optional[str]:
         if self._versions:
             return self._versions(name, alias)
         from serving.registry import alias_version
 
-        return alias_version(name, alias, strict=True)
+        return alias_version(name, alias, strict=True, tracking_uri=self.tracking_uri)
 
     def refresh_sync(self) -> dict[str, str]:
         found = {}
@@ -154,7 +157,7 @@ class Catalog:
             from serving.registry import PromotionError, fetch_version
 
             try:
-                folder = fetch_version(name, version, tmp)
+                folder = fetch_version(name, version, tmp, tracking_uri=self.tracking_uri)
             except PromotionError as exc:
                 raise GatewayError(404, str(exc), "model_not_found") from exc
         folder.rename(dest)  # whole or not at all: a half download stays a .part folder
