@@ -100,7 +100,8 @@ def test_chat_page_login_stream_stop_switch_and_reload(page_env):
 def test_chat_page_rates_corrects_and_votes_in_the_arena(page_env):
     from playwright.sync_api import expect, sync_playwright
 
-    gw, up, token = page_env
+    gw, up, _ = page_env
+    token = gw.db.create_token("rater", "user")  # its own token: the other test counts its own conversations
     up.state.token_delay_s = 0.0
     up.state.max_model_len = 100_000
     with sync_playwright() as p:
@@ -116,13 +117,13 @@ def test_chat_page_rates_corrects_and_votes_in_the_arena(page_env):
             page.click("#send")
             expect(page.locator("#status")).to_have_text("done", timeout=30_000)
             page.locator(".fb-up").last.click()
-            expect(page.locator(".fb-status").last).to_contain_text("recorded")
+            expect(page.locator(".fb-status").last).to_contain_text("rating recorded")
             [fb] = gw.db.feedback()
             assert (fb["rating"], fb["version"], fb["messages"][-1]["content"]) == (1, "2", "주문 목록 화면")
             page.locator(".fb-correct").last.click()
             page.locator(".fb-text").last.fill('<Screen id="orderList"/>')
             page.locator(".fb-save").last.click()
-            expect(page.locator(".fb-status").last).to_contain_text("recorded")
+            expect(page.locator(".fb-status").last).to_contain_text("correction recorded")
             [fb] = gw.db.feedback()
             assert fb["correction"] == '<Screen id="orderList"/>'
 
