@@ -36,6 +36,7 @@ from eval.evaluate import evaluate  # noqa: E402
 from eval.gate import GateFailed  # noqa: E402
 from flows.leaderboard import leaderboard_flow  # noqa: E402
 from flows.loop import loop_flow  # noqa: E402
+from serving.card import gate_rows  # noqa: E402
 from serving.gateway.db import GatewayDb  # noqa: E402
 from serving.gateway.harvest import harvest  # noqa: E402
 from serving.registry import champion_info, fetch_version_cached, promote  # noqa: E402
@@ -187,15 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{'-' if margin is None else f'{margin:.2f}'} | {'-' if xml is None else f'{xml:.2f}'} | {verdict} |")
         effects += ["", f"Effect of the {label} run, candidate against the champion on the gate's items (estimate = "
                     "mean(candidate - champion), with the gate's interval):", "",
-                    "| rule | metric | n | estimate | interval | value | result |", "|---|---|---|---|---|---|---|"]
-        for r in gate.get("rules", []):
-            lo, hi = r.get("ci_low"), r.get("ci_high")
-            iv = "-" if lo is None and hi is None else \
-                f"[{'-inf' if lo is None else f'{lo:+.3f}'}, {'+inf' if hi is None else f'{hi:+.3f}'}]"
-            effects.append(f"| {r['name']} | {r['metric']} | {r.get('n') or '-'} | "
-                           f"{'-' if r.get('estimate') is None else format(r['estimate'], '+.3f')} | {iv} | "
-                           f"{'-' if r.get('value') is None else format(r['value'], '.3f')} | "
-                           f"{'pass' if r['passed'] else 'FAIL'} |")
+                    *gate_rows(gate)]
     champ_eval = evaluate(loaded, champion, test_file=Path(run["dataset_dir"]) / "test.jsonl")  # cached by the gate
     lines += ["", f"The champion on the same items: well-formed XML "
               f"{champ_eval.metrics.get('eval/custom/screens/xml_valid', float('nan')):.2f}, char_ngram_f1 "

@@ -37,7 +37,7 @@ from flows._registry import resolve_init_adapter  # noqa: E402
 from flows.harvest import harvest_table  # noqa: E402
 from flows.pipeline import console_for_logs, evaluate_candidate, gate_candidate, promote_candidate  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
-from flows.summary import log_parent, run_url, summarise  # noqa: E402
+from flows.summary import run_summarised, run_url  # noqa: E402
 from serving.gateway.harvest import harvest, parse_since, since_of_version  # noqa: E402
 from serving.registry import champion_info  # noqa: E402
 from workspace.config import LoadedConfig, load_config  # noqa: E402
@@ -88,23 +88,18 @@ def loop_flow(config: Optional[str] = None, profile: Optional[str] = None, overr
             console.print(f"[bold]loop[/] profile {loaded.profile}, config {loaded.hash[:12]}, MLflow run "
                           f"{run_url(mlflow, parent.info.run_id)}")
             mlflow.log_dict(got.manifest, "harvest/manifest.json")
-            failure: Optional[BaseException] = None
-            registered = None
-            try:
+            done: dict = {}
+
+            def stages() -> None:
                 prepared = runner.run(PREPARE, PrepareInputs())
                 tuned = runner.run(FINETUNE, FinetuneInputs(dataset_dir=prepared.path,
                                                             dataset_hash=prepared.content_hash))
                 evaluate_candidate(runner, prepared, tuned)
                 gate = gate_candidate(runner, loaded, prepared, tuned, purpose="candidate")
-                registered = promote_candidate(runner, gate, alias="candidate")
-            except BaseException as exc:  # noqa: BLE001 - the summary is written either way
-                failure = exc
-            total = round(time.monotonic() - t0, 1)
-            summary = summarise(loaded, runner, mlflow, parent.info.run_id, total, failure)
-            console.print(summary["table"])
-            log_parent(loaded, mlflow, runner, summary, total)
-            if failure is not None:
-                raise failure
+                done["registered"] = promote_candidate(runner, gate, alias="candidate")
+
+            summary = run_summarised(loaded, runner, mlflow, parent.info.run_id, t0, console, stages)
+            registered = done["registered"]
     canary = loaded.config.serving.gateway.canary
     share = (f"the gateway's canary sends {canary.percent:g}% of champion requests to it" if canary and
              canary.alias == "candidate" and canary.percent > 0 else

@@ -48,7 +48,7 @@ from finetune.finetune_stage import FINETUNE, FinetuneInputs, FinetuneOutputs  #
 from finetune.prepare_stage import PREPARE, PrepareInputs, PrepareOutputs  # noqa: E402
 from flows._registry import resolve_init_adapter  # noqa: E402
 from flows.runner import KNOWN_ERRORS, StageRunner  # noqa: E402
-from flows.summary import log_parent, run_url, summarise  # noqa: E402
+from flows.summary import run_summarised, run_url  # noqa: E402
 from rag.rag_stage import RAG, RagOutputs  # noqa: E402
 from serving.promote_stage import PROMOTE, PromoteInputs, PromoteOutputs  # noqa: E402
 from serving.registry import gate_reference, version_of_run  # noqa: E402
@@ -152,17 +152,8 @@ def pipeline_flow(config: Optional[str] = None, profile: Optional[str] = None, o
         with pipeline_run(loaded) as parent:
             console.print(f"[bold]pipeline[/] profile {loaded.profile}, config {loaded.hash[:12]}, MLflow run "
                           f"{run_url(mlflow, parent.info.run_id)}")
-            failure: Optional[BaseException] = None
-            try:
-                run_stages(loaded, runner, serve_check)
-            except BaseException as exc:  # noqa: BLE001 - the summary is written either way
-                failure = exc
-            total = round(time.monotonic() - t0, 1)
-            summary = summarise(loaded, runner, mlflow, parent.info.run_id, total, failure)
-            console.print(summary["table"])
-            log_parent(loaded, mlflow, runner, summary, total)
-            if failure is not None:
-                raise failure
+            summary = run_summarised(loaded, runner, mlflow, parent.info.run_id, t0, console,
+                                     lambda: run_stages(loaded, runner, serve_check))
     return summary["json"]
 
 

@@ -131,6 +131,26 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def run_summarised(loaded: LoadedConfig, runner: StageRunner, mlflow, parent_id: str, t0: float, console,
+                   work) -> dict:
+    """Run `work()` inside a parent run; the summary table and the parent run's records are written whether it
+    failed or not, then a failure is raised again. Returns the summary."""
+    import time
+
+    failure: Optional[BaseException] = None
+    try:
+        work()
+    except BaseException as exc:  # noqa: BLE001 - the summary is written either way
+        failure = exc
+    total = round(time.monotonic() - t0, 1)
+    summary = summarise(loaded, runner, mlflow, parent_id, total, failure)
+    console.print(summary["table"])
+    log_parent(loaded, mlflow, runner, summary, total)
+    if failure is not None:
+        raise failure
+    return summary
+
+
 def log_parent(loaded: LoadedConfig, mlflow, runner: StageRunner, summary: dict, total: float) -> None:
     """Params, key metrics, the gate table and the reports on the parent run: two pipeline runs compare side by
     side in the MLflow UI whichever stages were cached."""
