@@ -34,6 +34,8 @@ import numpy as np
 from workspace.config import GateConfig, GateRule
 
 
+FLOORS_ONLY_NOTE = ("**Floors only** (gate.floors_only): no statistical rule on the target metric decided this "
+                    "gate, so a pass here is not evidence of an improvement over the reference.")
 EPS = 1e-9  # 0.525 - 0.05 is 0.47500000000000003 in floating point: a boundary value must not fail a rule
 
 
@@ -85,13 +87,15 @@ class GateDecision:
     decided_by: str
     reference: str
     rules: list[RuleResult] = field(default_factory=list)
+    mode: str = "full"  # GateConfig.mode: 'floors_only' when no statistical rule on the target metric decided
 
     def to_json(self) -> dict:
-        return {"passed": self.passed, "decided_by": self.decided_by, "reference": self.reference,
+        return {"passed": self.passed, "decided_by": self.decided_by, "reference": self.reference, "mode": self.mode,
                 "rules": [r.as_row() for r in self.rules]}
 
     def markdown(self) -> str:
         lines = [f"# Gate: {'PASS' if self.passed else 'FAIL'}", "", f"Reference: {self.reference}. Decided by: {self.decided_by}.",
+                 *(["", FLOORS_ONLY_NOTE] if self.mode == "floors_only" else []),
                  "", "Statistical rows: n = paired items, estimate = mean(candidate - reference), interval = its "
                  "confidence interval (method column).", "",
                  "| rule | kind | metric | n | estimate | interval | method | value | threshold | result | detail |",
@@ -353,14 +357,17 @@ def _rule(rule: GateRule, cfg: GateConfig, cand: dict, ref: dict, cand_items: Pa
 def decide(cfg: GateConfig, candidate_metrics: dict, reference_metrics: dict, candidate_items: Path, reference_items: Path,
            verification: dict, reference_name: str, arena: Optional[dict] = None,
            purpose: str = "champion") -> GateDecision:
-    """`arena`: the preference rule's tally; `purpose`: champion (promotion) or candidate (registration only)."""
+    """`arena`: the preference rule's tally; `purpose`: champion (promotion) or candidate (registration only).
+    A rule set with no rule is refused (it would pass everything); the config refuses it at load too."""
+    if not cfg.rules:
+        raise GateError("gate.rules is empty: a gate with no rule would pass every candidate")
     results: list[RuleResult] = []
     for rule in cfg.rules:
         results += _rule(rule, cfg, candidate_metrics, reference_metrics, candidate_items, reference_items,
                          verification, arena, purpose)
     failed = [r for r in results if not r.passed]
     return GateDecision(not failed, f"rule '{failed[0].name}' ({failed[0].metric}): {failed[0].detail}" if failed
-                        else "all rules passed", reference_name, results)
+                        else "all rules passed", reference_name, results, mode=cfg.mode)
 
 
 def with_rules(decision: GateDecision, kind: str, rows: list[dict]) -> GateDecision:
@@ -369,7 +376,7 @@ def with_rules(decision: GateDecision, kind: str, rows: list[dict]) -> GateDecis
                                          r.get("detail", ""), n=r.get("n"), method=r.get("method")) for r in rows]
     failed = [r for r in rules if not r.passed]
     return GateDecision(not failed, f"rule '{failed[0].name}' ({failed[0].metric}): {failed[0].detail}" if failed
-                        else "all rules passed", decision.reference, rules)
+                        else "all rules passed", decision.reference, rules, mode=decision.mode)
 
 
 def write_decision(decision: GateDecision, out_dir: Path) -> tuple[Path, Path]:

@@ -25,7 +25,7 @@ from workspace.model_ref import ModelNotFound, base_model
 from workspace.stage import Stage, StageData, digest
 from workspace.tracking import stage_run
 
-GATE_VERSION = "3"  # 3: BCa bootstrap, min_items, min_effect, non-inferiority with Holm
+GATE_VERSION = "4"  # 3: BCa bootstrap, min_items, min_effect, non-inferiority with Holm; 4: the gate mode
 
 
 class Reference(StageData):
@@ -66,6 +66,7 @@ class GateOutputs(StageData):
     candidate_metrics: dict[str, float]
     reference_metrics: dict[str, float]
     rules: list[dict]
+    mode: str = "full"  # the gate's mode (GateConfig.mode): 'floors_only' is recorded on the promotion
 
 
 def gate_table(d: GateDecision) -> Table:
@@ -77,7 +78,8 @@ def gate_table(d: GateDecision) -> Table:
                   r.interval(), r.method or "-", "-" if r.value is None else f"{r.value:.4f}",
                   "-" if r.threshold is None else f"{r.threshold:.4f}",
                   "[green]pass[/]" if r.passed else "[red]FAIL[/]")
-    t.caption = f"decided by: {d.decided_by}"
+    t.caption = f"decided by: {d.decided_by}" + (" | FLOORS ONLY: no statistical rule on the target metric"
+                                                 if d.mode == "floors_only" else "")
     return t
 
 
@@ -122,6 +124,7 @@ class GateStage(Stage[GateInputs, GateOutputs]):
             js, md = write_decision(decision, decided)
             report_md, report_png = compare_report([ref_res, cand_res], decided / "report")
             mlflow.set_tags({"gate": "pass" if decision.passed else "fail", "gate_reference": reference.name,
+                             "gate_mode": decision.mode,
                              "adapter_dir": str(adapter), "decided_by": decision.decided_by[:250]})
             mlflow.log_metric("gate/passed", float(decision.passed))
             rows = [r.as_row() for r in decision.rules]
@@ -136,10 +139,36 @@ class GateStage(Stage[GateInputs, GateOutputs]):
                           decided_by=decision.decided_by, gate_json=str(js), gate_md=str(md), report_md=str(report_md),
                           report_png=str(report_png) if report_png else None, run_id=gate_run.info.run_id,
                           candidate_metrics=cand_res.metrics, reference_metrics=ref_res.metrics,
-                          rules=[r.as_row() for r in decision.rules])
+                          rules=[r.as_row() for r in decision.rules], mode=decision.mode)
         if not decision.passed:
-            raise GateFailed(f"gate failed: {decision.decided_by}. Table: {md}", out.model_dump(mode="json"))
+            raise GateFailed(refusal_text(decision, md, report_md, cand_res.items_path, inputs, loaded),
+                             out.model_dump(mode="json"))
         return out
+
+
+def refusal_text(decision: GateDecision, gate_md: Path, report_md: Path, items: Path, inputs: GateInputs,
+                 loaded: LoadedConfig) -> str:
+    """What a refused candidate's user reads: the rule, its value, the files, what is still served, and what to do."""
+    failed = [r for r in decision.rules if not r.passed]
+    first = failed[0]
+    value = "-" if first.value is None else f"{first.value:.4f}"
+    threshold = "-" if first.threshold is None else f"{first.threshold:.4f}"
+    name = loaded.config.tracking.registered_model
+    served = (f"{name}@champion is still v{inputs.reference.version} and keeps serving" if inputs.reference
+              else f"{name} has no champion yet, so `make serve` has nothing to serve")
+    what = "registered as candidate" if inputs.purpose == "candidate" else "promoted"
+    seed = loaded.config.project.seed
+    lines = [f"gate failed: nothing was {what}; {served}.",
+             f"  rule '{first.name}' ({first.kind}) on {first.metric}: value {value} vs threshold {threshold}: "
+             f"{first.detail}"]
+    lines += [f"  also failed: '{r.name}' on {r.metric}" for r in failed[1:4]]
+    lines += [f"  gate table: {gate_md}", f"  evaluation report: {report_md}", "  next:"]
+    metric = first.metric if first.metric.startswith("eval/custom/") else "eval/custom/screens/xml_valid"
+    lines.append(f"    - read the worst items:  .venv/bin/python -m eval.inspect_items {items} --metric {metric}")
+    lines.append(f"    - retrain with another seed or setting:  make pipeline SET=\"project.seed={seed + 1}\"  "
+                 "(or SET=\"finetune.max_steps=... finetune.learning_rate=...\"; make calibrate-gate measures a recipe)")
+    lines.append("    - the gate alone, against the current champion (or the base), after any change:  make gate")
+    return "\n".join(lines)
 
 
 def _fetch(ref: Reference, dest: Path) -> Path:

@@ -43,6 +43,7 @@ from flows._registry import resolve_init_adapter  # noqa: E402
 from flows.pipeline import arena_tally, evaluate_candidate, gate_candidate, promote_candidate, test_file  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
 from serving.card import CARD, model_card, with_promotion  # noqa: E402
+from serving.promote_stage import floors_only_over_full  # noqa: E402
 from serving.registry import (MAX_DESCRIPTION, PromotionError, champion_info, fetch_version_cached,  # noqa: E402
                               promote_version, rollback, version_info)
 from workspace.config import load_config  # noqa: E402
@@ -91,7 +92,12 @@ def promote_version_flow(config: str | None = None, profile: str | None = None, 
                                            test_file=test_file(prepared), reference=ref, arena=arena))
         if gate_only:
             return {"gate": gate.model_dump()}
+        gate_mode = json.loads(Path(gate.gate_json).read_text(encoding="utf-8")).get("mode", "full")
+        if floors_only_over_full(gate_mode, champ):
+            raise PromotionError(f"{name} v{version} passed a floors-only gate and v{champ['version']}@champion passed "
+                                 "the statistical gate: a floors-only candidate never replaces it; champion unchanged")
         old = promote_version(name, str(version))
+        mlflow.MlflowClient().set_model_version_tag(name, str(version), "gate_mode", gate_mode)
         card = info["description"] or ((folder / CARD).read_text(encoding="utf-8") if (folder / CARD).exists() else "")
         card = with_promotion(card, str(version), json.loads(Path(gate.gate_json).read_text(encoding="utf-8")), old,
                               limit=MAX_DESCRIPTION)

@@ -15,6 +15,8 @@ from typing import Optional
 import yaml
 
 CARD = "MODEL_CARD.md"
+FLOORS_ONLY = ("**Promoted on floors only** (`gate.floors_only: true`): no statistical rule on the target metric "
+               "was applied, so this version is not shown to be better than its reference.")
 TRAINING_KEYS = ("stage", "method", "lora_rank", "pref_beta", "init_adapter", "global_step", "final_train_loss",
                  "best_val_loss", "dpo_reward_accuracy", "dpo_reward_margin", "trainable_params", "tokens_per_s",
                  "train_runtime_s")
@@ -80,6 +82,8 @@ def model_card(bundle: Path, *, registered_model: str, version: Optional[str] = 
             f"Gate: **{'PASS' if gate.get('passed') else 'FAIL'}** against `{gate.get('reference', '?')}` "
             f"({gate.get('decided_by', '')}). Statistical rows: n paired items (or votes), estimate = mean(candidate - "
             "reference) (or the win rate), interval = its confidence interval.", ""]
+    if gate.get("mode") == "floors_only":
+        out += [FLOORS_ONLY, ""]
     out += gate_rows(gate)
     text = _read(bundle / "eval_report.md")
     if text and report:
@@ -117,7 +121,8 @@ def with_promotion(card: str, version: str, gate: dict, old: Optional[str], limi
     (never the decision) so the whole fits."""
     lines = ["", f"## Promotion to champion (v{version}" + (f", replacing v{old})" if old else ")"), "",
              f"Gate: **{'PASS' if gate.get('passed') else 'FAIL'}** against `{gate.get('reference', '?')}` "
-             f"({gate.get('decided_by', '')}).", ""] + gate_rows(gate)
+             f"({gate.get('decided_by', '')}).", ""] + ([FLOORS_ONLY, ""] if gate.get("mode") == "floors_only" else []) \
+        + gate_rows(gate)
     section = "\n".join(lines) + "\n"
     card = card.rstrip("\n") + "\n"
     if limit is not None and len(card) + len(section) > limit:

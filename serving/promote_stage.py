@@ -25,6 +25,11 @@ from workspace.tracking import configure, stage_run
 PROMOTE_VERSION = "4"  # 3: serving.adapter_mode (merged weights in the bundle); 4: model card, dataset stats
 
 
+def floors_only_over_full(gate_mode: str, champ: Optional[dict]) -> bool:
+    """A floors-only pass would replace a champion that passed the statistical gate (refused: floors promote noise)."""
+    return gate_mode == "floors_only" and bool(champ) and champ["tags"].get("gate_mode", "full") != "floors_only"
+
+
 class PromoteInputs(StageData):
     passed: bool
     adapter: str
@@ -74,6 +79,13 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
             raise PromotionError("the candidate did not pass the gate: nothing to promote")
         configure(loaded)
         champ = champion_info(name)
+        gate_mode = json.loads(Path(inputs.gate_json).read_text(encoding="utf-8")).get("mode", "full")
+        if inputs.alias != CANDIDATE and floors_only_over_full(gate_mode, champ):
+            raise PromotionError(
+                f"this candidate passed a floors-only gate (gate.floors_only), and {name}@champion (v{champ['version']}) "
+                "passed the statistical gate: a floors-only candidate never replaces it. Nothing was registered. "
+                "Register it under its own name (tracking.registered_model, as the cpu_smoke profile does) or gate "
+                "it with an improvement rule on gate.target_metric")
         mode, reason = adapter_mode(cfg)
         if champ and champ["tags"].get("finetune_run_key") == inputs.run_key and \
                 champ["tags"].get("adapter_mode", "lora") == mode:
@@ -117,7 +129,8 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
             "gate.md": Path(inputs.gate_md), "eval_report.md": Path(inputs.report_md),
             "serving.yaml": write_vllm_config(serving, work / "serving.yaml", cfg.serving.api_key_env).read_text(),
             "fit_check.txt": fit.text() + "\n"})
-        limits = [f"Served as {mode}: {reason}."]
+        limits = [f"Served as {mode}: {reason}."] + (["Promoted on floors only (gate.floors_only)."]
+                                                     if gate_mode == "floors_only" else [])
         (bundle / CARD).write_text(model_card(bundle, registered_model=name, alias=inputs.alias, limits=tuple(limits)),
                                    encoding="utf-8")
 
@@ -131,7 +144,7 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
                 "dataset_hash": manifest["dataset_hash"], "config_hash": loaded.hash, "git_commit": manifest["git_commit"],
                 "gate": "pass", "gate_run_id": inputs.gate_run_id, "finetune_run_key": inputs.run_key,
                 "gate_reference_version": inputs.reference_version or "", "base_model": base, "adapter_mode": mode,
-                "finetune_stage": manifest.get("stage", "sft")})
+                "finetune_stage": manifest.get("stage", "sft"), "gate_mode": gate_mode})
         if inputs.alias == CANDIDATE:
             console.print(f"[promote] {name} v{result.version} is registered as @candidate (the champion stays "
                           f"v{result.previous or '-'}): the gateway's canary and arena serve it; `make promote "

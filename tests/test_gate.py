@@ -82,7 +82,7 @@ def test_three_improving_items_are_too_few_to_decide(tmp_path):
 
 def test_a_planted_one_task_regression_is_caught_and_holm_is_said(tmp_path):
     rule = GateRule(name="kobest-no-regression", kind="no_regression", metric="eval/kobest/*/acc", tolerance=0.1)
-    cfg = GateConfig(rules=[rule], min_items=30)
+    cfg = GateConfig(rules=[rule], min_items=30, floors_only=True)
     rng = np.random.default_rng(1)
     pairs = {}
     for task in ("boolq", "copa", "wic", "hellaswag", "sentineg"):
@@ -123,7 +123,7 @@ def test_floor_regression_and_adapter_failures(tmp_path):
 def test_unpaired_items_and_unknown_metrics_are_refused(tmp_path):
     with pytest.raises(GateError, match="not evaluated on the same items"):
         paired_scores({"a": 1.0, "b": 0.0}, {"a": 1.0, "c": 0.0})
-    cfg = GateConfig(rules=[GateRule(name="x", kind="floor", metric="eval/custom/screens/nope", threshold=0.5)])
+    cfg = GateConfig(rules=[GateRule(name="x", kind="floor", metric="eval/custom/screens/nope", threshold=0.5)], floors_only=True)
     cm, rm, c, r = setup(tmp_path, [0.5] * 4, [0.5] * 4)
     with pytest.raises(GateError, match="matches no evaluated metric"):
         decide(cfg, cm, rm, c, r, {}, "base")
@@ -141,7 +141,7 @@ def test_bootstrap_is_deterministic_and_brackets_the_mean():
 
 def test_min_effect_raises_the_bar():
     rule = GateRule(name="imp", kind="improvement", metric="m", min_effect=0.05)
-    cfg = GateConfig(rules=[rule])
+    cfg = GateConfig(rules=[rule], floors_only=True)
     rng = np.random.default_rng(2)
     ref = rng.random(100)
     small = improvement_result(rule, "m", ref + 0.04 + rng.normal(0, 0.01, 100), ref, cfg)
@@ -162,3 +162,53 @@ def test_the_simulation_measures_false_promotion_and_power():
     sim = simulate(loaded, rule, pools, [100], [0.0, 0.2], trials=60, min_effects=[0.0, 0.1])
     assert sim[(0.0, 100, 0.0)] <= 0.1 and sim[(0.0, 100, 0.2)] >= 0.9
     assert sim[(0.1, 100, 0.0)] <= sim[(0.0, 100, 0.0)] and sim[(0.1, 100, 0.2)] <= sim[(0.0, 100, 0.2)]
+
+
+# ------------------------------------------------------------------------ the gate cannot be configured away
+def test_a_gate_without_a_statistical_rule_on_the_target_is_refused_at_load():
+    from workspace.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"gate\.rules is empty"):
+        load_config(overrides=["gate.rules=[]"])
+    with pytest.raises(ConfigError, match=r"gate\.rules is empty"):  # floors_only does not make zero rules a gate
+        load_config(overrides=["gate.rules=[]", "gate.floors_only=true"])
+    floors = "gate.rules=[{name: f, kind: floor, metric: eval/custom/screens/xml_valid, threshold: 0.8}]"
+    with pytest.raises(ConfigError, match="no statistical rule on the target metric.*gate.floors_only: true"):
+        load_config(overrides=[floors])
+    other = ("gate.rules=[{name: i, kind: improvement, metric: eval/custom/screens/field_f1, min_effect: 0.05}]")
+    with pytest.raises(ConfigError, match="no statistical rule on the target metric"):  # an improvement elsewhere
+        load_config(overrides=[other])
+    on = load_config(overrides=[floors, "gate.floors_only=true"]).config.gate
+    assert on.mode == "floors_only"
+    assert load_config().config.gate.mode == "full"
+    smoke = load_config(profile="cpu_smoke").config
+    assert smoke.gate.mode == "floors_only"
+    assert smoke.tracking.registered_model != load_config().config.tracking.registered_model  # never the real champion
+
+
+def test_a_floors_only_decision_says_so_everywhere(tmp_path):
+    from eval.gate_stage import gate_table
+    from rich.console import Console
+    from serving.card import model_card
+
+    cfg = GateConfig(rules=[GateRule(name="xml", kind="floor", metric="eval/custom/screens/xml_valid", threshold=0.8)],
+                     floors_only=True)
+    cm, rm, c, r = setup(tmp_path, [0.5] * 40, [0.5] * 40)
+    d = decide(cfg, cm, rm, c, r, VERIFIED, "base")
+    assert d.passed and d.mode == "floors_only" and d.to_json()["mode"] == "floors_only"
+    assert "Floors only" in d.markdown()
+    console = Console(record=True, width=200)
+    console.print(gate_table(d))
+    assert "FLOORS ONLY" in console.export_text()
+    js, _ = write_decision(d, tmp_path / "gate")
+    (tmp_path / "gate" / "manifest.json").write_text("{}")
+    assert "Promoted on floors only" in model_card(tmp_path / "gate", registered_model="m")
+    full = decide(load_config().config.gate, *setup(tmp_path, [0.9] * 40, [0.1] * 40), VERIFIED, "base")
+    assert full.mode == "full" and "Floors only" not in full.markdown()
+
+
+def test_decide_refuses_a_rule_set_with_no_rule(tmp_path):
+    cfg = GateConfig.model_construct(rules=[], min_items=30, bootstrap_samples=200)  # past the config's own check
+    cm, rm, c, r = setup(tmp_path, [0.5] * 40, [0.5] * 40)
+    with pytest.raises(GateError, match="no rule would pass every candidate|gate.rules is empty"):
+        decide(cfg, cm, rm, c, r, VERIFIED, "base")

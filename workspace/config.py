@@ -300,8 +300,45 @@ class GateConfig(Strict):
     bootstrap_samples: int = Field(2000, ge=100)
     # the statistical rules (improvement, no_regression) refuse to decide on fewer paired items than this
     min_items: int = Field(30, ge=1)
+    # The metric a promotion must improve. A rule set without an `improvement` rule on it promotes noise (floors
+    # alone pass a retrain with another seed), so it is refused at load unless floors_only says so on purpose; a
+    # floors-only promotion is then recorded as such (registry tag gate_mode, model card, gate table) and never
+    # replaces a champion that passed the statistical gate.
+    target_metric: str = "eval/custom/screens/char_ngram_f1"
+    floors_only: bool = False
     rag_min_hit_at_5: float = Field(0.9, ge=0, le=1)  # the RAG stage fails below this hybrid hit@5
     slo: SloConfig = SloConfig()
+
+    @model_validator(mode="after")
+    def _cannot_be_configured_away(self):
+        if not self.rules:
+            raise ValueError("gate.rules is empty: a gate with no rule passes every candidate. Keep the rules of "
+                             "configs/pipeline.yaml (at least one; with gate.floors_only: true, floors alone)")
+        names = [r.name for r in self.rules]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"gate.rules: rule name(s) {dup} used twice; give every rule its own name")
+        if not self.floors_only and not self.statistical_rules():
+            kinds = ", ".join(f"{r.name} ({r.kind})" for r in self.rules)
+            raise ValueError(
+                f"gate.rules has no statistical rule on the target metric {self.target_metric} (rules: {kinds}). "
+                "Floors and non-regression alone promote a retrain that is only noise. Add "
+                f"{{name: ..., kind: improvement, metric: {self.target_metric}, min_effect: ...}} (make "
+                "calibrate-gate prints the line), or set gate.floors_only: true to promote on floors alone, "
+                "recorded as floors-only in the registry and the model card")
+        return self
+
+    def statistical_rules(self) -> list[GateRule]:
+        """The improvement rules on the target metric (a glob in a rule's metric counts when it matches it)."""
+        import fnmatch
+
+        return [r for r in self.rules if r.kind == "improvement" and r.metric
+                and (r.metric == self.target_metric or fnmatch.fnmatchcase(self.target_metric, r.metric))]
+
+    @property
+    def mode(self) -> str:
+        """'full' (a statistical rule on the target metric decides) or 'floors_only' (recorded on every promotion)."""
+        return "full" if self.statistical_rules() else "floors_only"
 
 
 class ServeBenchConfig(Strict):
