@@ -1,24 +1,28 @@
-"""The gate's error rates, measured (make bench-gate):
+"""The default recipe's margin and the gate's error rates, measured (make bench-gate), and min_effect for a team's own
+recipe (make calibrate-gate):
 
-    .venv/bin/python -m flows.bench_gate [--seeds 42,43,44] [--reference-recipe finetune.max_steps=100]
-                                         [--trials 500] [--repeats 3] [--no-write]
+    .venv/bin/python -m flows.bench_gate [--seeds 42,...,49] [--base-seeds 1234,1235] [--trials 500] [--repeats 2]
+                                         [--reference-recipe finetune.max_steps=100] [--no-write]
+    .venv/bin/python -m flows.bench_gate --calibrate [--seeds 42,...,47]      # make calibrate-gate
 
-1. Real training noise. The configured recipe is trained with each seed, and a second recipe (the reference
-   recipe: by default the same with 100 instead of 300 steps) with the same seeds; every run is evaluated on the
-   same items (finetune and evaluation are cached by their keys: a rerun trains nothing new).
-   - the real null: every seed of the recipe gated against every other seed as if it were the champion (the full
-     configured rule set, `eval.gate.decide`): how many are promoted;
-   - a real improvement: every seed of the recipe gated against every seed of the reference recipe;
-   - the seed-to-seed spread of each candidate metric (what `min_effect` and the target metric are chosen from);
-   - the same recipe and seeds with the other LoRA method (qlora <-> lora), side by side.
-2. Simulation from the real per-item scores. The per-item differences of the target metric between two seeds of
-   the same recipe (centred: the true effect is exactly 0, the item-level disagreement is real) are resampled to
-   n items, a known effect is added, and the improvement rule decides; `--trials` trials per (effect, n), for the
-   evaluated item count and 0.5x and 2x of it, with the configured `min_effect` and with 0 (item noise only).
-   False promotion = the rate at effect 0; power = the rate at each effect.
-3. Reproducibility: the recipe's first seed trained `--repeats` times in all (fresh folders) and each adapter
-   compared tensor by tensor and evaluated afresh; one adapter evaluated twice from scratch.
+1. The recipe on every seed and base build. The configured recipe is trained with each seed on each base-model build
+   (the base built with another `base_model.build.seed` stands in for another machine: the self-built base is not
+   bit-identical across CPUs), and every run is evaluated on the same items and gated against its own base with the
+   configured rules: the recipe table (xml_valid, the target metric, the verdict) is the evidence that the default job
+   passes with margin. Finetune and evaluation are cached by their keys: a rerun trains nothing new.
+2. min_effect from a real null, chosen on one half of the seeds and validated on the other. Within each base build the
+   first half of the seeds calibrates: the pooled seed-to-seed SD of the target metric (with its chi-square 95%
+   interval) gives min_effect = z(0.95)·√2·SD, the one-sided 5% point of the difference between two seeds of one recipe.
+   The second half validates: its seeds are paired disjointly (independent pairs only), the better of each pair gated
+   against the worse (the direction most likely to promote) with the chosen min_effect and with 0.
+3. Simulation with the seed effect kept: whole per-item differences between two seeds of the recipe (not centred: a
+   seed pair's own mean difference is part of the null), resampled to n items, a known effect added, the improvement
+   rule deciding; false promotion at effect 0, power at the others, for the chosen min_effect, the configured one and 0.
+4. A real improvement: the recipe against a weaker reference recipe (`--reference-recipe`, 100 steps) on the first
+   base build, and reproducibility (the first seed trained `--repeats` times in all, adapters compared tensor by tensor).
 
+`--calibrate` is what a team runs on its own recipe and hardware: the recipe's seeds on the configured base, the
+seed SD with its interval, the independent seed pairs, and the config line to paste (no simulation, nothing written).
 Writes docs/BENCHMARKS.md (section gate), docs/gate_power.png, and a `bench-gate` MLflow run with both.
 Lives in flows/ because it wires stages (prepare, finetune, evaluate, gate).
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -41,22 +46,24 @@ offline.apply()
 
 from eval.evaluate import EvalResult, evaluate  # noqa: E402
 from eval.gate import decide, improvement_result, item_scores, paired_scores  # noqa: E402
+from finetune.base_model import build_base_model  # noqa: E402
 from finetune.finetune_stage import run_finetune  # noqa: E402
 from finetune.prepare import prepare_dataset  # noqa: E402
 from workspace.benchmarks import update_section  # noqa: E402
 from workspace.config import GateRule, LoadedConfig, add_cli_args, load_config, load_from_args  # noqa: E402
 from workspace.model_ref import base_model  # noqa: E402
-from workspace.paths import ROOT  # noqa: E402
+from workspace.paths import ROOT, resolve  # noqa: E402
 
-SPREAD_METRICS = ["custom/screens/field_f1", "custom/screens/char_ngram_f1", "custom/screens/xml_valid",
-                  "custom/screens/xml_structure"]
 EFFECTS = [0.0, 0.02, 0.05, 0.10]
 PLOT = ROOT / "docs" / "gate_power.png"
+Z95 = 1.6448536269514722  # one-sided 5% point of the standard normal
+SEEDS = "42,43,44,45,46,47,48,49"
 
 
 @dataclass
 class Trial:
     recipe: str
+    base_seed: int
     seed: int
     adapter: Path
     manifest: dict
@@ -67,36 +74,86 @@ def _loaded(args, overrides: list[str]) -> LoadedConfig:
     return load_config(args.config, profile=args.profile, overrides=list(args.overrides) + overrides)
 
 
-def train_and_evaluate(args, recipe: str, overrides: list[str], seed: int, test: Path, prepared, *,
+def base_overrides(args, loaded: LoadedConfig, base_seed: int) -> list[str]:
+    """The overrides that select the base build of `base_seed` (built under models/bench-base-<seed> when it is not the
+    configured one; skipped when current)."""
+    build = loaded.config.base_model.build
+    if loaded.config.base_model.source != "build" or base_seed == build.seed:
+        return []
+    over = [f"base_model.build.seed={base_seed}", f"base_model.path=models/bench-base-{base_seed}"]
+    other = _loaded(args, over).config.base_model
+    print(f"[bench-gate] base build seed {base_seed}: {other.path}", flush=True)
+    build_base_model(other.build, resolve(other.path))
+    return over
+
+
+def train_and_evaluate(args, recipe: str, overrides: list[str], base_seed: int, seed: int, test: Path, prepared, *,
                        output_root: Path | None = None, eval_root: Path | None = None) -> Trial:
-    loaded = _loaded(args, overrides + [f"project.seed={seed}"])
+    # LoRA modules, no merged copy: the merge is a serving step and changes no score of the in-process scorer
+    loaded = _loaded(args, overrides + [f"project.seed={seed}", "serving.adapter_mode=lora"])
     t0 = time.time()
     run = run_finetune(loaded, prepared.path, prepared.content_hash, output_root=output_root)
-    print(f"[bench-gate] {recipe} seed {seed}: {'cached' if run.skipped else 'trained'} {run.output_dir.name} "
-          f"({time.time() - t0:.0f} s)", flush=True)
-    ref = base_model(loaded).with_adapter(f"{recipe}-s{seed}", str(run.output_dir))
+    print(f"[bench-gate] {recipe} base {base_seed} seed {seed}: {'cached' if run.skipped else 'trained'} "
+          f"{run.output_dir.name} ({time.time() - t0:.0f} s)", flush=True)
+    ref = base_model(loaded).with_adapter(f"{recipe}-b{base_seed}-s{seed}", str(run.output_dir))
     res = evaluate(loaded, ref, test_file=test, backend="hf", out_root=eval_root)
-    return Trial(recipe, seed, run.output_dir, run.manifest, res)
+    print(f"[bench-gate]   xml_valid {res.metrics.get('eval/custom/screens/xml_valid', float('nan')):.2f}, "
+          f"target {res.metrics.get(args.target, float('nan')):.4f}", flush=True)
+    return Trial(recipe, base_seed, seed, run.output_dir, run.manifest, res)
 
 
-def gate_pair(loaded: LoadedConfig, cand: Trial, ref: Trial):
-    return decide(loaded.config.gate, cand.result.metrics, ref.result.metrics, cand.result.items_path,
-                  ref.result.items_path, cand.manifest.get("verification") or {}, f"{ref.recipe} seed {ref.seed}")
+def gate_pair(loaded: LoadedConfig, cand: Trial, ref_result: EvalResult, ref_name: str):
+    return decide(loaded.config.gate, cand.result.metrics, ref_result.metrics, cand.result.items_path,
+                  ref_result.items_path, cand.manifest.get("verification") or {}, ref_name)
 
 
 def improvement_rule(loaded: LoadedConfig) -> GateRule:
-    rules = [r for r in loaded.config.gate.rules if r.kind == "improvement"]
+    rules = loaded.config.gate.statistical_rules()
     if not rules:
-        raise SystemExit("bench-gate: the configured gate has no improvement rule to measure")
+        raise SystemExit("bench-gate: the configured gate has no improvement rule on gate.target_metric to measure")
     return rules[0]
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def pooled_sd(groups: list[list[float]]) -> tuple[float, int]:
+    """The pooled within-group SD (each group: one base build's seeds) and its degrees of freedom."""
+    ss = sum(float(np.sum((np.array(g) - np.mean(g)) ** 2)) for g in groups if len(g) > 1)
+    df = sum(len(g) - 1 for g in groups if len(g) > 1)
+    return (math.sqrt(ss / df) if df else 0.0), df
+
+
+def sd_interval(sd: float, df: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The chi-square confidence interval of a normal SD estimated with `df` degrees of freedom."""
+    from scipy import stats
+
+    if df < 1:
+        return float("nan"), float("nan")
+    a = 1 - confidence
+    return (sd * math.sqrt(df / stats.chi2.ppf(1 - a / 2, df)), sd * math.sqrt(df / stats.chi2.ppf(a / 2, df)))
+
+
+def min_effect_from_sd(sd: float) -> float:
+    """The one-sided 5% point of the difference between two seeds' means (SD·√2), rounded up to 0.005."""
+    return math.ceil(Z95 * math.sqrt(2) * sd / 0.005 - 1e-9) * 0.005
+
+
+def independent_pairs(trials: list[Trial], target: str) -> list[tuple[Trial, Trial]]:
+    """Disjoint pairs in seed order, each as (better, worse) on the target: no seed is used twice, so the pairs are
+    independent evidence, and each is gated in the direction most likely to promote."""
+    ordered = sorted(trials, key=lambda t: t.seed)
+    pairs = []
+    for a, b in zip(ordered[0::2], ordered[1::2]):
+        pairs.append((a, b) if a.result.metrics[target] >= b.result.metrics[target] else (b, a))
+    return pairs
 
 
 def simulate(loaded: LoadedConfig, rule: GateRule, pools: list[np.ndarray], sizes: list[int], effects: list[float],
              trials: int, min_effects: list[float], seed: int = 0) -> dict:
-    """Promotion rate per (min_effect, n, effect) of the improvement rule on resampled real differences."""
+    """Promotion rate per (min_effect, n, effect) of the improvement rule on resampled real differences. `pools` are
+    whole per-item differences between seeds (their mean, the seed effect, is kept); pass each pair in both
+    directions so the null is symmetric."""
     cfg = loaded.config.gate
     rng = np.random.default_rng(seed)
-    centred = [p - p.mean() for p in pools]
     out: dict = {}
     total = len(min_effects) * len(sizes) * len(effects)
     done = 0
@@ -106,12 +163,12 @@ def simulate(loaded: LoadedConfig, rule: GateRule, pools: list[np.ndarray], size
             for eff in effects:
                 promoted = 0
                 for t in range(trials):
-                    pool = centred[rng.integers(len(centred))]
+                    pool = pools[rng.integers(len(pools))]
                     d = rng.choice(pool, size=n, replace=True) + eff
                     promoted += improvement_result(r, rule.metric, d, np.zeros(n), cfg, seed=t).passed
                 out[(me, n, eff)] = promoted / trials
                 done += 1
-                print(f"[bench-gate] simulation {done}/{total}: min_effect {me}, n {n}, effect {eff:+.2f}: "
+                print(f"[bench-gate] simulation {done}/{total}: min_effect {me:g}, n {n}, effect {eff:+.2f}: "
                       f"promoted {promoted}/{trials}", flush=True)
     return out
 
@@ -135,7 +192,7 @@ def plot_power(sim: dict, sizes: list[int], effects: list[float], min_effects: l
             ax.plot(effects, [sim[(me, n, e)] for e in effects], marker="o", label=f"{n} items")
         ax.axhline(0.05, color="red", lw=0.8, ls="--", label="5% (false promotion goal at effect 0)")
         ax.set_title(f"improvement rule, min_effect {me:g}")
-        ax.set_xlabel("true effect on the target metric")
+        ax.set_xlabel("true effect on the target metric (seed effect kept)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("promotion rate")
     axes[0][-1].legend(fontsize=8)
@@ -164,142 +221,182 @@ def _items(res: EvalResult) -> dict:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------- reports
+def calibration(trials_by_base: dict[int, list[Trial]], target: str, rule: GateRule, loaded: LoadedConfig,
+                split: bool) -> dict:
+    """min_effect from the calibration seeds (the first half of each base build's seeds when `split`, else all),
+    validated on the disjoint pairs of the other half (or, without a split, of the same seeds: not held out)."""
+    cal, val = {}, {}
+    for b, ts in trials_by_base.items():
+        ordered = sorted(ts, key=lambda t: t.seed)
+        half = len(ordered) // 2 if split and len(ordered) >= 4 else len(ordered)
+        cal[b], val[b] = ordered[:half], (ordered[half:] if half < len(ordered) else ordered)
+    sd, df = pooled_sd([[t.result.metrics[target] for t in ts] for ts in cal.values()])
+    lo, hi = sd_interval(sd, df)
+    chosen = min_effect_from_sd(sd)
+    pairs = [p for ts in val.values() for p in independent_pairs(ts, target)]
+    rows = []
+    for better, worse in pairs:
+        c, r = paired_scores(item_scores(better.result.items_path, target), item_scores(worse.result.items_path, target))
+        res = {me: improvement_result(rule.model_copy(update={"min_effect": me}), target, c, r, loaded.config.gate)
+               for me in (chosen, 0.0)}
+        rows.append({"base": better.base_seed, "candidate": better.seed, "reference": worse.seed,
+                     "estimate": res[chosen].estimate, "interval": res[chosen].interval(),
+                     "promoted": res[chosen].passed, "promoted_at_0": res[0.0].passed})
+    return {"sd": sd, "df": df, "sd_low": lo, "sd_high": hi, "min_effect": chosen,
+            "min_effect_low": min_effect_from_sd(lo) if not math.isnan(lo) else float("nan"),
+            "min_effect_high": min_effect_from_sd(hi) if not math.isnan(hi) else float("nan"),
+            "calibration_seeds": {b: [t.seed for t in ts] for b, ts in cal.items()},
+            "validation_seeds": {b: [t.seed for t in ts] for b, ts in val.items()}, "held_out": split, "pairs": rows}
+
+
+def calibration_lines(cal: dict, rule: GateRule, target: str) -> list[str]:
+    held = "held-out" if cal["held_out"] else "the same (not held out: too few seeds to split)"
+    lines = [f"Seed SD of `{target}` (pooled within base builds, calibration seeds "
+             f"{'; '.join(f'base {b}: {s}' for b, s in cal['calibration_seeds'].items())}): **{cal['sd']:.4f}** "
+             f"({cal['df']} degrees of freedom; 95% interval [{cal['sd_low']:.4f}, {cal['sd_high']:.4f}]).", "",
+             f"min_effect = z(0.95)·√2·SD, rounded up to 0.005: **{cal['min_effect']:.3f}** (from the SD interval's "
+             f"ends: {cal['min_effect_low']:.3f} to {cal['min_effect_high']:.3f}; configured now: {rule.min_effect:g}).", "",
+             f"Validation on {held} seeds, independent pairs only (each seed in one pair; the better of the pair "
+             "gated against the worse):", "",
+             "| base build | candidate seed | reference seed | mean diff | 95% interval | promoted (chosen min_effect) | "
+             "promoted (min_effect 0) |", "|---|---|---|---|---|---|---|"]
+    for p in cal["pairs"]:
+        lines.append(f"| {p['base']} | {p['candidate']} | {p['reference']} | {p['estimate']:+.4f} | {p['interval']} | "
+                     f"{'**yes**' if p['promoted'] else 'no'} | {'yes' if p['promoted_at_0'] else 'no'} |")
+    n = len(cal["pairs"])
+    lines += ["", f"Promoted: **{sum(p['promoted'] for p in cal['pairs'])} of {n}** independent seed-only pairs with "
+              f"min_effect {cal['min_effect']:.3f}; {sum(p['promoted_at_0'] for p in cal['pairs'])} of {n} with 0."]
+    return lines
+
+
+def config_line(rule: GateRule, min_effect: float) -> str:
+    return (f"    - {{name: {rule.name}, kind: improvement, metric: {rule.metric}, confidence: {rule.confidence:g}, "
+            f"min_effect: {min_effect:.3f}}}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(ap)
-    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--seeds", default=None, help=f"training seeds (default {SEEDS}; --calibrate: 42..47)")
+    ap.add_argument("--base-seeds", default=None,
+                    help="base-model build seeds (default: the configured build seed and the next one; --calibrate: "
+                         "the configured base only)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="make calibrate-gate: the configured recipe's seeds, min_effect and the config line only")
     ap.add_argument("--reference-recipe", default="finetune.max_steps=100",
-                    help="space-separated overrides of the weaker recipe the real improvement is measured against")
+                    help="space-separated overrides of the weaker recipe the real improvement is measured against "
+                         "('' skips it)")
+    ap.add_argument("--reference-seeds", type=int, default=3, help="seeds of the reference recipe (first base build)")
     ap.add_argument("--trials", type=int, default=500)
-    ap.add_argument("--repeats", type=int, default=3, help="trainings of the first seed for reproducibility (0: skip)")
-    ap.add_argument("--no-other-method", action="store_true",
-                    help="skip training the recipe's seeds with the other LoRA method (qlora <-> lora)")
+    ap.add_argument("--repeats", type=int, default=2, help="trainings of the first seed for reproducibility (0: skip)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     loaded = load_from_args(args)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    ref_overrides = args.reference_recipe.split()
     rule = improvement_rule(loaded)
-    target = rule.metric
+    target = args.target = rule.metric
+    seeds = [int(s) for s in (args.seeds or ("42,43,44,45,46,47" if args.calibrate else SEEDS)).split(",")]
+    build_seed = loaded.config.base_model.build.seed
+    base_seeds = ([int(s) for s in args.base_seeds.split(",")] if args.base_seeds else
+                  [build_seed] if args.calibrate else [build_seed, build_seed + 1])
     prepared = prepare_dataset(loaded)
     test = prepared.path / "test.jsonl"
     t_start = time.time()
 
-    # 1. real training noise
-    recipe = [train_and_evaluate(args, "recipe", [], s, test, prepared) for s in seeds]
-    weaker = [train_and_evaluate(args, "reference-recipe", ref_overrides, s, test, prepared) for s in seeds]
-    method = loaded.config.finetune.method
-    other = {"lora": "qlora", "qlora": "lora"}.get(method)
-    other_runs = []
-    if other and not args.no_other_method:  # the same recipe and seeds with the other LoRA method (cached by key)
-        over = [f"finetune.method={other}", "finetune.quantization_bit=" + ("4" if other == "qlora" else "null")]
-        other_runs = [train_and_evaluate(args, "recipe", over, s, test, prepared) for s in seeds]
-    null = [(c, r, gate_pair(loaded, c, r)) for c, r in itertools.permutations(recipe, 2)]
-    better = [(c, r, gate_pair(loaded, c, r)) for c, r in itertools.product(recipe, weaker)]
+    # 1. the recipe on every seed and base build, each gated against its own base
+    trials: dict[int, list[Trial]] = {}
+    bases: dict[int, EvalResult] = {}
+    base_over: dict[int, list[str]] = {}
+    for b in base_seeds:
+        base_over[b] = base_overrides(args, loaded, b)
+        lb = _loaded(args, base_over[b])
+        bases[b] = evaluate(lb, base_model(lb), test_file=test, backend="hf")
+        trials[b] = [train_and_evaluate(args, "recipe", base_over[b], b, s, test, prepared) for s in seeds]
+    verdicts = {(t.base_seed, t.seed): gate_pair(_loaded(args, base_over[t.base_seed]), t, bases[t.base_seed],
+                                                 f"base build {t.base_seed}")
+                for ts in trials.values() for t in ts}
+    cal = calibration(trials, target, rule, loaded, split=not args.calibrate)
 
-    def imp(d):
-        return next(x for x in d.rules if x.kind == "improvement")
+    recipe_lines = ["| base build | seed | final val loss | xml_valid | " + target.removeprefix("eval/") +
+                    " | gate vs its base (configured rules) | decided by |", "|---|---|---|---|---|---|---|"]
+    xml = []
+    for b, ts in trials.items():
+        for t in ts:
+            d = verdicts[(b, t.seed)]
+            m = t.result.metrics
+            xml.append(m["eval/custom/screens/xml_valid"])
+            recipe_lines.append(f"| {b} | {t.seed} | {t.manifest.get('final_val_loss') or float('nan'):.3f} | "
+                                f"{m['eval/custom/screens/xml_valid']:.2f} | {m[target]:.4f} | "
+                                f"{'**pass**' if d.passed else 'FAIL'} | {d.decided_by[:90]} |")
+    passed = sum(d.passed for d in verdicts.values())
+    summary = (f"{len(xml)} runs ({len(seeds)} seeds x {len(base_seeds)} base builds): minimum xml_valid "
+               f"**{min(xml):.2f}** (mean {np.mean(xml):.3f}); the gate against the base passed **{passed} of "
+               f"{len(verdicts)}**.")
 
-    def worst_upper(d) -> str:  # no_regression: the largest one-sided 95% upper bound of reference - candidate
-        bounds = [-x.ci_low for x in d.rules if x.kind == "no_regression" and x.ci_low is not None]
-        return f"{max(bounds):+.3f}" if bounds else "-"
+    if args.calibrate:
+        lines = [f"make calibrate-gate: recipe = profile `{loaded.profile}` ({' '.join(args.overrides) or 'as configured'}), "
+                 f"seeds {seeds}, base build {base_seeds}.", "", *recipe_lines, "", summary, "",
+                 *calibration_lines(cal, rule, target), "",
+                 "Paste into configs/pipeline.yaml, gate.rules (replacing the improvement rule):", "",
+                 config_line(rule, cal["min_effect"])]
+        print("\n".join(lines))
+        return 0
 
-    def row(c_name, r_name, d) -> str:
-        i = imp(d)
-        est = "-" if i.estimate is None else f"{i.estimate:+.4f}"
-        without = "-" if i.ci_low is None else ("would pass" if i.ci_low > 0 else "fails too")
-        return (f"| {c_name} | {r_name} | {'**yes**' if d.passed else 'no'} | {'pass' if i.passed else 'fail'} | {without} | "
-                f"{est} | {i.interval()} | {worst_upper(d)} | {d.decided_by[:100]} |")
-
-    spread = {}
-    for m in SPREAD_METRICS:
-        vals = [t.result.metrics.get(f"eval/{m}") for t in recipe]
-        wvals = [t.result.metrics.get(f"eval/{m}") for t in weaker]
-        if None in vals or None in wvals:
-            continue
-        pair = [a - b for a, b in itertools.permutations(vals, 2)]
-        spread[m] = {"values": vals, "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                     "max_pair": float(max(abs(p) for p in pair)) if pair else 0.0,
-                     "weaker": wvals, "gain": float(np.mean(vals) - np.mean(wvals))}
-
-    # 2. simulation from the real per-item differences between seeds
-    pools = [np.subtract(*paired_scores(item_scores(a.result.items_path, target), item_scores(b.result.items_path, target)))
-             for a, b in itertools.combinations(recipe, 2)]
+    # 2./3. simulation with the seed effect kept: every within-build seed pair's whole per-item differences, both ways
+    pools = []
+    for ts in trials.values():
+        for a, b in itertools.combinations(ts, 2):
+            d = np.subtract(*paired_scores(item_scores(a.result.items_path, target), item_scores(b.result.items_path, target)))
+            pools += [d, -d]
     n_eval = len(pools[0])
     sizes = [max(1, n_eval // 2), n_eval, 2 * n_eval]
-    min_effects = sorted({0.0, rule.min_effect})
+    min_effects = sorted({0.0, rule.min_effect, cal["min_effect"]})
     sim = simulate(loaded, rule, pools, sizes, EFFECTS, args.trials, min_effects)
     png = plot_power(sim, sizes, EFFECTS, min_effects, PLOT if not args.no_write else Path(tempfile.mkdtemp()) / "p.png")
 
-    # 3. reproducibility
+    # 4. a real improvement and reproducibility (first base build)
+    b0 = base_seeds[0]
+    better_rows = []
+    if args.reference_recipe.strip() and args.reference_seeds > 0:
+        weaker = [train_and_evaluate(args, "reference-recipe", base_over[b0] + args.reference_recipe.split(), b0, s, test,
+                                     prepared) for s in seeds[:args.reference_seeds]]
+        for c, r in itertools.product(trials[b0][:args.reference_seeds], weaker):
+            d = gate_pair(_loaded(args, base_over[b0]), c, r.result, f"reference recipe seed {r.seed}")
+            i = next(x for x in d.rules if x.kind == "improvement")
+            better_rows.append(f"| recipe seed {c.seed} | reference recipe seed {r.seed} | "
+                               f"{'**yes**' if d.passed else 'no'} | {i.estimate:+.4f} | {i.interval()} |")
     repro_rows, eval_twice = [], None
     work = Path(tempfile.mkdtemp(prefix="bench-gate-", dir=ROOT / "models"))
     try:
         if args.repeats > 1:
-            first = recipe[0]
+            first = trials[b0][0]
             for i in range(1, args.repeats):
-                again = train_and_evaluate(args, f"repeat{i}", [], first.seed, test, prepared,
+                again = train_and_evaluate(args, f"repeat{i}", base_over[b0], b0, first.seed, test, prepared,
                                            output_root=work / f"repeat{i}", eval_root=work / f"eval{i}")
                 quality = {k for k in first.result.metrics if "per_s" not in k}  # speeds vary, scores must not
                 repro_rows.append({
                     "repeat": i + 1, "adapter_max_abs_diff": adapter_max_diff(first.adapter, again.adapter),
                     "val_loss": again.manifest.get("final_val_loss"), "first_val_loss": first.manifest.get("final_val_loss"),
-                    "target": again.result.metrics.get(target), "first_target": first.result.metrics.get(target),
-                    "metrics_equal": all(again.result.metrics.get(k) == first.result.metrics[k] for k in quality),
-                })
-            fresh = evaluate(_loaded(args, [f"project.seed={first.seed}"]),
-                             base_model(loaded).with_adapter("again", str(first.adapter)), test_file=test,
-                             backend="hf", out_root=work / "eval-again")
+                    "metrics_equal": all(again.result.metrics.get(k) == first.result.metrics[k] for k in quality)})
+            lf = _loaded(args, base_over[b0] + [f"project.seed={first.seed}"])
+            fresh = evaluate(lf, base_model(lf).with_adapter("again", str(first.adapter)), test_file=test, backend="hf",
+                             out_root=work / "eval-again")
             eval_twice = _items(fresh) == _items(first.result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    # report
-    HEAD = ("| candidate | reference | promoted (all rules) | improvement rule | the same rule with min_effect 0 | "
-            "target: mean diff | interval | KoBEST: worst 95% upper bound of reference - candidate | decided by |")
-    SEP = "|---|---|---|---|---|---|---|---|---|"
-    promoted_null = sum(d.passed for _, _, d in null)
-    promoted_better = sum(d.passed for _, _, d in better)
     lines = [f"Configured gate: {len(loaded.config.gate.rules)} rules; target metric `{target}`, improvement rule "
-             f"min_effect {rule.min_effect}, confidence {rule.confidence}, gate.min_items {loaded.config.gate.min_items}, "
+             f"min_effect {rule.min_effect:g}, confidence {rule.confidence}, gate.min_items {loaded.config.gate.min_items}, "
              f"{loaded.config.gate.bootstrap_samples} bootstrap resamples; {n_eval} evaluated items on the target. "
-             f"Recipe = the configured profile `{loaded.profile}`; reference recipe = `{args.reference_recipe}`; seeds {seeds}.",
-             "", "### Real training noise: seeds of one recipe gated against each other (the real null)", "",
-             HEAD, SEP]
-    for c, r, d in null:
-        lines.append(row(f"seed {c.seed}", f"seed {r.seed}", d))
-    lines += ["", f"Promoted: **{promoted_null} of {len(null)}** seed-only candidates.", "",
-              "### A real improvement: the recipe vs the reference recipe, every seed against every seed", "",
-              HEAD, SEP]
-    for c, r, d in better:
-        lines.append(row(f"recipe seed {c.seed}", f"reference recipe seed {r.seed}", d))
-    lines += ["", f"Promoted: **{promoted_better} of {len(better)}**.", "",
-              "### Seed-to-seed spread of the candidate metrics (what the target metric and min_effect are chosen from)", "",
-              "| metric | recipe, per seed | SD over seeds | largest seed-pair difference | 2·√2·SD | reference recipe, per seed | recipe gain | gain / (2·√2·SD) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for m, s in spread.items():
-        bar = 2 * np.sqrt(2) * s["sd"]  # two standard deviations of the difference between two seeds' means
-        ratio = s["gain"] / bar if bar else float("inf")
-        lines.append(f"| {m} | {', '.join(f'{v:.3f}' for v in s['values'])} | {s['sd']:.3f} | {s['max_pair']:.3f} | "
-                     f"{bar:.3f} | {', '.join(f'{v:.3f}' for v in s['weaker'])} | {s['gain']:+.3f} | {ratio:.1f} |")
-    lines += ["", "2·√2·SD: a difference between two seeds of the same recipe exceeds it about 2.5% of the time if seed "
-              f"effects are normal; with {len(seeds)} seeds the SD itself is a rough estimate."]
-    if other_runs:
-        lines += ["", f"### The same recipe and seeds, {method} vs {other}", "",
-                  "| seed | method | quantized layers (seen in training) | training s | final val loss | xml_valid | "
-                  "field_f1 | char_ngram_f1 |", "|---|---|---|---|---|---|---|---|"]
-        for t in sorted(recipe + other_runs, key=lambda t: (t.seed, t.manifest.get("method"))):
-            mc, mm = t.manifest.get("method_check") or {}, t.result.metrics
-            layers = f"{mc['quantized_layers']} x {mc['quantized_layer_type']}" if mc.get("quantized_layers") else "none"
-            lines.append(f"| {t.seed} | {t.manifest.get('method')} | {layers} | {t.manifest.get('stage_wall_s')} | "
-                         f"{t.manifest.get('final_val_loss'):.3f} | {mm['eval/custom/screens/xml_valid']:.2f} | "
-                         f"{mm['eval/custom/screens/field_f1']:.3f} | {mm['eval/custom/screens/char_ngram_f1']:.3f} |")
-        lines.append("(training s: the training process's wall time when the run was made, on a machine that may "
-                     "have been busy; docs/BENCHMARKS.md, finetune, times both methods alone.)")
-    lines += ["", f"### Simulation: {args.trials} trials per cell, real per-item differences of `{target}` between "
-              "seeds (centred), a known effect added", "",
-              "| min_effect | items | " + " | ".join(f"effect {e:+.2f}" for e in EFFECTS) + " |",
-              "|---|---|" + "---|" * len(EFFECTS)]
+             f"Recipe = the configured profile `{loaded.profile}`; seeds {seeds}; base builds (base_model.build.seed) "
+             f"{base_seeds}; CPU: this machine's.", "",
+             "### The recipe on every seed and base build, gated against its own base", "", *recipe_lines, "", summary,
+             "", "### min_effect from a real null: chosen on half the seeds, validated on the other half", "",
+             *calibration_lines(cal, rule, target), "",
+             f"### Simulation: {args.trials} trials per cell, whole per-item differences of `{target}` between two seeds "
+             "of one base build (the seed effect kept), resampled, a known effect added", "",
+             "| min_effect | items | " + " | ".join(f"effect {e:+.2f}" for e in EFFECTS) + " |",
+             "|---|---|" + "---|" * len(EFFECTS)]
     for me in min_effects:
         for n in sizes:
             cells = []
@@ -307,36 +404,43 @@ def main(argv: list[str] | None = None) -> int:
                 rate = sim[(me, n, e)]
                 lo, hi = wilson(rate, args.trials)
                 cells.append(f"{rate:.1%} [{lo:.1%}, {hi:.1%}]")
-            lines.append(f"| {me:g} | {n}{' (evaluated)' if n == n_eval else ''} | " + " | ".join(cells) + " |")
+            tag = " (chosen)" if me == cal["min_effect"] else " (configured)" if me == rule.min_effect else ""
+            lines.append(f"| {me:g}{tag} | {n}{' (evaluated)' if n == n_eval else ''} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: promotion rate [95% Wilson interval]. Effect 0 = false promotion (goal <= 5%); other effects = "
               f"power. Plot: `docs/{PLOT.name}`.", ""]
+    if better_rows:
+        lines += [f"### A real improvement: the recipe vs `{args.reference_recipe}` (base build {b0})", "",
+                  "| candidate | reference | promoted (all rules) | target: mean diff | interval |", "|---|---|---|---|---|",
+                  *better_rows, ""]
     if repro_rows:
         lines += ["### Reproducibility: the same config, seed and code trained again", "",
-                  "| run | adapter max abs diff vs run 1 | final val loss (run 1) | target (run 1) | all metrics equal |",
-                  "|---|---|---|---|---|"]
+                  "| run | adapter max abs diff vs run 1 | final val loss (run 1) | all metrics equal |", "|---|---|---|---|"]
         for r in repro_rows:
             lines.append(f"| {r['repeat']} | {r['adapter_max_abs_diff']:.3g} | {r['val_loss']} ({r['first_val_loss']}) | "
-                         f"{r['target']:.4f} ({r['first_target']:.4f}) | {'yes' if r['metrics_equal'] else 'NO'} |")
+                         f"{'yes' if r['metrics_equal'] else 'NO'} |")
         lines += ["", f"The same adapter evaluated twice from scratch: per-item scores "
                   f"{'identical' if eval_twice else 'DIFFER'}.", ""]
     lines.append(f"Wall time {time.time() - t_start:.0f} s.")
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
-        update_section("gate", "Gate error rates: real seeds, simulation, reproducibility",
+        update_section("gate", "The default recipe's margin and the gate's error rates",
                        "make bench-gate  (python -m flows.bench_gate)", body)
-        _log_mlflow(loaded, body, png, promoted_null, len(null), promoted_better, len(better), sim, sizes, n_eval)
+        _log_mlflow(loaded, body, png, cal, passed, len(verdicts), min(xml), sim, sizes, n_eval)
     return 0
 
 
-def _log_mlflow(loaded, body, png, pn, nn, pb, nb, sim, sizes, n_eval) -> None:
+def _log_mlflow(loaded, body, png, cal, passed, runs, min_xml, sim, sizes, n_eval) -> None:
     import mlflow
 
     from workspace.tracking import stage_run
 
     with stage_run(loaded, "bench-gate"):
-        mlflow.log_metrics({"bench_gate/null_promoted": pn, "bench_gate/null_trials": nn,
-                            "bench_gate/improvement_promoted": pb, "bench_gate/improvement_trials": nb})
+        mlflow.log_metrics({"bench_gate/recipe_passed": passed, "bench_gate/recipe_runs": runs,
+                            "bench_gate/min_xml_valid": min_xml, "bench_gate/seed_sd": cal["sd"],
+                            "bench_gate/min_effect": cal["min_effect"],
+                            "bench_gate/null_promoted": sum(p["promoted"] for p in cal["pairs"]),
+                            "bench_gate/null_pairs": len(cal["pairs"])})
         for (me, n, e), rate in sim.items():
             if n == n_eval:
                 mlflow.log_metric(f"bench_gate/sim_me{me:g}_e{e:.2f}", rate)

@@ -1,8 +1,10 @@
-"""The whole pipeline end to end on the cpu_smoke profile, with the real engines (LLaMA-Factory, lm-eval, DeepEval,
-MLflow, Qdrant, vLLM, Prefect), isolated in a temporary MLflow store / data / adapters / Qdrant folder / Prefect
-result storage. Then: an immediate rerun is all cache hits, a config change reruns only what depends on it, a
-failing stage leaves the earlier ones cached, a second pipeline is refused while one holds the workspace, and
-the pipeline deployment runs through a local Prefect server and process worker."""
+"""The whole pipeline end to end on the DEFAULT profile (what `make pipeline` runs on a fresh clone: cpu_tiny, the
+real gate rules of configs/pipeline.yaml), with the real engines (LLaMA-Factory, lm-eval, DeepEval, MLflow, Qdrant,
+vLLM, Prefect), isolated in a temporary MLflow store / data / adapters / Qdrant folder / Prefect result storage, from
+an empty state to a promoted, served champion. Then: an immediate rerun is all cache hits, a config change reruns
+only what depends on it, a failing stage leaves the earlier ones cached, a refused candidate leaves the registry as
+it was, a second pipeline is refused while one holds the workspace, and the pipeline deployment runs through a local
+Prefect server and process worker. The cpu_smoke profile (QLoRA 4-bit) serves the SLO and load-benchmark tests."""
 from __future__ import annotations
 
 import json
@@ -15,6 +17,7 @@ import time
 import pytest
 import yaml
 
+from workspace.config import load_config
 from workspace.processes import free_port
 from workspace import offline
 from workspace.locks import LockBusy, workspace_lock
@@ -30,14 +33,14 @@ def ws(tmp_path_factory):
     env = offline.subprocess_env(extra={"PREFECT_HOME": str(tmp / "prefect"), "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "storage")})
 
     def run(*extra: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
-        argv = [sys.executable, "-m", "flows.pipeline", "--profile", "cpu_smoke",
+        argv = [sys.executable, "-m", "flows.pipeline",  # no --profile: configs/pipeline.yaml's own, as make pipeline
                 *[a for o in overrides for a in ("--set", o)], *extra]
         t0 = time.monotonic()
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         return proc, time.monotonic() - t0
 
-    first, _ = run()
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    first, _ = run(timeout=1500)
+    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-3000:]
     return {"tmp": tmp, "run": run, "env": env, "overrides": overrides, "first": first}
 
 
@@ -64,9 +67,11 @@ def test_first_run_registers_serves_and_records_everything(ws):
         assert tags[f"stage.{stage}"] == "ran", stage
     for key in ("git_commit", "config_hash", "profile", "prefect_flow_run_id"):
         assert tags[key], key
-    assert tags["profile"] == "cpu_smoke"
+    default = load_config()
+    assert tags["profile"] == default.profile == "cpu_tiny"
+    assert tags["config_hash"] == load_config(overrides=ws["overrides"]).hash
     # params align across runs (the flattened config) and the candidate's scores are on the parent
-    assert parent.data.params["finetune.lora_rank"] == "8"
+    assert parent.data.params["finetune.lora_rank"] == str(default.config.finetune.lora_rank)
     assert parent.data.metrics["gate/passed"] == 1.0 and parent.data.metrics["registry/version"] == 1.0
     assert "eval/custom/screens/char_ngram_f1" in parent.data.metrics and "train/final_loss" in parent.data.metrics
     assert "| gate |" in tags["mlflow.note.content"]
@@ -83,10 +88,17 @@ def test_first_run_registers_serves_and_records_everything(ws):
     # the registry: v1 is the champion, with the serving configuration and the gate decision inside
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("e2e-assistant", "champion")
-    assert str(champion.version) == "1" and champion.tags["gate"] == "pass"
+    assert str(champion.version) == "1" and champion.tags["gate"] == "pass" and champion.tags["gate_mode"] == "full"
     files = set(os.listdir(mlflow.artifacts.download_artifacts("models:/e2e-assistant@champion",
                                                                dst_path=str(ws["tmp"] / "champion-check"))))
     assert {"serving.yaml", "gate.json", "manifest.json"} <= files
+    # the real rules decided: every configured rule has a row, the statistical one with its evidence
+    gate = json.loads((ws["tmp"] / "champion-check" / "gate.json").read_text())
+    assert gate["passed"] and gate["mode"] == "full" and gate["reference"] == "base"
+    assert {r["name"] for r in gate["rules"]} == {r.name for r in default.config.gate.rules}
+    improvement = next(r for r in gate["rules"] if r["kind"] == "improvement")
+    assert improvement["passed"] and improvement["n"] >= default.config.gate.min_items
+    assert improvement["ci_low"] > next(r.min_effect for r in default.config.gate.rules if r.kind == "improvement")
     # the profile's adapter_mode auto chose merged (one model served): the merged weights are registered and served
     assert champion.tags["adapter_mode"] == "merged" and "merged" in files
     conf = yaml.safe_load((ws["tmp"] / "champion-check" / "serving.yaml").read_text())
@@ -137,6 +149,46 @@ def test_a_failing_stage_keeps_the_earlier_ones_cached(ws):
     # rerun without the broken judge: resumes, every stage a cache hit again
     again, _ = ws["run"]("--no-serve-check")
     assert again.returncode == 0 and again.stdout.count("cached in") == 6, again.stdout[-2000:]
+
+
+def _registry_state(ws, name: str) -> dict:
+    client = _mlflow(ws).MlflowClient()
+    model = client.get_registered_model(name)
+    versions = client.search_model_versions(f"name = '{name}'")
+    return {"aliases": dict(model.aliases), "description": model.description, "tags": dict(model.tags),
+            "versions": sorted((str(v.version), v.status, v.source, v.run_id, v.description, tuple(sorted(v.tags.items())),
+                                tuple(sorted(v.aliases or [])), v.last_updated_timestamp) for v in versions)}
+
+
+@pytest.mark.slow
+def test_a_refused_candidate_leaves_the_registry_as_it_was(ws):
+    """A weaker candidate (20 steps) against the champion: the gate refuses it (exit 3), the refusal says what to do,
+    and every alias, tag, description and version of the registered model is as it was."""
+    before = _registry_state(ws, "e2e-assistant")
+    proc, _ = ws["run"]("--set", "finetune.max_steps=20", "--no-serve-check")
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    err = proc.stderr
+    assert "nothing was promoted; e2e-assistant@champion is still v1 and keeps serving" in err
+    assert "rule '" in err and "gate table:" in err and "evaluation report:" in err
+    assert "python -m eval.inspect_items" in err and 'SET="project.seed=' in err and "make gate" in err
+    assert _registry_state(ws, "e2e-assistant") == before
+    items = re.search(r"inspect_items (\S+) --metric (\S+)", err)
+    shown = subprocess.run([sys.executable, "-m", "eval.inspect_items", items.group(1), "--metric", items.group(2)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "prompt:" in shown.stdout and "reference:" in shown.stdout, shown.stderr
+
+
+@pytest.mark.slow
+def test_a_floors_only_pass_never_replaces_a_fully_gated_champion(ws):
+    """cpu_smoke's floors-only gate pointed at the real registered model: the gate passes, the promotion is refused,
+    and the registry is as it was."""
+    before = _registry_state(ws, "e2e-assistant")
+    argv = [sys.executable, "-m", "flows.pipeline", "--profile", "cpu_smoke", "--no-serve-check",
+            *[a for o in ws["overrides"] for a in ("--set", o)]]  # the overrides name e2e-assistant
+    proc = subprocess.run(argv, cwd=ROOT, env=ws["env"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "floors-only" in proc.stderr and "never replaces it" in proc.stderr
+    assert _registry_state(ws, "e2e-assistant") == before
 
 
 @pytest.mark.slow
@@ -193,7 +245,7 @@ def test_pipeline_deployment_runs_through_a_local_server_and_worker(ws):
                               text=True, timeout=120)
         assert loop.returncode == 0 and "0 3 * * 1" in loop.stdout and "flows.loop" in loop.stdout, loop.stdout + loop.stderr
         run = subprocess.run([*deploy, "run", "pipeline/default", "--port", str(port), "--timeout", "600",
-                              "--param", "profile=cpu_smoke", "--param", f"overrides={json.dumps(ws['overrides'])}",
+                              "--param", f"overrides={json.dumps(ws['overrides'])}",
                               "--param", "serve_check=false"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=700)
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
