@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate calibrate-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -116,8 +116,11 @@ bench-loop: setup  ## harvest speed, DPO from the champion on harvested correcti
 bench-eval: setup  ## base vs candidate quality, hf vs vLLM scoring speed (needs `make finetune`)
 	@$(PY) -m flows.bench_eval $(CFG_ARGS)
 
-bench-gate: setup  ## the gate's error rates: seeds gated against each other, simulated power, reproducibility (~1 h first run)
-	@$(PY) -m flows.bench_gate $(CFG_ARGS)
+bench-gate: setup  ## the default recipe on 8 seeds x 2 base builds, min_effect from a held-out null, simulated power (hours on 2 cores)
+	@$(PY) -m flows.bench_gate $(CFG_ARGS) $(ARGS)
+
+calibrate-gate: setup  ## min_effect for YOUR recipe and hardware: trains SEEDS (default 6), prints the evidence and the config line
+	@$(PY) -m flows.bench_gate --calibrate $(CFG_ARGS) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
 
 bench-rag: setup  ## RAG indexing speed (shipped + 10k synthetic chunks), query latency, retrieval per mode
 	@$(PY) -m rag.bench_rag

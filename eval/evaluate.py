@@ -73,6 +73,8 @@ def cache_key(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...], te
     task_cfg = _files_hash([p for p in (CONFIGS / "tasks").glob("*") if p.is_file()] + scorer_code)
     parts = {"model": model.fingerprint(), "data": _files_hash(data), "tasks": task_cfg,
              "eval": cfg.model_dump(mode="json"), "suites": sorted(suites), "backend": backend, "version": EVAL_VERSION}
+    if loaded.config.serving.decoding.non_default():  # generations decode as served (keys without it are unchanged)
+        parts["decoding"] = loaded.config.serving.decoding.non_default()
     if backend == "vllm" and served_merged(loaded, model):
         parts["served"] = "merged"  # merged weights score (slightly) differently from the LoRA module
     blob = json.dumps(parts, sort_keys=True)
@@ -92,11 +94,12 @@ def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backen
     if not items:
         raise EvalError(f"custom suite: {test_file} has no items")
     try:
+        sampling = loaded.config.serving.decoding.non_default()  # what the served model decodes with
         if backend == "hf":
             gens = generate_hf(model.base, model.adapter, items, cfg.max_new_tokens, device=cfg.device,
-                               dtype=resolve_dtype(cfg.device, cfg.dtype), progress=progress)
+                               dtype=resolve_dtype(cfg.device, cfg.dtype), progress=progress, sampling=sampling)
         else:
-            gens = generate_openai(endpoint, items, cfg.max_new_tokens, progress=progress)
+            gens = generate_openai(endpoint, items, cfg.max_new_tokens, progress=progress, sampling=sampling)
     except Exception as exc:  # noqa: BLE001 - name the model/endpoint that failed
         where = endpoint.base_url if endpoint else f"{model.base} (adapter {model.adapter or '-'})"
         raise EvalError(f"custom suite: generation with {where} failed: {type(exc).__name__}: {exc}") from exc

@@ -61,7 +61,8 @@ def rag_answer_quality(loaded: LoadedConfig, model: ModelRef, contexts: Path) ->
     if not items:
         raise EvalError(f"{contexts} has no questions: the rag stage wrote no RAG contexts")
     with stage_run(loaded, f"eval-rag-{model.name}"):
-        metrics, rows, judge_note = score_rag_answers(loaded.config.eval, model, items)
+        metrics, rows, judge_note = score_rag_answers(loaded.config.eval, model, items,
+                                                      sampling=loaded.config.serving.decoding.non_default())
         mlflow.log_metrics(metrics)
         mlflow.set_tag("judge", judge_note[:250])
         mlflow.log_table({"id": [r["id"] for r in rows], "question": [r["prompt"] for r in rows],

@@ -95,6 +95,7 @@ class GateStage(Stage[GateInputs, GateOutputs]):
         gate_cfg = cfg.gate.model_dump(mode="json", exclude={"rag_min_hit_at_5", "slo"})
         return digest(inputs.run_key, inputs.reference and inputs.reference.model_dump(), gate_cfg,
                       cfg.eval.model_dump(mode="json"), inputs.extra_rules, inputs.verification, GATE_VERSION,
+                      *([cfg.serving.decoding.non_default()] if cfg.serving.decoding.non_default() else []),
                       *([inputs.arena, inputs.purpose] if inputs.arena is not None or inputs.purpose != "champion" else []))
 
     def outputs_present(self, loaded: LoadedConfig, outputs: GateOutputs) -> bool:

@@ -40,12 +40,32 @@ def load_items(path: Path, limit: Optional[int] = None) -> list[dict]:
     return items
 
 
-def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_tokens: int, *, device: str, dtype: str,
-                batch_size: int = 16, progress=None) -> Generations:
-    """Greedy generation in this process on `device` ('cpu' | 'cuda') in `dtype` (a torch dtype name; from
-    eval.device / eval.dtype through workspace.device.resolve_dtype)."""
+def output_penalties(prompt_len: int, frequency_penalty: float = 0.0, presence_penalty: float = 0.0):
+    """A transformers LogitsProcessor with vLLM's OpenAI penalties, so the in-process scorer decodes as the server does
+    (serving.decoding): on the tokens generated after the (left-padded) prompt only, logit -= frequency_penalty x
+    count + presence_penalty x (count > 0). Written here because transformers has no such processor: its
+    RepetitionPenaltyLogitsProcessor is another rule (multiplicative, over the prompt too)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import LogitsProcessor
+
+    class OutputPenalties(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            out = input_ids[:, prompt_len:]
+            if out.shape[1] == 0:
+                return scores
+            counts = torch.zeros_like(scores)
+            counts.scatter_add_(1, out, torch.ones_like(out, dtype=scores.dtype))
+            return scores - frequency_penalty * counts - presence_penalty * (counts > 0).to(scores.dtype)
+
+    return OutputPenalties()
+
+
+def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_tokens: int, *, device: str, dtype: str,
+                batch_size: int = 16, progress=None, sampling: Optional[dict] = None) -> Generations:
+    """Greedy generation in this process on `device` ('cpu' | 'cuda') in `dtype` (a torch dtype name; from
+    eval.device / eval.dtype through workspace.device.resolve_dtype). `sampling`: serving.decoding's penalties."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"eval.device is cuda but torch {torch.__version__} in the workspace env sees no CUDA GPU")
@@ -68,7 +88,8 @@ def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_to
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             batch = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+            penalties = LogitsProcessorList([output_penalties(batch["input_ids"].shape[1], **sampling)]) if sampling else None
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=penalties,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             new = gen[:, batch["input_ids"].shape[1]:]
             for row in new:
@@ -82,8 +103,11 @@ def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_to
     return Generations(outputs, n_tokens, time.time() - t0)
 
 
-def generate_openai(endpoint: Endpoint, items: list[dict], max_new_tokens: int, progress=None) -> Generations:
-    """Greedy chat completions against an OpenAI-compatible server (workspace.endpoint), `concurrency` in flight."""
+def generate_openai(endpoint: Endpoint, items: list[dict], max_new_tokens: int, progress=None,
+                    sampling: Optional[dict] = None) -> Generations:
+    """Greedy chat completions against an OpenAI-compatible server (workspace.endpoint), `concurrency` in flight;
+    `sampling` (serving.decoding's penalties) is sent with every request, whatever the server's defaults."""
     t0 = time.time()
-    results = endpoint.chat_many([it["messages"] for it in items], max_tokens=max_new_tokens, progress=progress)
+    results = endpoint.chat_many([it["messages"] for it in items], max_tokens=max_new_tokens, progress=progress,
+                                 sampling=sampling)
     return Generations([r[0] for r in results], sum(r[1] for r in results), time.time() - t0)

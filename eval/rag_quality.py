@@ -63,14 +63,15 @@ class AnswerHasGold(_RuleMetric):
         return (1.0, "contains the answer") if tc.expected_output and tc.expected_output in (tc.actual_output or "") else (0.0, "answer not found")
 
 
-def score_rag_answers(cfg: EvalConfig, model: ModelRef, items: list[dict], *, endpoint: Optional[Endpoint] = None
-                      ) -> tuple[dict[str, float], list[dict], str]:
-    """items: {id, messages, question, gold_answer, gold_docs, retrieved (doc ids), contexts (texts)}."""
+def score_rag_answers(cfg: EvalConfig, model: ModelRef, items: list[dict], *, endpoint: Optional[Endpoint] = None,
+                      sampling: Optional[dict] = None) -> tuple[dict[str, float], list[dict], str]:
+    """items: {id, messages, question, gold_answer, gold_docs, retrieved (doc ids), contexts (texts)}.
+    `sampling`: serving.decoding's penalties (answers decode as the served model does)."""
     if endpoint:
-        gens = generate_openai(endpoint, items, cfg.max_new_tokens)
+        gens = generate_openai(endpoint, items, cfg.max_new_tokens, sampling=sampling)
     else:
         gens = generate_hf(model.base, model.adapter, items, cfg.max_new_tokens, device=cfg.device,
-                           dtype=resolve_dtype(cfg.device, cfg.dtype))
+                           dtype=resolve_dtype(cfg.device, cfg.dtype), sampling=sampling)
     metrics = [CitesSomething(), CitationsValid(), CitesGold(), AnswerHasGold()]
     judge, judge_note = check_judge(cfg.judge)  # a configured judge that is down raises JudgeUnavailable
     judged = []

@@ -311,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         base_over[b] = base_overrides(args, loaded, b)
         lb = _loaded(args, base_over[b])
         bases[b] = evaluate(lb, base_model(lb), test_file=test, backend="hf")
-        trials[b] = [train_and_evaluate(args, "recipe", base_over[b], b, s, test, prepared) for s in seeds]
+        trials[b] = []
+    for s in seeds:  # seed by seed across the builds: a run stopped early has evidence from both
+        for b in base_seeds:
+            trials[b].append(train_and_evaluate(args, "recipe", base_over[b], b, s, test, prepared))
     verdicts = {(t.base_seed, t.seed): gate_pair(_loaded(args, base_over[t.base_seed]), t, bases[t.base_seed],
                                                  f"base build {t.base_seed}")
                 for ts in trials.values() for t in ts}

@@ -69,3 +69,24 @@ def test_geval_judge_runs_against_a_served_model(server):
     score, reason = score_with_judge(metric, LLMTestCase(input="회원 목록 화면", actual_output="<Screen id=\"a\"/>",
                                                          expected_output="<Screen id=\"memberList\"/>"))
     assert 0.0 <= score <= 1.0 and isinstance(reason, str)
+
+
+def test_the_served_decoding_default_is_what_the_evaluation_decodes_with(server, tmp_path):
+    """serving.decoding (cpu_tiny: frequency_penalty 0.2) reaches vLLM as --override-generation-config, so a client that
+    sets nothing gets it; the in-process scorer applies the same penalty with eval/generate.py's logits processor.
+    Greedy generations agree token for token (float32 on both sides), and the penalty changes what is generated."""
+    from finetune.prepare import prepare_dataset
+    from eval.generate import generate_hf, load_items
+
+    loaded = load_config(overrides=OVR + [f"data.output_dir={tmp_path}"])
+    sampling = loaded.config.serving.decoding.non_default()
+    assert sampling == {"frequency_penalty": 0.2}
+    items = load_items(prepare_dataset(loaded).path / "test.jsonl", 4)
+    ep = server.endpoint("base")
+    served_default = [ep.chat(it["messages"], max_tokens=32)[0] for it in items]  # nothing set: the server's default
+    served_plain = [ep.chat(it["messages"], max_tokens=32, sampling={"frequency_penalty": 0.0})[0] for it in items]
+    hf = generate_hf(BASE, None, items, 32, device="cpu", dtype="float32", sampling=sampling).outputs
+    hf_plain = generate_hf(BASE, None, items, 32, device="cpu", dtype="float32").outputs
+    assert hf == served_default
+    assert hf_plain == served_plain
+    assert served_default != served_plain  # the penalty is applied, not just configured

