@@ -18,7 +18,10 @@ recipe (make calibrate-gate):
 3. Simulation with the seed effect kept: whole per-item differences between two seeds of the recipe (not centred: a
    seed pair's own mean difference is part of the null), resampled to n items, a known effect added, the improvement
    rule deciding; false promotion at effect 0, power at the others, for the chosen min_effect, the configured one and 0.
-4. A real improvement: the recipe against a weaker reference recipe (`--reference-recipe`, 100 steps) on the first
+4. Decoding: the first `--sweep-seeds` adapters of each base build decoded with each frequency penalty of PENALTIES
+   (serving.decoding, applied alike to evaluation and serving): where the configured value sits (`--only-sweep`: this
+   table alone).
+5. A real improvement: the recipe against a weaker reference recipe (`--reference-recipe`, 100 steps) on the first
    base build, and reproducibility (the first seed trained `--repeats` times in all, adapters compared tensor by tensor).
 
 `--calibrate` is what a team runs on its own recipe and hardware: the recipe's seeds on the configured base, the
@@ -55,6 +58,7 @@ from workspace.model_ref import base_model  # noqa: E402
 from workspace.paths import ROOT, resolve  # noqa: E402
 
 EFFECTS = [0.0, 0.02, 0.05, 0.10]
+PENALTIES = [0.0, 0.1, 0.2, 0.3, 0.5]  # serving.decoding.frequency_penalty values of the decoding sweep
 PLOT = ROOT / "docs" / "gate_power.png"
 Z95 = 1.6448536269514722  # one-sided 5% point of the standard normal
 SEEDS = "42,43,44,45,46,47,48,49"
@@ -270,6 +274,23 @@ def calibration_lines(cal: dict, rule: GateRule, target: str) -> list[str]:
     return lines
 
 
+def decoding_sweep(args, trials: list[Trial], base_over: dict[int, list[str]], test: Path) -> list[str]:
+    """The custom metrics of the given adapters decoded with each frequency penalty of PENALTIES (the setting
+    serving.decoding applies alike to evaluation and serving): where the configured value sits."""
+    lines = ["| base build | seed | frequency_penalty | xml_valid | char_ngram_f1 | field_f1 |", "|---|---|---|---|---|---|"]
+    for t in trials:
+        for pen in PENALTIES:
+            lp = _loaded(args, base_over[t.base_seed] + [f"project.seed={t.seed}", f"serving.decoding.frequency_penalty={pen}"])
+            res = evaluate(lp, base_model(lp).with_adapter(f"sweep-b{t.base_seed}-s{t.seed}", str(t.adapter)),
+                           suites=("custom",), test_file=test, backend="hf")
+            m = res.metrics
+            lines.append(f"| {t.base_seed} | {t.seed} | {pen:g} | {m['eval/custom/screens/xml_valid']:.2f} | "
+                         f"{m['eval/custom/screens/char_ngram_f1']:.4f} | {m['eval/custom/screens/field_f1']:.4f} |")
+            print(f"[bench-gate] sweep base {t.base_seed} seed {t.seed} penalty {pen:g}: xml_valid "
+                  f"{m['eval/custom/screens/xml_valid']:.2f}", flush=True)
+    return lines
+
+
 def config_line(rule: GateRule, min_effect: float) -> str:
     return (f"    - {{name: {rule.name}, kind: improvement, metric: {rule.metric}, confidence: {rule.confidence:g}, "
             f"min_effect: {min_effect:.3f}}}")
@@ -290,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference-seeds", type=int, default=3, help="seeds of the reference recipe (first base build)")
     ap.add_argument("--trials", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=2, help="trainings of the first seed for reproducibility (0: skip)")
+    ap.add_argument("--sweep-seeds", type=int, default=2,
+                    help="seeds per base build whose adapters are decoded with each frequency penalty (0: no sweep)")
+    ap.add_argument("--only-sweep", action="store_true",
+                    help="the decoding sweep alone (trains or reuses the first --sweep-seeds seeds), printed")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     loaded = load_from_args(args)
@@ -307,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     trials: dict[int, list[Trial]] = {}
     bases: dict[int, EvalResult] = {}
     base_over: dict[int, list[str]] = {}
+    if args.only_sweep:
+        firsts = []
+        for b in base_seeds:
+            base_over[b] = base_overrides(args, loaded, b)
+            firsts += [train_and_evaluate(args, "recipe", base_over[b], b, s, test, prepared)
+                       for s in seeds[:args.sweep_seeds]]
+        print("\n".join(decoding_sweep(args, firsts, base_over, test)))
+        return 0
     for b in base_seeds:
         base_over[b] = base_overrides(args, loaded, b)
         lb = _loaded(args, base_over[b])
@@ -356,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     min_effects = sorted({0.0, rule.min_effect, cal["min_effect"]})
     sim = simulate(loaded, rule, pools, sizes, EFFECTS, args.trials, min_effects)
     png = plot_power(sim, sizes, EFFECTS, min_effects, PLOT if not args.no_write else Path(tempfile.mkdtemp()) / "p.png")
+
+    sweep = (decoding_sweep(args, [t for ts in trials.values() for t in ts[:args.sweep_seeds]], base_over, test)
+             if args.sweep_seeds else [])
 
     # 4. a real improvement and reproducibility (first base build)
     b0 = base_seeds[0]
@@ -411,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {me:g}{tag} | {n}{' (evaluated)' if n == n_eval else ''} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: promotion rate [95% Wilson interval]. Effect 0 = false promotion (goal <= 5%); other effects = "
               f"power. Plot: `docs/{PLOT.name}`.", ""]
+    if sweep:
+        lines += ["### Decoding: the same adapters with each `serving.decoding.frequency_penalty` (configured: "
+                  f"{loaded.config.serving.decoding.frequency_penalty:g})", "", *sweep, ""]
     if better_rows:
         lines += [f"### A real improvement: the recipe vs `{args.reference_recipe}` (base build {b0})", "",
                   "| candidate | reference | promoted (all rules) | target: mean diff | interval |", "|---|---|---|---|---|",
