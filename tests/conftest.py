@@ -83,9 +83,10 @@ def promote_random_adapter():
         run_in_env("train", ["python", "-c", RANDOM_LORA, base, str(adapter)], timeout=300, echo=False)
         cfg = loaded.config.serving
         conf = render_vllm_config(cfg, base, lora_modules={cfg.served_model_name: "adapter"}, max_lora_rank=8)
-        bundle = build_bundle(tmp / "bundle", adapter, {"manifest.json": {"run_key": "t"}, "gate.json": {"passed": True},
+        bundle = build_bundle(tmp / "bundle", adapter, {"manifest.json": {"run_key": "t"},
+                                                        "gate.json": {"passed": True, "mode": "floors_only"},
                                                         "serving.yaml": yaml.safe_dump(conf)})
-        with stage_run(loaded, "promote") as run:
-            promote(name, run.info.run_id, bundle, {})
+        with stage_run(loaded, "promote") as run:  # a random adapter passed no statistical gate: floors only
+            promote(name, run.info.run_id, bundle, {"gate_mode": "floors_only"})
 
     return register
