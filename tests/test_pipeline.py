@@ -265,8 +265,10 @@ def test_pipeline_deployment_runs_through_a_local_server_and_worker(ws):
 
 # ------------------------------------------------------------------------------------ serving SLO and load bench
 def _promote_gate_only(ws, *sets: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "flows.promote", "--gate-only", "--profile", "cpu_smoke",
-            *[a for o in ws["overrides"] + ["tracking.registered_model=e2e-slo", "gate.slo.required=true", *sets]
+    # the fixture's default-profile candidate (finished, so `make promote` finds it), served and load-tested briefly
+    argv = [sys.executable, "-m", "flows.promote", "--gate-only",
+            *[a for o in ws["overrides"] + ["tracking.registered_model=e2e-slo", "gate.slo.required=true",
+                                            "gate.slo.requests=10", "gate.slo.prompt_tokens=1024", *sets]
               for a in ("--set", o)]]
     return subprocess.run(argv, cwd=ROOT, env=ws["env"], capture_output=True, text=True, timeout=900)
 
