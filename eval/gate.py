@@ -50,6 +50,9 @@ class GateFailed(RuntimeError):
         super().__init__(message)
         self.result = result
 
+    def __reduce__(self):  # picklable whole (Prefect persists a task's exception): message lines and decision intact
+        return (type(self), (str(self), self.result))
+
 
 @dataclass
 class RuleResult:

@@ -171,6 +171,7 @@ def test_a_refused_candidate_leaves_the_registry_as_it_was(ws):
     assert "nothing was promoted; e2e-assistant@champion is still v1 and keeps serving" in err
     assert "rule '" in err and "gate table:" in err and "evaluation report:" in err
     assert "python -m eval.inspect_items" in err and 'SET="project.seed=' in err and "make gate" in err
+    assert "\\n" not in err  # one line per item, not an escaped repr of the message
     assert _registry_state(ws, "e2e-assistant") == before
     items = re.search(r"inspect_items (\S+) --metric (\S+)", err)
     shown = subprocess.run([sys.executable, "-m", "eval.inspect_items", items.group(1), "--metric", items.group(2)],
