@@ -167,7 +167,8 @@ def test_a_refused_candidate_leaves_the_registry_as_it_was(ws):
     before = _registry_state(ws, "e2e-assistant")
     proc, _ = ws["run"]("--set", "finetune.max_steps=20", "--no-serve-check")
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    err = proc.stderr
+    assert "[gate] gate failed:" in proc.stderr
+    err = proc.stderr.split("[gate] gate failed:", 1)[1]  # the workspace's message (Prefect's own log line is a repr)
     assert "nothing was promoted; e2e-assistant@champion is still v1 and keeps serving" in err
     assert "rule '" in err and "gate table:" in err and "evaluation report:" in err
     assert "python -m eval.inspect_items" in err and 'SET="project.seed=' in err and "make gate" in err
