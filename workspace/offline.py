@@ -25,6 +25,10 @@ TELEMETRY_OFF = {
     "VLLM_NO_USAGE_STATS": "1",
     "VLLM_DO_NOT_TRACK": "1",
 }
+# Defaults a user's own setting overrides. Prefect gives its temporary (ephemeral) API server 20 s to answer; on a
+# busy 2-core machine with a fresh PREFECT_HOME (the server migrates a new SQLite database first) that ran out in CI
+# (`RuntimeError: Timed out while attempting to connect to ephemeral Prefect API server`), so the workspace waits 120 s.
+DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 # Offline by default: a library that would try a hub fails fast instead of hanging on the network.
 HUB_OFF = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -47,7 +51,7 @@ def variables(hub_enabled: bool = False, environ: dict[str, str] | None = None) 
     """What to set: telemetry off (forced), cache folders (only those not already set), hub off (unless enabled)."""
     environ = os.environ if environ is None else environ
     out = dict(TELEMETRY_OFF)
-    out.update({k: v for k, v in workspace_dirs().items() if not environ.get(k)})
+    out.update({k: v for k, v in {**DEFAULTS, **workspace_dirs()}.items() if not environ.get(k)})
     if not hub_enabled:
         out.update(HUB_OFF)
     return out
