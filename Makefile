@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate calibrate-gate clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate calibrate-gate bench-pii clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -96,10 +96,13 @@ rag: setup  ## index data/raw/rag into Qdrant (incremental) and measure dense/sp
 ask: setup  ## answer Q="..." from the corpus with the served model (`make serve` first), citing documents
 	@$(PY) -m flows.rag $(CFG_ARGS) --ask "$(Q)"
 
-bench: bench-prepare bench-finetune bench-eval bench-gate bench-rag bench-serve bench-gateway bench-pipeline bench-model-key bench-plan  ## every benchmark; each writes its section of docs/BENCHMARKS.md
+bench: bench-prepare bench-finetune bench-eval bench-gate bench-rag bench-serve bench-gateway bench-pipeline bench-model-key bench-plan bench-pii  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 
 bench-model-key: envs  ## the model fingerprint of a synthetic >= 4 GB safetensors folder (target < 1 s)
 	@$(PY) -m workspace.bench_model_key
+
+bench-pii: envs  ## the PII masker on 1 MB adversarial, ordinary and dense texts (target < 100 ms adversarial)
+	@$(PY) -m workspace.bench_pii $(ARGS)
 
 bench-plan: setup  ## the GPU path on this machine: CUDA lock resolution, make plan for every GPU profile, fit per profile
 	@$(PY) -m flows.bench_plan

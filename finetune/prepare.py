@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional
 
 from workspace.config import DataSource, LoadedConfig
 from workspace.fsutil import recover, staging
+from workspace import pii as pii_module
 from workspace.pii import KINDS, mask_pii
 from workspace.paths import ROOT, resolve
 
@@ -313,7 +314,8 @@ def content_hash(loaded: LoadedConfig, tokenizer_fingerprint: str) -> str:
     if not cfg.data.feedback.enabled:  # off: the key (and every cached dataset) is what it was before feedback existed
         data_cfg.pop("feedback")
     h.update(json.dumps({"data": data_cfg, "cutoff_len": cfg.finetune.cutoff_len, "tokenizer": tokenizer_fingerprint,
-                         "version": PREPARE_VERSION, "code": _file_sha(Path(__file__))}, sort_keys=True).encode())
+                         "version": PREPARE_VERSION, "code": _file_sha(Path(__file__)),
+                         "masker": _file_sha(Path(pii_module.__file__))}, sort_keys=True).encode())
     for key, src in source_keys(loaded):
         path = check_source_path(loaded, key, src)
         h.update(src.path.encode())
