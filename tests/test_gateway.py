@@ -147,6 +147,36 @@ def test_usage_rows_masked_and_exported_as_csv(served, registry):
     assert not [r for r in conn.execute("select prompt from usage") if r[0] and "010-1234-5678" in r[0]]
 
 
+def test_every_stored_text_is_masked_before_it_is_cut(served, registry):
+    """Issue 28's leaks, through the gateway: written forms the old masker missed, the upstream's error text (vLLM
+    echoes the request), a model name holding an e-mail, a conversation title longer than its cut, and a CSV cell
+    that a spreadsheet would run as a formula."""
+    gw, _ = served
+    token = registry["db"].create_token("erin", "user")
+    h = auth(token)
+    forms = "카드 4111 1111 1111 1111 12/25, 전화 (+82) 10 9876 5432, 메일 kim＠naver.com, 번호 ０１０-２２２２-３３３３"
+    assert chat(gw.url, token, content=forms).status_code == 200
+    echoed = chat(gw.url, token, content="주민번호 900101-1234567 확인", temperature=5)
+    assert echoed.status_code == 400 and "<RRN>" not in echoed.text  # the client gets the upstream's own words back
+    assert chat(gw.url, token, model="kim@naver.com").status_code == 404
+    assert chat(gw.url, token, model="=HYPERLINK(\"http://x\")").status_code == 404
+    title = "가" * 75 + " 010-1234-5678 끝"
+    conv = httpx.post(f"{gw.url}/v1/conversations", headers=h, json={"title": title}).json()
+    assert "010" not in conv["title"] and conv["title"].startswith("가" * 75 + " <PHO") and len(conv["title"]) == 80
+
+    rows = httpx.get(f"{gw.url}/admin/usage", params={"token": "erin"}, headers=auth(registry["admin"])).json()["data"]
+    assert rows[0]["prompt"] == "카드 <CARD> 12/25, 전화 <PHONE>, 메일 <EMAIL>, 번호 <PHONE>"
+    assert "<RRN>" in rows[1]["error"] and "900101" not in rows[1]["error"]
+    assert rows[2]["requested_model"] == "<EMAIL>"
+    text = httpx.get(f"{gw.url}/admin/usage.csv", params={"token": "erin"}, headers=auth(registry["admin"])).text
+    assert "'=HYPERLINK" in text and not any(line.startswith("=") or ",=" in line for line in text.splitlines())
+    conn = sqlite3.connect(registry["tmp"] / "gw.db")
+    dump = "\n".join(conn.iterdump())
+    for raw in ("4111 1111 1111 1111", "9876 5432", "kim＠naver.com", "kim@naver.com", "900101-1234567", "1234-5678",
+                "２２２２"):
+        assert raw not in dump, raw
+
+
 def test_errors_are_openai_shaped(served, registry):
     gw, up = served
     cases = {

@@ -69,6 +69,9 @@ def make_app(state: UpstreamState) -> FastAPI:
         model = body["model"]
         if model not in state.loaded and model != "base":
             return JSONResponse({"error": {"message": f"The model `{model}` does not exist.", "code": 404}}, status_code=404)
+        if float(body.get("temperature") or 0) > 2:  # vLLM's validation errors echo the request's input
+            return JSONResponse({"error": {"message": f"temperature must be <= 2; input: {json.dumps(body, ensure_ascii=False)}",
+                                           "type": "BadRequestError", "code": 400}}, status_code=400)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
         if prompt_tokens > state.max_model_len:
             return JSONResponse({"error": {"message": f"This model's maximum context length is {state.max_model_len} "

@@ -16,8 +16,8 @@
 Every request but /healthz and / carries `Authorization: Bearer <token>` (tokens from `make token`; stored as
 SHA-256 digests). Per token: requests/min and tokens/min through the `limits` library (memory, or Redis when several
 gateways share the counters); over the limit is 429 with Retry-After. One usage row per chat request (request id,
-token name, requested model, alias, resolved version, replica, canary, tokens, TTFT, latency, status; the prompt and
-answer PII-masked by workspace/pii.py). A client that disconnects cancels its upstream request (the upstream
+token name, requested model, alias, resolved version, replica, canary, tokens, TTFT, latency, status, error; every
+text PII-masked by workspace/pii.py in the database layer, off the event loop). A client that disconnects cancels its upstream request (the upstream
 connection is closed, and vLLM aborts the request). Errors are OpenAI-shaped JSON: 400 (empty or malformed
 messages, context too long: the upstream's own message), 401/403, 404 (unknown model), 429, 502 (upstream down),
 503 (no healthy replica), 504 (upstream timeout).
@@ -49,7 +49,6 @@ from serving.gateway.db import GatewayDb, database_url
 from serving.gateway.routing import Catalog, GatewayError, ReplicaPool, Target
 from serving.supervisor import REPLICAS_FILE, read_replicas
 from workspace.config import LoadedConfig
-from workspace.pii import mask_pii as mask
 
 STATIC = Path(__file__).parent / "static"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2.5, 5, 10, 30, 60, 120, 300)
@@ -228,7 +227,7 @@ class Gateway:
             prompt = next((_text(m) for m in reversed(msgs) if m["role"] == "user"), "")
             row.update(requested_model=body.get("model") or self.gw.default_model, stream=bool(body.get("stream")))
             if self.gw.log_text:
-                row["prompt"] = mask(prompt)
+                row["prompt"] = prompt  # masked by the database layer, in a worker thread
             target = self.catalog.resolve(body.get("model"), prompt)
             row.update(alias=target.alias, version=target.version, upstream_model=target.upstream_model,
                        canary=target.canary, route=target.route)
@@ -260,7 +259,7 @@ class Gateway:
                                          media_type="text/event-stream", headers={"X-Request-Id": rid})
             return await self._whole(request, resp, replica, row, t0, p, target, msgs, conv_id)
         except GatewayError as exc:
-            row.update(status=exc.status, error=exc.message[:1000], latency_ms=(time.monotonic() - t0) * 1000)
+            row.update(status=exc.status, error=exc.message, latency_ms=(time.monotonic() - t0) * 1000)
             self.metrics.errors.labels(exc.code).inc()
             self.metrics.requests.labels(row.get("alias") or "-", str(exc.status)).inc()
             if "token_name" in row:  # unauthenticated noise is counted, not stored
@@ -432,7 +431,7 @@ class Gateway:
             await self._finish(row, t0, p, target, msgs, "".join(parts), conv_id)
         else:
             if self.gw.log_text:
-                row["answer"] = mask("".join(parts))
+                row["answer"] = "".join(parts)
             await self._finish_error(row, t0)
 
     async def _finish(self, row: dict, t0: float, p: Principal, target: Target, msgs: list[dict], answer: str,
@@ -440,7 +439,7 @@ class Gateway:
         latency = time.monotonic() - t0
         row["latency_ms"] = latency * 1000
         if self.gw.log_text:
-            row["answer"] = mask(answer)
+            row["answer"] = answer
         m = self.metrics
         m.requests.labels(target.alias, "200").inc()
         m.latency.labels(target.alias).observe(latency)
@@ -450,14 +449,13 @@ class Gateway:
         await self._record(row)
         if self.gw.log_text:  # the context an answer was given in, for feedback on it (make harvest)
             with contextlib.suppress(Exception):
-                await run_in_threadpool(self.db.add_exchange, row["request_id"], p.name, _masked(msgs))
+                await run_in_threadpool(self.db.add_exchange, row["request_id"], p.name, _plain(msgs))
         if conv_id is not None:
             user = next((m for m in reversed(msgs) if m["role"] == "user"), None)
             system = next((_text(m) for m in msgs if m["role"] == "system"), None)
-            new = ([{"role": "user", "content": mask(_text(user))}] if user else []) + \
-                  [{"role": "assistant", "content": mask(answer)}]
+            new = ([{"role": "user", "content": _text(user)}] if user else []) + [{"role": "assistant", "content": answer}]
             await run_in_threadpool(self.db.add_messages, conv_id, new, row["request_id"], model=row["requested_model"],
-                                    system_prompt=mask(system) if system else None)
+                                    system_prompt=system)
 
     async def _finish_error(self, row: dict, t0: float) -> None:
         row.setdefault("latency_ms", (time.monotonic() - t0) * 1000)
@@ -495,8 +493,8 @@ class Gateway:
         comment = body.get("comment")
         row = await run_in_threadpool(
             self.db.set_feedback, p.name, rid, alias=used["alias"], version=used["version"],
-            rating={"up": 1, "down": -1}.get(rating, rating), correction=mask(correction) if correction else None,
-            comment=mask(str(comment)) if comment else None)
+            rating={"up": 1, "down": -1}.get(rating, rating), correction=correction or None,
+            comment=str(comment) if comment else None)
         self.metrics.feedback.labels("up" if row["rating"] == 1 else "down" if row["rating"] == -1 else "none",
                                      str(bool(row["correction"])).lower()).inc()
         return {"object": "feedback", **{k: row[k] for k in ("request_id", "alias", "version", "rating", "correction",
@@ -521,9 +519,9 @@ class Gateway:
         params = {k: body[k] for k in ("temperature", "top_p", "max_tokens", "seed") if k in body}
         params.setdefault("max_tokens", self.gw.arena.max_tokens)
         answers = await asyncio.gather(*(self._answer(p, msgs, t, params) for t in targets))
-        a, b = ({"model": t.alias, "version": t.version, "answer": mask(ans), "request_id": rid}
+        a, b = ({"model": t.alias, "version": t.version, "answer": ans, "request_id": rid}
                 for t, (ans, rid) in zip(targets, answers))
-        match = await run_in_threadpool(self.db.create_match, p.name, _masked(msgs), a, b)
+        match = await run_in_threadpool(self.db.create_match, p.name, _plain(msgs), a, b)
         return {"id": match["id"], "object": "arena.match",
                 "answers": [{"label": "A", "content": answers[0][0]}, {"label": "B", "content": answers[1][0]}]}
 
@@ -535,12 +533,12 @@ class Gateway:
                                "requested_model": f"arena:{target.alias}", "alias": target.alias,
                                "version": target.version, "upstream_model": target.upstream_model}
         if self.gw.log_text:
-            row["prompt"] = mask(next((_text(m) for m in reversed(msgs) if m["role"] == "user"), ""))
+            row["prompt"] = next((_text(m) for m in reversed(msgs) if m["role"] == "user"), "")
         try:
             resp, replica, attempts = await self._open({"messages": msgs, **params, "model": target.upstream_model},
                                                        target, row)
         except GatewayError as exc:
-            row.update(status=exc.status, error=exc.message[:1000])
+            row.update(status=exc.status, error=exc.message)
             await self._finish_error(row, t0)
             raise
         row.update(replica=replica.base_url, attempts=attempts)
@@ -638,10 +636,10 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
         async def run():
             p = await gw.principal(request)
             body = await _json(request)
-            title = mask(str(body.get("title") or "new conversation"))
+            title = str(body.get("title") or "new conversation")
             system = body.get("system_prompt")
             return await run_in_threadpool(gw.db.create_conversation, p.name, title, body.get("model"),
-                                           mask(system) if system else None)
+                                           system or None)
         return await guarded(run)
 
     @app.get("/v1/conversations")
@@ -667,7 +665,7 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
             p = await gw.principal(request)
             body = await _json(request)
             c = await run_in_threadpool(gw.db.update_conversation, p.name, conv_id,
-                                        title=mask(str(body["title"])) if body.get("title") else None,
+                                        title=str(body["title"]) if body.get("title") else None,
                                         model=body.get("model"))
             if c is None:
                 raise _no_conversation(conv_id, p.name)
@@ -767,8 +765,9 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
     return app
 
 
-def _masked(msgs: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": mask(_text(m))} for m in msgs]
+def _plain(msgs: list[dict]) -> list[dict]:
+    """The messages as text (the database layer masks them)."""
+    return [{"role": m["role"], "content": _text(m)} for m in msgs]
 
 
 def _no_conversation(conv_id, token_name: str) -> GatewayError:

@@ -1,7 +1,10 @@
 """The gateway's database (SQLAlchemy 2): API tokens (stored as SHA-256 digests), one usage row per request, and
 conversations with their messages. A SQLite file by default (<cache>/gateway/gateway.db), any SQLAlchemy URL by
 `serving.gateway.database_url` (postgresql+psycopg://... for a team). Every text written here went through the
-same PII masker as data preparation (workspace/pii.py) first.
+same PII masker as data preparation (workspace/pii.py) first: the models' text columns mask every value assigned to
+them (SQLAlchemy `validates`, so no code path can store one unmasked), masked before any cut to the column's bound,
+and the JSON message lists are masked message by message before they are serialised. The callers run these methods
+in a worker thread (run_in_threadpool), so masking never holds the event loop.
 
 Tokens are 256-bit random strings, so a fast digest (SHA-256) is the right store: a slow password hash (bcrypt,
 argon2) protects guessable human passwords and would only add latency to every request here.
@@ -20,10 +23,11 @@ from typing import Iterable, Optional
 from sqlalchemy import (Boolean, event, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, func, select,
                         update)
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker, validates
 
 from workspace.config import LoadedConfig
 from workspace.paths import CACHE
+from workspace.pii import mask_pii
 
 ROLES = ("user", "admin")
 TOKEN_PREFIX = "llmops-"
@@ -48,6 +52,24 @@ def _sqlite_pragmas(conn, _record) -> None:
 
 class Base(DeclarativeBase):
     pass
+
+
+def masked(value, limit: Optional[int] = None) -> Optional[str]:
+    """A value as stored: PII-masked first, then cut to `limit` characters (a number cut in half is not masked)."""
+    if value is None:
+        return None
+    text = mask_pii(value if isinstance(value, str) else str(value))
+    return text[:limit] if limit else text
+
+
+def masked_messages(messages: list[dict]) -> str:
+    """A message list as stored: JSON, every message's text masked before serialisation (inside JSON a newline is
+    `\\n`, which would glue the next number to a letter)."""
+    return json.dumps([{**m, "content": masked(m.get("content"))} for m in messages], ensure_ascii=False)
+
+
+TITLE_CHARS = 80  # a conversation's title: the first characters of its masked first message
+ERROR_CHARS = 1000
 
 
 class ApiToken(Base):
@@ -84,6 +106,10 @@ class Usage(Base):
     prompt: Mapped[Optional[str]] = mapped_column(Text)  # PII-masked
     answer: Mapped[Optional[str]] = mapped_column(Text)  # PII-masked
 
+    @validates("requested_model", "error", "prompt", "answer")
+    def _mask(self, key: str, value):
+        return masked(value, {"requested_model": 200, "error": ERROR_CHARS}.get(key))
+
 
 class Conversation(Base):
     __tablename__ = "conversations"
@@ -95,6 +121,10 @@ class Conversation(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
 
+    @validates("title", "model", "system_prompt")
+    def _mask(self, key: str, value):
+        return masked(value, {"title": TITLE_CHARS, "model": 200}.get(key))
+
 
 class Message(Base):
     __tablename__ = "messages"
@@ -104,6 +134,10 @@ class Message(Base):
     content: Mapped[str] = mapped_column(Text)  # PII-masked
     request_id: Mapped[Optional[str]] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+    @validates("content")
+    def _mask(self, key: str, value):
+        return masked(value)
 
 
 class Exchange(Base):
@@ -129,6 +163,10 @@ class Feedback(Base):
     rating: Mapped[Optional[int]] = mapped_column(Integer)
     correction: Mapped[Optional[str]] = mapped_column(Text)  # PII-masked
     comment: Mapped[Optional[str]] = mapped_column(Text)  # PII-masked
+
+    @validates("correction", "comment")
+    def _mask(self, key: str, value):
+        return masked(value)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, index=True)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
 
@@ -152,9 +190,21 @@ class ArenaMatch(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, index=True)
     voted_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, index=True)
 
+    @validates("answer_a", "answer_b")
+    def _mask(self, key: str, value):
+        return masked(value)
+
 
 WINNERS = ("A", "B", "tie")
 USAGE_COLUMNS = [c.name for c in Usage.__table__.columns]
+
+
+def _cell(value):
+    """A CSV cell a spreadsheet opens as text: one that begins with = + - @ (a formula) or a tab/CR gets a leading
+    apostrophe (OWASP's advice for CSV injection); numbers stay numbers."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _row(obj) -> dict:
@@ -248,7 +298,7 @@ class GatewayDb:
         w = csv.DictWriter(out, fieldnames=USAGE_COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow(r)
+            w.writerow({k: _cell(v) for k, v in r.items()})
         return out.getvalue()
 
     def usage_summary(self) -> list[dict]:
@@ -262,7 +312,7 @@ class GatewayDb:
     def create_conversation(self, token_name: str, title: str, model: Optional[str] = None,
                             system_prompt: Optional[str] = None) -> dict:
         with self.session() as s, s.begin():
-            c = Conversation(token_name=token_name, title=title[:200] or "new conversation", model=model,
+            c = Conversation(token_name=token_name, title=title or "new conversation", model=model,
                              system_prompt=system_prompt)
             s.add(c)
             s.flush()
@@ -295,7 +345,7 @@ class GatewayDb:
                 return None
             for k, v in fields.items():
                 if v is not None:
-                    setattr(c, k, v[:200] if k == "title" else v)
+                    setattr(c, k, v)
             c.updated_at = _now()
             return self._conv(c)
 
@@ -314,8 +364,7 @@ class GatewayDb:
     # --- exchanges, feedback, arena ---
     def add_exchange(self, request_id: str, token_name: str, messages: list[dict]) -> None:
         with self.session() as s, s.begin():
-            s.add(Exchange(request_id=request_id, token_name=token_name,
-                           messages=json.dumps(messages, ensure_ascii=False)))
+            s.add(Exchange(request_id=request_id, token_name=token_name, messages=masked_messages(messages)))
 
     def answered(self, token_name: str, request_id: str) -> Optional[dict]:
         """The usage row of a request this token made and got an answer to (status 200), or None."""
@@ -347,7 +396,7 @@ class GatewayDb:
 
     def create_match(self, token_name: str, messages: list[dict], a: dict, b: dict) -> dict:
         with self.session() as s, s.begin():
-            m = ArenaMatch(token_name=token_name, messages=json.dumps(messages, ensure_ascii=False),
+            m = ArenaMatch(token_name=token_name, messages=masked_messages(messages),
                            model_a=a["model"], version_a=a["version"], answer_a=a["answer"], request_a=a["request_id"],
                            model_b=b["model"], version_b=b["version"], answer_b=b["answer"], request_b=b["request_id"])
             s.add(m)
