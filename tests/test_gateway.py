@@ -177,6 +177,35 @@ def test_every_stored_text_is_masked_before_it_is_cut(served, registry):
         assert raw not in dump, raw
 
 
+def test_model_names_outside_the_allow_list_never_reach_the_registry_or_the_disk(served, registry):
+    """Issue 28: `name@N` was joined into a cache path and created before the fetch (a `../` name made a folder
+    outside the project); wrong types gave a plain-text 500. Now: the allow-list (serving.registered_models) first,
+    an unknown version of an allowed name leaves no folder, and every bad body is an OpenAI-shaped 4xx."""
+    from workspace.paths import CACHE
+
+    gw, _ = served
+    versions = CACHE / "gateway" / "versions"
+    before = sorted(p.relative_to(CACHE) for p in CACHE.rglob("*")) if CACHE.exists() else []
+    outside = Path("/tmp") / f"evil-{time.time_ns()}"
+    for model in (f"../../../../../../..{outside}@1", "someone-elses-model@1", f"{NAME}@999", "x@1"):
+        r = chat(gw.url, registry["user"], model=model)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (model, r.text)
+    assert NAME in chat(gw.url, registry["user"], model="someone-elses-model@1").json()["error"]["message"]
+    assert not outside.exists() and not list(Path("/tmp").glob(f"{outside.name}*"))
+    after = sorted(p.relative_to(CACHE) for p in CACHE.rglob("*")) if CACHE.exists() else []
+    assert not [p for p in set(after) - set(before) if ".part" in str(p) or "evil" in str(p)], set(after) - set(before)
+    assert not versions.exists() or not list(versions.glob("*/*.part"))
+    bad = {"model as a number": {"model": 5}, "model as a list": {"model": ["champion"]},
+           "stream_options as text": {"stream_options": "x", "stream": True},
+           "conversation id past 64 bits": {"conversation_id": 10 ** 23}, "conversation id true": {"conversation_id": True}}
+    for what, extra in bad.items():
+        body = {"model": "champion", "messages": [{"role": "user", "content": "안녕"}], "max_tokens": 2, **extra}
+        r = HTTP.post(f"{gw.url}/v1/chat/completions", headers=auth(registry["user"]), json=body, timeout=30)
+        assert r.status_code in (400, 404) and set(r.json()["error"]) == {"message", "type", "param", "code"}, (what, r.text)
+    r = httpx.get(f"{gw.url}/v1/conversations/{10 ** 23}", headers=auth(registry["user"]))
+    assert r.status_code in (404, 422), r.text
+
+
 def test_errors_are_openai_shaped(served, registry):
     gw, up = served
     cases = {

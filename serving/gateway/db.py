@@ -199,6 +199,11 @@ WINNERS = ("A", "B", "tie")
 USAGE_COLUMNS = [c.name for c in Usage.__table__.columns]
 
 
+def _valid_id(value) -> bool:
+    """A row id the database can hold (SQLite and PostgreSQL integers are 64-bit: 10**23 would be an OverflowError)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2 ** 63
+
+
 def _cell(value):
     """A CSV cell a spreadsheet opens as text: one that begins with = + - @ (a formula) or a tab/CR gets a leading
     apostrophe (OWASP's advice for CSV injection); numbers stay numbers."""
@@ -330,6 +335,8 @@ class GatewayDb:
             return [self._conv(c) for c in s.scalars(q)]
 
     def conversation(self, token_name: str, conv_id: int) -> Optional[dict]:
+        if not _valid_id(conv_id):
+            return None
         with self.session() as s:
             c = s.get(Conversation, conv_id)
             if c is None or c.token_name != token_name:  # another token's conversation is not found, not forbidden
@@ -339,6 +346,8 @@ class GatewayDb:
                                                   for m in msgs]}
 
     def update_conversation(self, token_name: str, conv_id: int, **fields) -> Optional[dict]:
+        if not _valid_id(conv_id):
+            return None
         with self.session() as s, s.begin():
             c = s.get(Conversation, conv_id)
             if c is None or c.token_name != token_name:
@@ -407,6 +416,8 @@ class GatewayDb:
         """Record the vote; None when the match is not this token's; GatewayDbError when it was voted on already."""
         if winner not in WINNERS:
             raise GatewayDbError(f"winner {winner!r} is not one of {', '.join(WINNERS)}")
+        if not _valid_id(match_id):
+            return None
         with self.session() as s, s.begin():
             m = s.get(ArenaMatch, match_id)
             if m is None or m.token_name != token_name:

@@ -59,6 +59,7 @@ class Catalog:
         cfg = loaded.config
         self.gw = cfg.serving.gateway
         self.name = cfg.tracking.registered_model
+        self.allowed = tuple(cfg.serving.registered_models or [self.name])  # serving.registered_models
         self.aliases: dict[str, str] = {}
         self.refreshed_at = 0.0
         self.error: Optional[str] = None
@@ -133,6 +134,11 @@ class Catalog:
         elif "@" in model:
             name, _, ref = model.partition("@")
             name = name or self.name
+            if name not in self.allowed:  # never looked up, never a path: only the allow-list is served
+                if quiet:
+                    return None
+                raise GatewayError(404, f"the model {model!r} does not exist here: this gateway serves "
+                                   f"{', '.join(self.allowed)} (serving.registered_models)", "model_not_found")
             version = ref if ref.isdigit() else (self._alias_version(name, ref) if ref in ALIASES else None)
         elif re.fullmatch(r"v\d+", model):
             version = model[1:]
@@ -145,7 +151,10 @@ class Catalog:
 
     def fetch(self, name: str, version: str) -> Path:
         """The version's registered files, downloaded once into <cache>/gateway/versions/<name>/<version>."""
-        dest = CACHE / "gateway" / "versions" / name / version
+        root = (CACHE / "gateway" / "versions").resolve()
+        dest = root / name / version
+        if name not in self.allowed or not version.isdigit() or dest.resolve().parent.parent != root:
+            raise GatewayError(404, f"the model {name}@{version} is not one this gateway serves", "model_not_found")
         if (dest / "serving.yaml").exists():
             return dest
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a server log, not a terminal
@@ -159,6 +168,7 @@ class Catalog:
             try:
                 folder = fetch_version(name, version, tmp, tracking_uri=self.tracking_uri)
             except PromotionError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)  # an unknown version leaves nothing behind
                 raise GatewayError(404, str(exc), "model_not_found") from exc
         folder.rename(dest)  # whole or not at all: a half download stays a .part folder
         if tmp.exists():
