@@ -206,6 +206,46 @@ def test_model_names_outside_the_allow_list_never_reach_the_registry_or_the_disk
     assert r.status_code in (404, 422), r.text
 
 
+def test_a_1mb_prompt_is_refused_413_while_another_request_is_served(served, registry):
+    """Issue 28: a 10 MB prompt was stored whole, and a long one held the event loop. Now the body is refused by its
+    Content-Length before it is read, a chunked one once the count passes the limit, and the prompt by its length;
+    the other token's request sent at the same moment is answered."""
+    import threading
+
+    gw, _ = served
+    big = {"model": "champion", "max_tokens": 2, "messages": [{"role": "user", "content": "가나다라 " * 200_000}]}
+    payload = json.dumps(big, ensure_ascii=False).encode()
+    assert len(payload) > 1_000_000
+    results = {}
+
+    def send_big():
+        results["big"] = HTTP.post(f"{gw.url}/v1/chat/completions", headers={**auth(registry["user"]),
+                                   "Content-Type": "application/json"}, content=payload, timeout=60)
+
+    def send_small():
+        results["small"] = chat(gw.url, registry["other"])
+
+    threads = [threading.Thread(target=send_big), threading.Thread(target=send_small)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results["small"].status_code == 200
+    big_r = results["big"]
+    assert big_r.status_code == 413 and big_r.json()["error"]["code"] == "request_too_large", big_r.text
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for i in range(0, len(payload), 64 * 1024):
+            yield payload[i:i + 64 * 1024]
+
+    r = HTTP.post(f"{gw.url}/v1/chat/completions", headers=auth(registry["user"]), content=chunks(), timeout=60)
+    assert r.status_code == 413 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    long_prompt = chat(gw.url, registry["user"], content="가" * 150_000)  # 450 KB: under the body limit, over the prompt's
+    assert long_prompt.status_code == 413 and long_prompt.json()["error"]["code"] == "prompt_too_large"
+    rows = httpx.get(f"{gw.url}/admin/usage", headers=auth(registry["admin"])).json()["data"]
+    assert not [r for r in rows if r["prompt"] and len(r["prompt"]) > 100_000]  # nothing that size was stored
+
+
 def test_errors_are_openai_shaped(served, registry):
     gw, up = served
     cases = {

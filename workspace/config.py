@@ -412,6 +412,10 @@ class GatewayConfig(Strict):
     upstream_timeout_s: float = Field(300, gt=0)
     retries: int = Field(1, ge=0)  # other replicas tried for a request that has not started streaming
     log_text: bool = True  # keep the (PII-masked) prompt and answer in the usage rows
+    # size limits (413 in OpenAI's shape): a request body, by its Content-Length before anything is read (counted
+    # when chunked), and the characters of all messages together. 32k tokens of Korean are about 200 KB.
+    max_body_bytes: int = Field(512 * 1024, ge=1024)
+    max_prompt_chars: int = Field(100_000, ge=100)
     canary: Optional[CanaryConfig] = None
     routes: list[RouteRule] = []
     arena: ArenaConfig = ArenaConfig()

@@ -115,7 +115,50 @@ def _error(exc: GatewayError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-def _validate(body: Any) -> list[dict]:
+class BodyTooLarge(GatewayError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is over {limit:,} bytes (serving.gateway.max_body_bytes)",
+                         "request_too_large")
+
+
+class BodyLimit:
+    """413 for a request body over `max_bytes`: by its Content-Length before a byte of it is read, and by counting
+    while a chunked body is read (the read stops at the limit). Pure ASGI rather than Starlette's BaseHTTPMiddleware,
+    which would buffer every response stream."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await _error(BodyTooLarge(self.max_bytes))(scope, receive, send)
+        seen, started = 0, False
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sending)
+        except BodyTooLarge as exc:
+            if not started:
+                await _error(exc)(scope, receive, send)
+
+
+def _validate(body: Any, max_prompt_chars: Optional[int] = None) -> list[dict]:
     if not isinstance(body, dict):
         raise GatewayError(400, "the request body must be a JSON object", "invalid_request")
     if "model" in body and body["model"] is not None and not isinstance(body["model"], str):
@@ -134,6 +177,11 @@ def _validate(body: Any) -> list[dict]:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         if not isinstance(content, str) or (m["role"] == "user" and not content.strip()):
             raise GatewayError(400, f"messages[{i}] ({m['role']}) has empty content", "empty_messages")
+    if max_prompt_chars is not None:
+        total = sum(len(_text(m)) for m in msgs)
+        if total > max_prompt_chars:
+            raise GatewayError(413, f"the messages hold {total:,} characters, over {max_prompt_chars:,} "
+                               "(serving.gateway.max_prompt_chars)", "prompt_too_large")
     return msgs
 
 
@@ -224,7 +272,7 @@ class Gateway:
                 body = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise GatewayError(400, "the request body is not valid JSON", "invalid_json") from None
-            msgs = _validate(body)
+            msgs = _validate(body, self.gw.max_prompt_chars)
             conv_id = body.pop("conversation_id", None)
             if conv_id is not None and (not isinstance(conv_id, int) or isinstance(conv_id, bool)
                                         or not 0 < conv_id < 2 ** 63 or
@@ -510,7 +558,7 @@ class Gateway:
         p = await self.principal(request)
         await self.limiter.admit(p.name)
         body = await _json(request)
-        msgs = _validate(body)
+        msgs = _validate(body, self.gw.max_prompt_chars)
         models = body.get("models") or list(self.gw.arena.models)
         if not (isinstance(models, list) and len(models) == 2 and all(isinstance(m, str) for m in models)):
             raise GatewayError(400, f"models: two model names, e.g. [\"champion\", \"candidate\"]; got {models!r}",
@@ -606,6 +654,7 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
 
     app = FastAPI(title="LLMOps gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.gateway = gw
+    app.add_middleware(BodyLimit, max_bytes=gw.gw.max_body_bytes)
 
     async def guarded(fn, *a):
         try:
