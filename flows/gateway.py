@@ -42,9 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--token", metavar="NAME", help="create an API token for NAME, print it once, and exit")
     ap.add_argument("--role", default="user", choices=["user", "admin"])
+    ap.add_argument("--revoke", metavar="NAME", help="revoke NAME's token (its name can be given out again) and exit")
     args = ap.parse_args(argv)
     try:
         loaded = load_config(args.config, args.profile, args.overrides)
+        if args.revoke is not None:
+            db = GatewayDb(database_url(loaded))
+            if not db.revoke_token(args.revoke):
+                print(f"[error] no token named {args.revoke!r} (make token lists none; GET /admin/tokens lists them)",
+                      file=sys.stderr)
+                return 2
+            print(f"[token] {args.revoke!r} revoked: a running gateway refuses it within 5 s (its auth cache); the name is free again")
+            return 0
         if args.token is not None:
             db = GatewayDb(database_url(loaded))
             token = db.create_token(args.token, args.role)

@@ -246,6 +246,42 @@ def test_a_1mb_prompt_is_refused_413_while_another_request_is_served(served, reg
     assert not [r for r in rows if r["prompt"] and len(r["prompt"]) > 100_000]  # nothing that size was stored
 
 
+def test_token_names_are_checked_reusable_after_revocation_and_the_database_is_private(served, registry, tmp_path):
+    """Issue 28: `{"name": null}` made a token named "None", `<img ...>` and `a/b` were accepted (the latter never
+    revocable), a revoked name could never be given out again, and gateway.db was world-readable."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    from serving.gateway.db import GatewayDbError
+    from workspace.paths import ROOT
+
+    gw, _ = served
+    admin = auth(registry["admin"])
+    for bad in (None, "", "a/b", "<img src=x onerror=alert(1)>", "x" * 65, 7, "-lead"):
+        r = httpx.post(f"{gw.url}/admin/tokens", headers=admin, json={"name": bad, "role": "user"})
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, (bad, r.text)
+    db = registry["db"]
+    first = db.create_token("frank", "user")
+    with pytest.raises(GatewayDbError, match="revoke it first"):
+        db.create_token("frank", "user")
+    assert db.revoke_token("frank")
+    second = db.create_token("frank", "admin")  # the name is free again; the old token stays refused
+    assert chat(gw.url, first).status_code == 401 and chat(gw.url, second).status_code == 200
+    mode = stat.S_IMODE(os.stat(registry["tmp"] / "gw.db").st_mode)
+    assert mode == 0o600, oct(mode)
+    # make token REVOKE=NAME, as a command, on a database of its own
+    url = f"sqlite:///{tmp_path}/cmd.db"
+    run = [sys.executable, "-m", "flows.gateway", "--set", f"serving.gateway.database_url={url}"]
+    made = subprocess.run(run + ["--token", "gina"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    gone = subprocess.run(run + ["--revoke", "gina"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(run + ["--revoke", "nobody"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and gone.returncode == 0 and "revoked" in gone.stdout, made.stderr + gone.stderr
+    assert again.returncode == 2 and "no token named 'nobody'" in again.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "cmd.db").st_mode) == 0o600
+
+
 def test_errors_are_openai_shaped(served, registry):
     gw, up = served
     cases = {

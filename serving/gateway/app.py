@@ -760,7 +760,7 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
             await gw.principal(request, admin=True)
             body = await _json(request)
             try:
-                token = await run_in_threadpool(gw.db.create_token, str(body.get("name", "")), str(body.get("role", "user")))
+                token = await run_in_threadpool(gw.db.create_token, body.get("name"), str(body.get("role", "user")))
             except GatewayDbError as exc:
                 raise GatewayError(400, str(exc), "invalid_token_request") from None
             return {"name": body.get("name"), "role": body.get("role", "user"), "token": token}

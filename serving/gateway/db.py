@@ -16,6 +16,8 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
+import re
 import secrets
 from pathlib import Path
 from typing import Iterable, Optional
@@ -31,6 +33,7 @@ from workspace.pii import mask_pii
 
 ROLES = ("user", "admin")
 TOKEN_PREFIX = "llmops-"
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class GatewayDbError(RuntimeError):
@@ -199,6 +202,16 @@ WINNERS = ("A", "B", "tie")
 USAGE_COLUMNS = [c.name for c in Usage.__table__.columns]
 
 
+def _private_file(path: Path) -> None:
+    """The SQLite file readable by its owner only (0600): it holds token digests, prompts and answers. SQLite gives
+    its -wal and -shm files the database file's permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    elif path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+        path.chmod(0o600)
+
+
 def _valid_id(value) -> bool:
     """A row id the database can hold (SQLite and PostgreSQL integers are 64-bit: 10**23 would be an OverflowError)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2 ** 63
@@ -233,8 +246,8 @@ class GatewayDb:
     """The gateway's tables on one SQLAlchemy engine (created if missing)."""
 
     def __init__(self, url: str):
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            _private_file(Path(url[len("sqlite:///"):]))
         try:
             self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
             if self.engine.dialect.name == "sqlite":
@@ -260,12 +273,17 @@ class GatewayDb:
         """A new random token for `name` (printed once by the caller; only its digest is stored)."""
         if role not in ROLES:
             raise GatewayDbError(f"role {role!r} is not one of {', '.join(ROLES)}")
-        if not name or len(name) > 100:
-            raise GatewayDbError("a token needs a NAME (1-100 characters), e.g. `make token NAME=alice ROLE=user`")
+        if not isinstance(name, str) or not TOKEN_NAME.fullmatch(name):
+            raise GatewayDbError(f"token name {name!r}: 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                                 "digit, e.g. `make token NAME=alice ROLE=user`")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self.session() as s, s.begin():
-            if s.scalar(select(ApiToken).where(ApiToken.name == name)) is not None:
+            old = s.scalar(select(ApiToken).where(ApiToken.name == name))
+            if old is not None and not old.revoked:
                 raise GatewayDbError(f"a token named {name!r} exists already: revoke it first or pick another NAME")
+            if old is not None:  # revoked: its row keeps its history under another name, the name is free again
+                old.name = f"{name}~revoked-{old.id}"
+                s.flush()
             s.add(ApiToken(name=name, role=role, digest=digest(token)))
         return token
 
