@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -467,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     if not args.no_write:
         update_section("gate", "The default recipe's margin and the gate's error rates",
-                       "make bench-gate  (python -m flows.bench_gate)", body)
+                       "make bench-gate" + (f" ARGS=\"{' '.join(argv if argv is not None else sys.argv[1:])}\""
+                                            if (argv if argv is not None else sys.argv[1:]) else ""), body)
         _log_mlflow(loaded, body, png, cal, passed, len(verdicts), min(xml), sim, sizes, n_eval)
     return 0
 
