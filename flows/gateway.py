@@ -27,7 +27,7 @@ from workspace.tracking import configure  # noqa: E402
 
 def usage_text(host: str, port: int, model: str = "champion") -> str:
     url = f"http://{host}:{port}"
-    return f"""gateway at {url}   (chat page: {url}/   health: {url}/healthz   API docs: {url}/docs)
+    return f"""gateway at {url}   (chat page: {url}/   health: {url}/healthz   schema: {url}/openapi.json, admin)
   token:  make token NAME=alice ROLE=user      (admin tokens: ROLE=admin; export GATEWAY_TOKEN=<the printed token>)
   curl {url}/v1/chat/completions -H "Authorization: Bearer $GATEWAY_TOKEN" -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "회원 목록 화면을 생성해주세요. 필드: 이름, 이메일"}}]}}'
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from serving.gateway.app import create_app
 
+        keyed = internal_key_overrides(loaded.config.serving.api_key_env, SERVE_KEY_FILE)
+        if keyed:  # the key `make serve` started vLLM with (the same file)
+            loaded = load_config(args.config, args.profile, list(args.overrides) + keyed)
         configure(loaded)
         gw = loaded.config.serving.gateway
         port = args.port or gw.port

@@ -12,10 +12,12 @@ import yaml
 
 from serving.registry import fetch_champion
 from workspace.config import LoadedConfig
-from workspace.endpoint import Endpoint
+from workspace.endpoint import INTERNAL_KEY_ENV, Endpoint
 from workspace.paths import CACHE
 from workspace.processes import free_port
 from workspace.vllm_server import ServerError, VllmServer
+
+SERVE_KEY_FILE = CACHE / "serve" / "api_key"  # make serve's key when serving.api_key_env names none (0600)
 
 
 def champion_server(loaded: LoadedConfig, *, port: Optional[int] = None, dest: Optional[Path] = None) -> tuple[VllmServer, dict]:
@@ -69,6 +71,9 @@ def usage(server: VllmServer, info: dict) -> str:
     auth = f" \\\n    -H \"Authorization: Bearer ${key}\"" if key else ""
     key_line = (f"\n  API key: the value of ${key} (serving.api_key_env); every route but /health needs it, /metrics too"
                 if key else "\n  API key: none (set serving.api_key_env to the NAME of a variable holding one)")
+    if key == INTERNAL_KEY_ENV:
+        key_line = (f"\n  API key: the workspace's own, in {SERVE_KEY_FILE} (serving.api_key_env names none; make gateway "
+                    f"and make ask use it). For curl: export {key}=$(cat {SERVE_KEY_FILE})")
     return f"""serving {info.get('version') and 'champion v' + info['version']} at {server.base_url}
   models: {models}{key_line}
   curl {server.base_url}/chat/completions -H 'Content-Type: application/json'{auth} \\

@@ -47,7 +47,7 @@ def gw(registry, tmp_path):
     tokens = {"alice": db.create_token("alice", "user"), "bob": db.create_token("bob", "user"),
               "root": db.create_token("root", "admin")}
     with Upstream() as up, ServeApp(create_app(loaded, upstreams=[up.base_url])) as app:
-        yield {"url": app.url, "db": db, "tokens": tokens, "sets": sets, "tmp": tmp_path, "loaded": loaded}
+        yield {"url": app.url, "db": db, "tokens": tokens, "sets": sets, "tmp": tmp_path, "loaded": loaded, "up": up}
 
 
 def post(gw, path, who="alice", **body):
@@ -100,6 +100,12 @@ def test_arena_is_blind_random_and_reveals_after_one_vote(gw):
         winner = shown[shown["winner"]]
         assert winner == {"model": "champion", "version": "2"}  # the vote went where the answer came from
     assert orders == {"one", "two"}  # both display orders occur (chance of not: 2 * 0.5**16)
+    # every match samples with the arena's fixed settings; a voter cannot pin them (nor ask for more than its cap)
+    assert {(b["temperature"], b["top_p"]) for b in gw["up"].state.requests} == {(0.7, 0.95)}
+    for pinned in ({"temperature": 0}, {"seed": 7}, {"top_p": 0.1}, {"max_tokens": 513}):
+        r = post(gw, "/v1/arena", messages=[{"role": "user", "content": "주문 화면"}], models=["champion", "previous"],
+                 **pinned)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_arena", pinned
     again = post(gw, f"/v1/arena/{m['id']}/vote", winner="B")
     assert again.status_code == 409 and "one vote per match" in again.json()["error"]["message"]
     assert post(gw, f"/v1/arena/{m['id']}/vote", "bob", winner="A").status_code == 404

@@ -4,12 +4,15 @@ promoted by serving/registry.py) and a real SQLite database; the replicas behind
 The same gateway in front of real vLLM: tests/test_serve.py."""
 from __future__ import annotations
 
+import base64
 import csv
+import hashlib
 import io
 import json
 import socket
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -324,10 +327,75 @@ def test_rate_limits_answer_429_with_retry_after(registry):
         assert r.json()["error"]["type"] == "rate_limit_error" and 1 <= int(r.headers["Retry-After"]) <= 60
         assert chat(gw.url, registry["other"]).status_code == 200  # per token
     with Upstream() as up, gateway(registry, up, tokens_per_min=20) as gw:
-        assert chat(gw.url, registry["user"], max_tokens=8).status_code == 200  # 3 prompt + 8 tokens of 20
-        assert chat(gw.url, registry["user"], max_tokens=8).status_code == 200  # 9 left: admitted, fills the window
-        r = chat(gw.url, registry["user"])
+        # a request holds 8 prompt characters + max_tokens before it goes upstream, and is charged what it used
+        assert chat(gw.url, registry["user"], max_tokens=8).status_code == 200  # holds 16; charged 3 + 8: 9 left
+        r = chat(gw.url, registry["user"], max_tokens=8)  # would hold 16 of the 9 left
         assert r.status_code == 429 and "tokens per minute" in r.json()["error"]["message"] and r.headers["Retry-After"]
+        assert chat(gw.url, registry["user"], max_tokens=1).status_code == 200  # holds 9 of 9: charged 4, 5 left
+        assert chat(gw.url, registry["user"]).status_code == 429
+
+
+def test_n_and_max_tokens_are_capped_and_parallel_requests_cannot_overspend(registry):
+    with Upstream() as up, gateway(registry, up, tokens_per_min=100, max_n=2, max_tokens=64,
+                                   requests_per_min=1000) as gw:
+        for extra, code in (({"n": 3}, "invalid_n"), ({"n": "2"}, "invalid_n"), ({"max_tokens": 65}, "invalid_max_tokens"),
+                            ({"max_completion_tokens": 0}, "invalid_max_tokens"), ({"max_tokens": 64, "n": 2},
+                                                                                   "request_over_budget")):
+            r = chat(gw.url, registry["user"], content="x", **extra)
+            assert r.status_code == 400 and r.json()["error"]["code"] == code, (extra, r.text)
+        assert not up.state.requests  # refused before anything went upstream
+        # three requests at once, each holding 1 + 40 tokens of 100: two go upstream, the third is refused
+        up.state.token_delay_s = 0.05  # 2 s per answer: the three overlap
+        with ThreadPoolExecutor(3) as pool:
+            futures = []
+            for _ in range(3):
+                futures.append(pool.submit(chat, gw.url, registry["user"], content="x", max_tokens=40))
+                time.sleep(0.3)
+            codes = sorted(f.result().status_code for f in futures)
+        assert codes == [200, 200, 429] and len(up.state.requests) == 2
+        up.state.token_delay_s = 0
+        # settled: 2 x (1 prompt + 40) charged, the holds released, so 18 are free (a leaked hold would refuse this)
+        assert chat(gw.url, registry["user"], content="x", max_tokens=17).status_code == 200
+        assert chat(gw.url, registry["user"], content="x", max_tokens=1).status_code == 429
+
+
+def test_every_write_endpoint_is_rate_limited(registry):
+    writes = [("POST", "/v1/conversations", "user", {"title": "t"}), ("PATCH", "/v1/conversations/1", "user", {"title": "t"}),
+              ("POST", "/v1/feedback", "user", {"request_id": "x"}), ("POST", "/v1/arena/1/vote", "user", {"winner": "A"}),
+              ("POST", "/admin/reload", "admin", {}), ("POST", "/admin/tokens", "admin", {"name": "bad name"}),
+              ("DELETE", "/admin/tokens/nobody", "admin", None)]
+    with Upstream() as up, gateway(registry, up, requests_per_min=2) as gw:
+        for i, (method, path, role, body) in enumerate(writes):
+            head = auth(registry["db"].create_token(f"writer-{i}", role))  # a window of its own per path
+            kw = {"json": body} if body is not None else {}
+            codes = [HTTP.request(method, gw.url + path, headers=head, **kw).status_code for _ in range(3)]
+            assert 429 not in codes[:2] and codes[2] == 429, (method, path, codes)
+
+
+def test_anonymous_health_is_up_or_down_and_the_schema_is_for_admins(served, registry):
+    gw, _ = served
+    anon = httpx.get(f"{gw.url}/healthz")
+    assert anon.status_code == 200 and anon.json() == {"status": "ok"}  # no replica URLs, names or registry
+    full = httpx.get(f"{gw.url}/healthz", headers=auth(registry["admin"])).json()
+    assert full["replicas"] and full["aliases"] and full["registry"]["model"] == NAME
+    assert httpx.get(f"{gw.url}/healthz", headers=auth(registry["user"])).status_code == 403
+    assert httpx.get(f"{gw.url}/docs").status_code == 404 and httpx.get(f"{gw.url}/redoc").status_code == 404
+    assert httpx.get(f"{gw.url}/openapi.json").status_code == 401
+    assert httpx.get(f"{gw.url}/openapi.json", headers=auth(registry["user"])).status_code == 403
+    schema = httpx.get(f"{gw.url}/openapi.json", headers=auth(registry["admin"])).json()
+    assert "/v1/chat/completions" in schema["paths"]
+
+
+def test_the_chat_page_allows_only_its_own_script_and_style(served):
+    gw, _ = served
+    r = httpx.get(gw.url + "/")
+    csp = dict(part.strip().split(" ", 1) for part in r.headers["content-security-policy"].split(";"))
+    html = r.text
+    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+    assert csp["script-src"] == digest and csp["default-src"] == "'none'" and csp["connect-src"] == "'self'"
+    assert "unsafe-inline" not in r.headers["content-security-policy"] and ' style="' not in html
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
 
 
 def test_conversations_create_list_load_retitle(served, registry):
@@ -428,7 +496,7 @@ def test_replica_failover_and_least_busy(registry):
         assert [r.status_code for r in results] == [200] * 6
         rows = httpx.get(f"{gw.url}/admin/usage", headers=auth(registry["admin"])).json()["data"][-6:]
         assert {r["replica"] for r in rows} == {b.base_url} and max(r["attempts"] for r in rows) == 2
-        health = httpx.get(f"{gw.url}/healthz").json()
+        health = httpx.get(f"{gw.url}/healthz", headers=auth(registry["admin"])).json()
         assert [r["healthy"] for r in health["replicas"]] == [False, True] and health["status"] == "ok"
         assert "gateway_retries_total 1.0" in httpx.get(f"{gw.url}/metrics", headers=auth(registry["admin"])).text
 

@@ -383,7 +383,11 @@ class RouteRule(Strict):
 class ArenaConfig(Strict):
     """The gateway's arena (POST /v1/arena): one prompt answered by two aliases, shown blind in random order."""
     models: list[str] = ["champion", "candidate"]
+    # fixed sampling for every match (a request's temperature, top_p or seed is refused: a voter who could pin them
+    # could replay one side through the chat endpoint and unblind the match); max_tokens: the most a match may ask
     max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
 
     @field_validator("models")
     @classmethod
@@ -416,6 +420,11 @@ class GatewayConfig(Strict):
     # when chunked), and the characters of all messages together. 32k tokens of Korean are about 200 KB.
     max_body_bytes: int = Field(512 * 1024, ge=1024)
     max_prompt_chars: int = Field(100_000, ge=100)
+    # caps a request cannot exceed (400 above them); a request without max_tokens is sent with `max_tokens`, so every
+    # request's token budget (prompt characters + n x max_tokens) is reserved before it goes upstream and settled
+    # with the real usage after
+    max_n: int = Field(4, ge=1)
+    max_tokens: int = Field(4096, ge=1)
     canary: Optional[CanaryConfig] = None
     routes: list[RouteRule] = []
     arena: ArenaConfig = ArenaConfig()

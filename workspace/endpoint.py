@@ -124,3 +124,38 @@ class Endpoint:
         """Environment for `vllm bench serve`, which sends $OPENAI_API_KEY as its bearer token."""
         key = self.api_key
         return {"OPENAI_API_KEY": key} if key else {}
+
+
+# The variable `make serve`, `make gateway` and `make ask` fill from the workspace's own key file when
+# serving.api_key_env names none: vLLM on the host is never open without a key (the gateway's tokens, limits and
+# usage log would be a bypass away), and a user who names a variable of their own keeps it.
+INTERNAL_KEY_ENV = "LLMOPS_SERVE_KEY"
+
+
+def internal_key_overrides(api_key_env: Optional[str], key_file) -> list[str]:
+    """[] when serving.api_key_env is set; else the key from `key_file` (created once with a random key, 0600,
+    written to a temporary name and renamed) put in $LLMOPS_SERVE_KEY of this process, and the override that names
+    it: `serving.api_key_env=LLMOPS_SERVE_KEY`."""
+    import secrets
+    from pathlib import Path
+
+    if api_key_env:
+        return []
+    path = Path(key_file)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("llmops-serve-" + secrets.token_urlsafe(32) + "\n")
+        try:
+            os.link(tmp, path)  # never replaces a key another process wrote first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    key = path.read_text(encoding="utf-8").strip()
+    if not key:
+        raise EndpointError(f"{path} is empty: delete it (make serve writes a new key) or set serving.api_key_env")
+    os.environ[INTERNAL_KEY_ENV] = key
+    return [f"serving.api_key_env={INTERNAL_KEY_ENV}"]

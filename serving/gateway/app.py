@@ -25,10 +25,13 @@ messages, context too long: the upstream's own message), 401/403, 404 (unknown m
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import math
+import re
 import secrets
 import time
 import uuid
@@ -51,6 +54,9 @@ from serving.supervisor import REPLICAS_FILE, read_replicas
 from workspace.config import LoadedConfig
 
 STATIC = Path(__file__).parent / "static"
+# what a voter may not set in the arena (a pinned seed or temperature 0 makes a match replayable through the chat)
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "n", "frequency_penalty", "presence_penalty",
+                 "repetition_penalty", "logit_bias", "logprobs", "top_logprobs")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -81,7 +87,10 @@ class Metrics:
 
 
 class Limiter:
-    """Per-token requests/min and tokens/min (moving windows) from the `limits` library."""
+    """Per-token requests/min and tokens/min (moving windows) from the `limits` library. A chat request's token budget
+    (prompt characters + n x max_tokens, an upper bound) is reserved before it goes upstream and settled with the real
+    usage when it ends, so parallel requests cannot together exceed the window. The reservations live in this
+    process (the `limits` windows have no refund); gateways sharing Redis share the charged usage, not the holds."""
 
     def __init__(self, uri: str, requests_per_min: int, tokens_per_min: int):
         # redis-py (already in the lock) as the client, not the library's default coredis
@@ -89,22 +98,53 @@ class Limiter:
         self.strategy = MovingWindowRateLimiter(self.storage)
         self.req = RateLimitItemPerMinute(requests_per_min, namespace="requests")
         self.tok = RateLimitItemPerMinute(tokens_per_min, namespace="tokens")
+        self._held: dict[str, int] = {}  # token name -> tokens reserved by requests in flight
+        self._holds: dict[str, tuple[str, int]] = {}  # request id -> (token name, tokens reserved)
+        self._lock = asyncio.Lock()
 
     async def _retry_after(self, item, key: str) -> int:
         stats = await self.strategy.get_window_stats(item, key)
         return max(1, math.ceil(stats.reset_time - time.time()))
 
-    async def admit(self, key: str) -> None:
-        if not await self.strategy.test(self.tok, key):
-            wait = await self._retry_after(self.tok, key)
-            raise GatewayError(429, f"token {key!r} used its {self.tok.amount} tokens per minute; retry in {wait} s",
-                               "rate_limit_exceeded", "rate_limit_error", {"Retry-After": str(wait)})
+    async def hit(self, key: str) -> None:
+        """Count one request (every endpoint that writes); 429 over requests_per_min."""
         if not await self.strategy.hit(self.req, key):
             wait = await self._retry_after(self.req, key)
             raise GatewayError(429, f"token {key!r} sent its {self.req.amount} requests per minute; retry in {wait} s",
                                "rate_limit_exceeded", "rate_limit_error", {"Retry-After": str(wait)})
 
-    async def spend(self, key: str, tokens: int) -> None:
+    async def admit(self, key: str) -> None:
+        """A model request: refused while the token's tokens/min window is used up, then counted."""
+        if not await self.strategy.test(self.tok, key):
+            wait = await self._retry_after(self.tok, key)
+            raise GatewayError(429, f"token {key!r} used its {self.tok.amount} tokens per minute; retry in {wait} s",
+                               "rate_limit_exceeded", "rate_limit_error", {"Retry-After": str(wait)})
+        await self.hit(key)
+
+    async def reserve(self, key: str, request_id: str, tokens: int) -> None:
+        """Hold `tokens` of the token's budget for `request_id`: 429 when what is left in the window, less what
+        requests in flight hold, is smaller (400 when the request could never fit)."""
+        if tokens > self.tok.amount:
+            raise GatewayError(400, f"this request may use up to {tokens:,} tokens (prompt + n x max_tokens), over the "
+                               f"{self.tok.amount:,} tokens per minute of token {key!r}: lower max_tokens or n",
+                               "request_over_budget")
+        async with self._lock:  # the check and the hold together: two requests cannot both take the last tokens
+            left = (await self.strategy.get_window_stats(self.tok, key)).remaining - self._held.get(key, 0)
+            if left < tokens:
+                wait = await self._retry_after(self.tok, key)
+                raise GatewayError(429, f"token {key!r} has {max(left, 0):,} of its {self.tok.amount:,} tokens per "
+                                   f"minute free and this request may use {tokens:,}; retry in {wait} s",
+                                   "rate_limit_exceeded", "rate_limit_error", {"Retry-After": str(wait)})
+            self._held[key] = self._held.get(key, 0) + tokens
+            self._holds[request_id] = (key, tokens)
+
+    async def settle(self, key: str, request_id: str, tokens: int) -> None:
+        """Release the request's hold (if any; once) and charge what it really used."""
+        key_held = self._holds.pop(request_id, None)
+        if key_held:
+            self._held[key_held[0]] -= key_held[1]
+            if not self._held[key_held[0]]:
+                del self._held[key_held[0]]
         if tokens > 0:
             remaining = (await self.strategy.get_window_stats(self.tok, key)).remaining
             if remaining > 0:  # a request larger than what is left fills the window (the next one waits)
@@ -183,6 +223,28 @@ def _validate(body: Any, max_prompt_chars: Optional[int] = None) -> list[dict]:
             raise GatewayError(413, f"the messages hold {total:,} characters, over {max_prompt_chars:,} "
                                "(serving.gateway.max_prompt_chars)", "prompt_too_large")
     return msgs
+
+
+def _capped(body: dict, gw) -> int:
+    """Check `n` and `max_tokens` (or `max_completion_tokens`) against the configured caps and return the request's
+    token budget to reserve: the prompt's characters (an estimate of its tokens; the settlement charges the real
+    count) + n x max_tokens (serving.gateway.max_tokens when the request leaves it unset)."""
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= gw.max_n:
+        raise GatewayError(400, f"'n' must be a whole number from 1 to {gw.max_n} (serving.gateway.max_n); got {n!r}",
+                           "invalid_n")
+    most = gw.max_tokens
+    for key in ("max_tokens", "max_completion_tokens"):
+        v = body.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= gw.max_tokens:
+            raise GatewayError(400, f"{key!r} must be a whole number from 1 to {gw.max_tokens} "
+                               f"(serving.gateway.max_tokens); got {v!r}", "invalid_max_tokens")
+        most = min(most, v)
+    return sum(len(_text(m)) for m in body["messages"]) + n * most
 
 
 def _text(m: dict) -> str:
@@ -273,6 +335,7 @@ class Gateway:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise GatewayError(400, "the request body is not valid JSON", "invalid_json") from None
             msgs = _validate(body, self.gw.max_prompt_chars)
+            await self.limiter.reserve(p.name, rid, _capped(body, self.gw))
             conv_id = body.pop("conversation_id", None)
             if conv_id is not None and (not isinstance(conv_id, int) or isinstance(conv_id, bool)
                                         or not 0 < conv_id < 2 ** 63 or
@@ -317,6 +380,7 @@ class Gateway:
             self.metrics.errors.labels(exc.code).inc()
             self.metrics.requests.labels(row.get("alias") or "-", str(exc.status)).inc()
             if "token_name" in row:  # unauthenticated noise is counted, not stored
+                await self.limiter.settle(row["token_name"], rid, 0)
                 await self._record(row)
             return _error(exc)
 
@@ -499,7 +563,7 @@ class Gateway:
         m.latency.labels(target.alias).observe(latency)
         m.tokens.labels("input").inc(row.get("input_tokens") or 0)
         m.tokens.labels("output").inc(row.get("output_tokens") or 0)
-        await self.limiter.spend(p.name, (row.get("input_tokens") or 0) + (row.get("output_tokens") or 0))
+        await self.limiter.settle(p.name, row["request_id"], (row.get("input_tokens") or 0) + (row.get("output_tokens") or 0))
         await self._record(row)
         if self.gw.log_text:  # the context an answer was given in, for feedback on it (make harvest)
             with contextlib.suppress(Exception):
@@ -513,6 +577,9 @@ class Gateway:
 
     async def _finish_error(self, row: dict, t0: float) -> None:
         row.setdefault("latency_ms", (time.monotonic() - t0) * 1000)
+        if row.get("token_name"):  # what a cut or failed request used is charged; its hold is released
+            await self.limiter.settle(row["token_name"], row["request_id"],
+                                      (row.get("input_tokens") or 0) + (row.get("output_tokens") or 0))
         self.metrics.requests.labels(row.get("alias") or "-", str(row["status"])).inc()
         self.metrics.errors.labels("client_disconnected" if row["status"] == 499 else "upstream").inc()
         await self._record(row)
@@ -528,6 +595,7 @@ class Gateway:
     # --- feedback and arena ---
     async def feedback(self, request: Request) -> dict:
         p = await self.principal(request)
+        await self.limiter.hit(p.name)
         body = await _json(request)
         rid = body.get("request_id")
         if not isinstance(rid, str) or not rid:
@@ -570,9 +638,23 @@ class Gateway:
                                "arena needs two different models (register a candidate with `make loop`)",
                                "arena_same_model")
         secrets.SystemRandom().shuffle(targets)  # blind: which side is which is drawn per match, never shown
-        params = {k: body[k] for k in ("temperature", "top_p", "max_tokens", "seed") if k in body}
-        params.setdefault("max_tokens", self.gw.arena.max_tokens)
-        answers = await asyncio.gather(*(self._answer(p, msgs, t, params) for t in targets))
+        arena = self.gw.arena
+        pinned = sorted(k for k in body if k in SAMPLING_KEYS)
+        if pinned:
+            raise GatewayError(400, f"the arena samples every match with the same settings (serving.gateway.arena: "
+                               f"temperature {arena.temperature}, top_p {arena.top_p}); leave out {', '.join(pinned)}",
+                               "invalid_arena")
+        most = body.get("max_tokens", arena.max_tokens)
+        if not isinstance(most, int) or isinstance(most, bool) or not 1 <= most <= arena.max_tokens:
+            raise GatewayError(400, f"max_tokens must be a whole number from 1 to {arena.max_tokens} "
+                               "(serving.gateway.arena.max_tokens)", "invalid_arena")
+        params = {"temperature": arena.temperature, "top_p": arena.top_p, "max_tokens": most}
+        hold = "arena-" + uuid.uuid4().hex[:24]
+        await self.limiter.reserve(p.name, hold, 2 * (sum(len(_text(m)) for m in msgs) + most))
+        try:
+            answers = await asyncio.gather(*(self._answer(p, msgs, t, params) for t in targets))
+        finally:  # each answer charged its own usage
+            await self.limiter.settle(p.name, hold, 0)
         a, b = ({"model": t.alias, "version": t.version, "answer": ans, "request_id": rid}
                 for t, (ans, rid) in zip(targets, answers))
         match = await run_in_threadpool(self.db.create_match, p.name, _plain(msgs), a, b)
@@ -620,6 +702,7 @@ class Gateway:
         from serving.gateway.db import GatewayDbError
 
         p = await self.principal(request)
+        await self.limiter.hit(p.name)
         body = await _json(request)
         try:
             m = await run_in_threadpool(self.db.vote, p.name, match_id, str(body.get("winner")))
@@ -652,7 +735,8 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
         finally:
             await gw.stop()
 
-    app = FastAPI(title="LLMOps gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # no /docs or /redoc (their pages load Swagger/ReDoc from a CDN, blank offline); /openapi.json is admin-only below
+    app = FastAPI(title="LLMOps gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gw
     app.add_middleware(BodyLimit, max_bytes=gw.gw.max_body_bytes)
 
@@ -674,9 +758,25 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
         return await guarded(run)
 
     @app.get("/healthz")
-    async def healthz():
+    async def healthz(request: Request):
+        """Up or down for anyone (a load balancer's probe); the replicas, aliases and registry for an admin token."""
         h = gw.health()
-        return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
+        code = 200 if h["status"] == "ok" else 503
+        if not request.headers.get("authorization"):
+            return JSONResponse({"status": h["status"]}, status_code=code)
+        try:
+            await gw.principal(request, admin=True)
+        except GatewayError as exc:
+            return _error(exc)
+        return JSONResponse(h, status_code=code)
+
+    @app.get("/openapi.json")
+    async def openapi(request: Request):
+        """The API's schema, for admin tokens only (no Swagger page: it would load its assets from a CDN)."""
+        async def run():
+            await gw.principal(request, admin=True)
+            return JSONResponse(app.openapi())
+        return await guarded(run)
 
     @app.get("/metrics")
     async def metrics(request: Request):
@@ -690,6 +790,7 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
     async def new_conversation(request: Request):
         async def run():
             p = await gw.principal(request)
+            await gw.limiter.hit(p.name)
             body = await _json(request)
             title = str(body.get("title") or "new conversation")
             system = body.get("system_prompt")
@@ -718,6 +819,7 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
     async def retitle(conv_id: int, request: Request):
         async def run():
             p = await gw.principal(request)
+            await gw.limiter.hit(p.name)
             body = await _json(request)
             c = await run_in_threadpool(gw.db.update_conversation, p.name, conv_id,
                                         title=str(body["title"]) if body.get("title") else None,
@@ -757,7 +859,8 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
         async def run():
             from serving.gateway.db import GatewayDbError
 
-            await gw.principal(request, admin=True)
+            p = await gw.principal(request, admin=True)
+            await gw.limiter.hit(p.name)
             body = await _json(request)
             try:
                 token = await run_in_threadpool(gw.db.create_token, body.get("name"), str(body.get("role", "user")))
@@ -769,7 +872,8 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
     @app.delete("/admin/tokens/{name}")
     async def revoke(name: str, request: Request):
         async def run():
-            await gw.principal(request, admin=True)
+            p = await gw.principal(request, admin=True)
+            await gw.limiter.hit(p.name)
             if not await run_in_threadpool(gw.db.revoke_token, name):
                 raise GatewayError(404, f"no token named {name!r}", "token_not_found")
             gw._auth_cache.clear()
@@ -779,7 +883,8 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
     @app.post("/admin/reload")
     async def reload(request: Request):
         async def run():
-            await gw.principal(request, admin=True)
+            p = await gw.principal(request, admin=True)
+            await gw.limiter.hit(p.name)
             aliases = await gw.catalog.refresh()
             await gw.pool.check_all()
             return {"aliases": aliases, "error": gw.catalog.error}
@@ -813,11 +918,30 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
                     "summary": await run_in_threadpool(gw.db.arena_summary)}
         return await guarded(run)
 
+    page_headers = _page_headers(STATIC / "index.html")
+
     @app.get("/")
     async def page():
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=page_headers)
 
     return app
+
+
+def _page_headers(html: Path) -> dict[str, str]:
+    """The chat page keeps its token in localStorage, so nothing but its own inline script and style may run:
+    a Content-Security-Policy that allows exactly those (by their SHA-256) and requests to this origin."""
+    text = html.read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.S)
+        if not found:
+            raise RuntimeError(f"{html}: no inline <{tag}> to allow in the Content-Security-Policy")
+        return " ".join("'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'" for b in found)
+
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+           "img-src 'self' data:; font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+            "X-Frame-Options": "DENY"}
 
 
 def _plain(msgs: list[dict]) -> list[dict]:
