@@ -4,6 +4,7 @@ machines cannot reach). Log in with a token, send a prompt and see the answer st
 long answer, switch the alias, reload a saved conversation; rate and correct an answer, and vote in the arena."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from serving.gateway.db import GatewayDb, database_url
 from serving.registry import promote
 from upstream_double import ServeApp, Upstream
 from workspace.config import load_config
+from workspace.paths import ROOT
 from workspace.setup_env import BROWSER
 from workspace.tracking import configure, stage_run
 
@@ -142,3 +144,55 @@ def test_chat_page_rates_corrects_and_votes_in_the_arena(page_env):
             assert page.locator(".vote-B").is_disabled()  # one vote per match
         finally:
             browser.close()
+
+
+SHOTS = ROOT / ".cache" / "test-artifacts"  # the page as a reviewer sees it, rewritten by every run (docs/ has a copy)
+
+
+def test_chat_page_desktop_and_phone_width_with_korean_fonts_version_and_clear_errors(page_env):
+    from playwright.sync_api import expect, sync_playwright
+
+    fonts = subprocess.run(["fc-list", ":lang=ko", "family"], capture_output=True, text=True).stdout
+    assert fonts.strip(), "no Korean font: `make setup` installs Debian's fonts-noto-cjk (apt-get install fonts-noto-cjk)"
+    gw, up, _ = page_env
+    token = gw.db.create_token("looker", "user")
+    up.state.token_delay_s = 0.0
+    up.state.max_model_len = 100_000
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=BROWSER, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(gw.url + "/")
+            page.fill("#token", token)
+            page.click("#login-btn")
+            expect(page.locator("#version")).to_have_text("v2")  # the served version, shown from the start
+            page.select_option("#model", "previous")
+            expect(page.locator("#version")).to_have_text("v1")
+            page.select_option("#model", "champion")
+            page.fill("#system", "XML만 답하세요")
+            page.fill("#prompt", "회원 목록 화면을 만들어 주세요. 항목: 이름, 이메일, 가입일")
+            page.click("#send")
+            expect(page.locator("#status")).to_have_text("done", timeout=30_000)
+            expect(page.locator(".fb-up").last).to_have_text("Good")  # labelled, not bare icons
+            # an error: the message alone, no empty answer bubble above it
+            up.state.fail = True
+            answers = page.locator(".msg.assistant").count()
+            page.fill("#prompt", "오류가 나는 요청")
+            page.click("#send")
+            expect(page.locator(".msg.error").last).to_contain_text("error")
+            assert page.locator(".msg.assistant").count() == answers
+            up.state.fail = False
+            side = page.locator("#side").bounding_box()
+            assert side["width"] == 260 and side["height"] >= 700  # a side column on a desktop
+            page.screenshot(path=str(SHOTS / "chat-desktop.png"))
+
+            page.set_viewport_size({"width": 420, "height": 860})
+            side, main = page.locator("#side").bounding_box(), page.locator("#main").bounding_box()
+            assert side["width"] == 420 and main["y"] >= side["y"] + side["height"] - 1  # stacked above the chat
+            assert page.evaluate("document.documentElement.scrollWidth") <= 420  # nothing wider than a phone
+            page.screenshot(path=str(SHOTS / "chat-narrow.png"))
+        finally:
+            browser.close()
+    for name in ("chat-desktop.png", "chat-narrow.png"):
+        assert (SHOTS / name).stat().st_size > 10_000, name

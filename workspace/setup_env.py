@@ -172,7 +172,9 @@ REDIS = "/usr/bin/redis-server"
 # Debian packages the tests need: chromium for the gateway's chat page (Playwright drives it with executable_path:
 # Playwright's own browser download needs its CDN, which these machines cannot reach) and redis-server for the
 # gateway's shared rate-limit counters (a real server on 127.0.0.1, started and stopped by the test)
-SYSTEM_PACKAGES = {"chromium": BROWSER, "redis-server": REDIS}
+# and fonts-noto-cjk so the page (and its test screenshots) show Korean text, not empty boxes
+SYSTEM_PACKAGES = {"chromium": BROWSER, "redis-server": REDIS,
+                   "fonts-noto-cjk": "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"}
 
 
 def ensure_system_packages() -> None:

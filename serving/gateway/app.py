@@ -406,7 +406,7 @@ class Gateway:
                 if resp.status_code < 500:
                     replica.served += 1
                     return resp, replica, attempt
-                last = f"{replica.base_url} answered {resp.status_code}: {(await resp.aread())[:200]!r}"
+                last = f"{replica.base_url} answered {resp.status_code}: {(await resp.aread())[:200].decode('utf-8', 'replace')}"
                 await resp.aclose()
             except httpx.TimeoutException as exc:
                 last = f"{replica.base_url} timed out ({type(exc).__name__})"
