@@ -143,8 +143,8 @@ bench-prepare: setup  ## 100k rows through the prepare stage (target < 60 s)
 gateway: setup  ## the OpenAI-compatible gateway + chat page on 127.0.0.1:8080 in front of `make serve` (tokens, limits, usage, aliases)
 	@$(PY) -m flows.gateway $(CFG_ARGS) $(if $(PORT),--port $(PORT))
 
-token: envs  ## create a gateway API token: make token NAME=alice ROLE=user|admin (printed once, stored as a digest); REVOKE=alice revokes
-	@$(if $(REVOKE),$(PY) -m flows.gateway $(CFG_ARGS) --revoke "$(REVOKE)",$(PY) -m flows.gateway $(CFG_ARGS) --token "$(NAME)" --role $(or $(ROLE),user))
+token: envs  ## create a gateway API token: make token NAME=alice ROLE=user|admin [EXPIRES=30d] (printed once, stored as a digest); REVOKE=alice revokes
+	@$(if $(REVOKE),$(PY) -m flows.gateway $(CFG_ARGS) --revoke "$(REVOKE)",$(PY) -m flows.gateway $(CFG_ARGS) --token "$(NAME)" --role $(or $(ROLE),user) $(if $(EXPIRES),--expires "$(EXPIRES)"))
 
 ui: envs  ## the MLflow UI on 127.0.0.1 (one worker) for the configured store, until Ctrl-C (UI_PORT=5000)
 	@$(PY) -m workspace.ui $(CFG_ARGS) --port $(UI_PORT)

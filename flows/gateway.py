@@ -19,7 +19,7 @@ from workspace import offline
 
 offline.apply()
 
-from serving.gateway.db import GatewayDb, GatewayDbError, database_url  # noqa: E402
+from serving.gateway.db import GatewayDb, GatewayDbError, database_url, parse_lifetime  # noqa: E402
 from workspace.config import ConfigError, add_cli_args, load_config  # noqa: E402
 from workspace.processes import port_is_free  # noqa: E402
 from workspace.tracking import configure  # noqa: E402
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--token", metavar="NAME", help="create an API token for NAME, print it once, and exit")
     ap.add_argument("--role", default="user", choices=["user", "admin"])
+    ap.add_argument("--expires", metavar="LIFETIME", default=None,
+                    help="with --token: the token stops working after this long (30d, 12h, 45m); default: until revoked")
     ap.add_argument("--revoke", metavar="NAME", help="revoke NAME's token (its name can be given out again) and exit")
     args = ap.parse_args(argv)
     try:
@@ -56,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.token is not None:
             db = GatewayDb(database_url(loaded))
-            token = db.create_token(args.token, args.role)
-            print(f"[token] {args.role} token for {args.token!r} (shown once; only its digest is stored in "
+            lifetime = parse_lifetime(args.expires) if args.expires else None
+            token = db.create_token(args.token, args.role, lifetime)
+            until = f", valid for {args.expires.strip()}" if lifetime else ""
+            print(f"[token] {args.role} token for {args.token!r}{until} (shown once; only its digest is stored in "
                   f"{db._safe(db.url)}):\n{token}")
             return 0
         import uvicorn

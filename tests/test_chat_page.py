@@ -55,7 +55,7 @@ def test_chat_page_login_stream_stop_switch_and_reload(page_env):
             page.goto(gw.url + "/")
             page.fill("#token", "llmops-wrong")
             page.click("#login-btn")
-            expect(page.locator("#login-error")).to_contain_text("unknown or revoked")
+            expect(page.locator("#login-error")).to_contain_text("unknown, revoked or expired")
             page.fill("#token", token)
             page.click("#login-btn")
             expect(page.locator("#model option")).to_have_count(3)

@@ -285,6 +285,61 @@ def test_token_names_are_checked_reusable_after_revocation_and_the_database_is_p
     assert stat.S_IMODE(os.stat(tmp_path / "cmd.db").st_mode) == 0o600
 
 
+def test_tokens_can_expire_and_an_older_database_gains_the_column(served, registry, tmp_path):
+    import datetime as dt
+    import subprocess
+    import sys
+
+    from sqlalchemy import update
+
+    from serving.gateway.db import ApiToken, GatewayDbError
+    from workspace.paths import ROOT
+
+    gw, _ = served
+    admin = auth(registry["admin"])
+    r = httpx.post(f"{gw.url}/admin/tokens", headers=admin, json={"name": "temp", "expires_in": "12h"})
+    assert r.status_code == 200, r.text
+    temp = r.json()["token"]
+    listed = {t["name"]: t for t in httpx.get(f"{gw.url}/admin/tokens", headers=admin).json()["data"]}
+    expires = dt.datetime.fromisoformat(listed["temp"]["expires_at"])
+    assert dt.timedelta(hours=11, minutes=59) < expires - dt.datetime.fromisoformat(listed["temp"]["created_at"]) \
+        <= dt.timedelta(hours=12, seconds=1)
+    assert listed["root"]["expires_at"] is None  # no lifetime: until revoked
+    assert chat(gw.url, temp).status_code == 200
+    db = registry["db"]
+    with db.session() as s, s.begin():  # its lifetime runs out
+        s.execute(update(ApiToken).where(ApiToken.name == "temp").values(expires_at=dt.datetime(2020, 1, 1)))
+    time.sleep(5.1)  # the gateway's auth cache keeps a checked token for 5 s
+    r = chat(gw.url, temp)
+    assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
+    for bad in ("0d", "soon", "-3h", 5):
+        r = httpx.post(f"{gw.url}/admin/tokens", headers=admin, json={"name": "temp2", "expires_in": bad})
+        assert r.status_code == 400 and "lifetime" in r.json()["error"]["message"], bad
+    with pytest.raises(GatewayDbError, match="positive"):
+        db.create_token("temp3", "user", dt.timedelta(0))
+    # make token NAME=... EXPIRES=30d
+    url = f"sqlite:///{tmp_path}/cmd.db"
+    made = subprocess.run([sys.executable, "-m", "flows.gateway", "--set", f"serving.gateway.database_url={url}",
+                           "--token", "hana", "--expires", "30d"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and "valid for 30d" in made.stdout, made.stderr
+    # a database made before tokens could expire (no expires_at column): opened, it gains the column, old tokens work
+    old = tmp_path / "old.db"
+    con = sqlite3.connect(old)
+    con.execute("CREATE TABLE api_tokens (id INTEGER PRIMARY KEY, name VARCHAR(100) UNIQUE, role VARCHAR(10), "
+                "digest VARCHAR(64) UNIQUE, created_at DATETIME, revoked BOOLEAN)")
+    import hashlib
+
+    con.execute("INSERT INTO api_tokens VALUES (1, 'olga', 'user', ?, '2026-11-01 00:00:00', 0)",
+                (hashlib.sha256(b"llmops-old-token").hexdigest(),))
+    con.commit()
+    con.close()
+    from serving.gateway.db import GatewayDb
+
+    reopened = GatewayDb(f"sqlite:///{old}")
+    row = reopened.check_token("llmops-old-token")
+    assert row is not None and row.name == "olga" and row.expires_at is None
+
+
 def test_errors_are_openai_shaped(served, registry):
     gw, up = served
     cases = {

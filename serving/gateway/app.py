@@ -312,7 +312,8 @@ class Gateway:
         else:
             row = await run_in_threadpool(self.db.check_token, token)
             if row is None:
-                raise GatewayError(401, "the API token is unknown or revoked", "invalid_api_key", "authentication_error")
+                raise GatewayError(401, "the API token is unknown, revoked or expired", "invalid_api_key",
+                                   "authentication_error")
             p = Principal(row.name, row.role)
             self._auth_cache[token] = (time.monotonic() + 5.0, p)  # a revocation takes effect within 5 s
         if admin and p.role != "admin":
@@ -857,13 +858,15 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
     @app.post("/admin/tokens")
     async def create_token(request: Request):
         async def run():
-            from serving.gateway.db import GatewayDbError
+            from serving.gateway.db import GatewayDbError, parse_lifetime
 
             p = await gw.principal(request, admin=True)
             await gw.limiter.hit(p.name)
             body = await _json(request)
             try:
-                token = await run_in_threadpool(gw.db.create_token, body.get("name"), str(body.get("role", "user")))
+                lifetime = parse_lifetime(body["expires_in"]) if body.get("expires_in") is not None else None
+                token = await run_in_threadpool(gw.db.create_token, body.get("name"), str(body.get("role", "user")),
+                                                lifetime)
             except GatewayDbError as exc:
                 raise GatewayError(400, str(exc), "invalid_token_request") from None
             return {"name": body.get("name"), "role": body.get("role", "user"), "token": token}

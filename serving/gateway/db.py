@@ -40,6 +40,26 @@ class GatewayDbError(RuntimeError):
     pass
 
 
+def parse_lifetime(text: str) -> dt.timedelta:
+    """'30d', '12h', '45m' (days, hours, minutes) as a timedelta; a clear error otherwise."""
+    m = re.fullmatch(r"\s*(\d{1,5})\s*([dhm])\s*", str(text))
+    if not m or int(m.group(1)) == 0:
+        raise GatewayDbError(f"token lifetime {text!r}: a positive number of days, hours or minutes, e.g. 30d, 12h, 45m")
+    unit = {"d": "days", "h": "hours", "m": "minutes"}[m.group(2)]
+    return dt.timedelta(**{unit: int(m.group(1))})
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added since a database was created (nullable, so old rows stay valid): api_tokens.expires_at.
+    A stopgap until the gateway's schema is under Alembic migrations."""
+    from sqlalchemy import inspect, text
+
+    have = {c["name"] for c in inspect(engine).get_columns("api_tokens")}
+    if "expires_at" not in have:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE api_tokens ADD COLUMN expires_at TIMESTAMP"))
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
@@ -83,6 +103,7 @@ class ApiToken(Base):
     digest: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    expires_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)  # None: never
 
 
 class Usage(Base):
@@ -253,6 +274,7 @@ class GatewayDb:
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             Base.metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
         except Exception as exc:  # noqa: BLE001 - a bad URL, an unreachable server, a missing driver: one named error
             raise GatewayDbError(f"the gateway database {self._safe(url)} cannot be opened ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0][:200]}); check serving.gateway.database_url") from exc
@@ -269,8 +291,11 @@ class GatewayDb:
             return "(unparsable URL)"
 
     # --- tokens ---
-    def create_token(self, name: str, role: str) -> str:
-        """A new random token for `name` (printed once by the caller; only its digest is stored)."""
+    def create_token(self, name: str, role: str, expires_in: Optional[dt.timedelta] = None) -> str:
+        """A new random token for `name` (printed once by the caller; only its digest is stored), valid for
+        `expires_in` when given (else until revoked)."""
+        if expires_in is not None and expires_in <= dt.timedelta(0):
+            raise GatewayDbError(f"a token's lifetime must be positive, got {expires_in}")
         if role not in ROLES:
             raise GatewayDbError(f"role {role!r} is not one of {', '.join(ROLES)}")
         if not isinstance(name, str) or not TOKEN_NAME.fullmatch(name):
@@ -284,12 +309,14 @@ class GatewayDb:
             if old is not None:  # revoked: its row keeps its history under another name, the name is free again
                 old.name = f"{name}~revoked-{old.id}"
                 s.flush()
-            s.add(ApiToken(name=name, role=role, digest=digest(token)))
+            s.add(ApiToken(name=name, role=role, digest=digest(token),
+                           expires_at=_now() + expires_in if expires_in is not None else None))
         return token
 
     def check_token(self, token: str) -> Optional[ApiToken]:
         with self.session() as s:
-            return s.scalar(select(ApiToken).where(ApiToken.digest == digest(token), ApiToken.revoked.is_(False)))
+            return s.scalar(select(ApiToken).where(ApiToken.digest == digest(token), ApiToken.revoked.is_(False),
+                                                   (ApiToken.expires_at.is_(None)) | (ApiToken.expires_at > _now())))
 
     def revoke_token(self, name: str) -> bool:
         with self.session() as s, s.begin():
@@ -297,7 +324,8 @@ class GatewayDb:
 
     def tokens(self) -> list[dict]:
         with self.session() as s:
-            return [{"name": t.name, "role": t.role, "created_at": t.created_at.isoformat(), "revoked": t.revoked}
+            return [{"name": t.name, "role": t.role, "created_at": t.created_at.isoformat(), "revoked": t.revoked,
+                     "expires_at": t.expires_at.isoformat() if t.expires_at else None}
                     for t in s.scalars(select(ApiToken).order_by(ApiToken.id))]
 
     # --- usage ---
