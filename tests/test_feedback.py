@@ -29,7 +29,8 @@ def registry(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fb")
     base = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts",
             f"tracking.registered_model={NAME}", "serving.gateway.registry_refresh_s=0.2",
-            "serving.gateway.health_interval_s=0.2", "serving.gateway.requests_per_min=1000"]
+            "serving.gateway.health_interval_s=0.2", "serving.gateway.requests_per_min=1000",
+            "serving.gateway.arena.votes_per_pair=100"]  # one tester's many votes stand in for many people
     configure(load_config(overrides=base))
     for tag in ("one", "two"):
         with stage_run(load_config(overrides=base), "promote") as run:
@@ -116,6 +117,28 @@ def test_arena_is_blind_random_and_reveals_after_one_vote(gw):
     assert [(s["version"], s["win_rate"]) for s in summary["summary"]] == [("2", 1.0), ("1", 0.0)]
     usage = gw["db"].usage()
     assert len(usage) == 32 and {u["requested_model"] for u in usage} == {"arena:champion", "arena:previous"}
+
+
+def test_one_vote_per_token_per_pair_by_default(registry, tmp_path):
+    sets = registry["overrides"] + [f"serving.gateway.database_url=sqlite:///{tmp_path}/gw.db",
+                                    "serving.gateway.arena.votes_per_pair=1"]
+    loaded = load_config(overrides=sets)
+    db = GatewayDb(database_url(loaded))
+    tokens = {"alice": db.create_token("alice", "user"), "bob": db.create_token("bob", "user")}
+    with Upstream() as up, ServeApp(create_app(loaded, upstreams=[up.base_url])) as app:
+        g = {"url": app.url, "tokens": tokens}
+        msgs = [{"role": "user", "content": "주문 화면"}]
+        first = post(g, "/v1/arena", messages=msgs, models=["champion", "previous"]).json()
+        second = post(g, "/v1/arena", messages=msgs, models=["champion", "previous"]).json()  # opened before a vote
+        assert post(g, f"/v1/arena/{first['id']}/vote", winner="A").status_code == 200
+        late = post(g, f"/v1/arena/{second['id']}/vote", winner="B")
+        assert late.status_code == 409 and "votes_per_pair" in late.json()["error"]["message"]
+        again = post(g, "/v1/arena", messages=msgs, models=["previous", "champion"])  # the same pair, either order
+        assert again.status_code == 409 and again.json()["error"]["code"] == "arena_pair_voted"
+        other = post(g, "/v1/arena", "bob", messages=msgs, models=["champion", "previous"])  # another person
+        assert other.status_code == 200 and post(g, f"/v1/arena/{other.json()['id']}/vote", "bob",
+                                                 winner="tie").status_code == 200
+    assert db.arena_tally("2", "1")["wins"] + db.arena_tally("2", "1")["losses"] + db.arena_tally("2", "1")["ties"] == 2
 
 
 def test_harvest_exports_rows_pairs_and_manifest_once(gw, capsys):

@@ -45,7 +45,8 @@ def test_feedback_to_dpo_candidate_to_champion(tmp_path, promote_random_adapter,
             "tracking.experiment=loop", f"tracking.registered_model={NAME}", f"data.output_dir={tmp_path}/processed",
             f"finetune.output_dir={tmp_path}/adapters", f"data.feedback.dir={tmp_path}/feedback",
             f"serving.gateway.database_url=sqlite:///{tmp_path}/gw.db", "serving.gateway.registry_refresh_s=0.2",
-            "serving.gateway.canary.alias=candidate", "serving.gateway.canary.percent=20", "rag.enabled=false",
+            "serving.gateway.canary.alias=candidate", "serving.gateway.canary.percent=20",
+            "serving.gateway.arena.votes_per_pair=100", "rag.enabled=false",  # (one tester's votes stand in for many)
             "eval.kobest_tasks=[kobest_copa]", "eval.limit=4", "eval.custom_limit=4", "eval.max_new_tokens=48",
             "loop.max_steps=4", "finetune.save_steps=4", "finetune.logging_steps=1", f"gate.rules={RULES}"]
     loaded = load_config(profile="cpu_smoke", overrides=sets)

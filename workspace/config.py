@@ -388,6 +388,8 @@ class ArenaConfig(Strict):
     max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.95, gt=0, le=1)
+    # votes one token may cast on one pair of versions (a preference gate counts people, not one person's clicks)
+    votes_per_pair: int = Field(1, ge=1)
 
     @field_validator("models")
     @classmethod

@@ -638,6 +638,11 @@ class Gateway:
             raise GatewayError(409, f"{models[0]} and {models[1]} are the same version (v{targets[0].version}): the "
                                "arena needs two different models (register a candidate with `make loop`)",
                                "arena_same_model")
+        per_pair = self.gw.arena.votes_per_pair
+        if await run_in_threadpool(self.db.pair_votes, p.name, targets[0].version, targets[1].version) >= per_pair:
+            raise GatewayError(409, f"token {p.name!r} already voted on v{targets[0].version} vs v{targets[1].version} "
+                               f"({per_pair} vote(s) per token per pair: serving.gateway.arena.votes_per_pair); the "
+                               "arena opens again for the next candidate", "arena_pair_voted")
         secrets.SystemRandom().shuffle(targets)  # blind: which side is which is drawn per match, never shown
         arena = self.gw.arena
         pinned = sorted(k for k in body if k in SAMPLING_KEYS)
@@ -706,7 +711,8 @@ class Gateway:
         await self.limiter.hit(p.name)
         body = await _json(request)
         try:
-            m = await run_in_threadpool(self.db.vote, p.name, match_id, str(body.get("winner")))
+            m = await run_in_threadpool(self.db.vote, p.name, match_id, str(body.get("winner")),
+                                        self.gw.arena.votes_per_pair)
         except GatewayDbError as exc:
             raise GatewayError(409 if "already" in str(exc) else 400, str(exc), "invalid_vote") from None
         if m is None:

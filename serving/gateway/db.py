@@ -458,8 +458,20 @@ class GatewayDb:
             s.flush()
             return _row(m)
 
-    def vote(self, token_name: str, match_id: int, winner: str) -> Optional[dict]:
-        """Record the vote; None when the match is not this token's; GatewayDbError when it was voted on already."""
+    def pair_votes(self, token_name: str, version_1: str, version_2: str, session=None) -> int:
+        """How many votes `token_name` cast on matches between these two versions (in either order)."""
+        q = select(func.count()).select_from(ArenaMatch).where(
+            ArenaMatch.token_name == token_name, ArenaMatch.winner.is_not(None),
+            ((ArenaMatch.version_a == version_1) & (ArenaMatch.version_b == version_2))
+            | ((ArenaMatch.version_a == version_2) & (ArenaMatch.version_b == version_1)))
+        if session is not None:
+            return session.scalar(q)
+        with self.session() as s:
+            return s.scalar(q)
+
+    def vote(self, token_name: str, match_id: int, winner: str, per_pair: Optional[int] = None) -> Optional[dict]:
+        """Record the vote; None when the match is not this token's; GatewayDbError when it was voted on already, or
+        when the token has cast `per_pair` votes on this pair of versions."""
         if winner not in WINNERS:
             raise GatewayDbError(f"winner {winner!r} is not one of {', '.join(WINNERS)}")
         if not _valid_id(match_id):
@@ -470,6 +482,9 @@ class GatewayDb:
                 return None
             if m.winner is not None:
                 raise GatewayDbError(f"arena match {match_id} already has a vote ({m.winner}); one vote per match")
+            if per_pair is not None and self.pair_votes(token_name, m.version_a, m.version_b, s) >= per_pair:
+                raise GatewayDbError(f"token {token_name!r} already voted on v{m.version_a} vs v{m.version_b} ({per_pair} "
+                                     "vote(s) per token per pair: serving.gateway.arena.votes_per_pair)")
             m.winner, m.voted_at = winner, _now()
             return _row(m)
 
