@@ -20,6 +20,7 @@ from workspace import offline
 offline.apply()
 
 from serving.gateway.db import GatewayDb, GatewayDbError, database_url, parse_lifetime  # noqa: E402
+from serving.serve import with_serve_key  # noqa: E402
 from workspace.config import ConfigError, add_cli_args, load_config  # noqa: E402
 from workspace.processes import port_is_free  # noqa: E402
 from workspace.tracking import configure  # noqa: E402
@@ -68,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from serving.gateway.app import create_app
 
-        keyed = internal_key_overrides(loaded.config.serving.api_key_env, SERVE_KEY_FILE)
-        if keyed:  # the key `make serve` started vLLM with (the same file)
-            loaded = load_config(args.config, args.profile, list(args.overrides) + keyed)
+        loaded = with_serve_key(loaded, args.config, args.profile, args.overrides)  # the key make serve uses
         configure(loaded)
         gw = loaded.config.serving.gateway
         port = args.port or gw.port

@@ -24,8 +24,7 @@ from prefect import flow  # noqa: E402
 from flows._cli import run_flow_cli  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
 from rag.rag_stage import RAG, ask  # noqa: E402
-from serving.serve import SERVE_KEY_FILE, champion_endpoint  # noqa: E402
-from workspace.endpoint import internal_key_overrides  # noqa: E402
+from serving.serve import champion_endpoint, with_serve_key  # noqa: E402
 from workspace.config import load_config  # noqa: E402
 from workspace.locks import workspace_lock  # noqa: E402
 
@@ -43,8 +42,7 @@ def ask_flow(config: str | None = None, profile: str | None = None, overrides: l
              ask_question: str = "", endpoint: str | None = None, model: str | None = None, **_) -> None:
     loaded = load_config(config, profile, overrides or [])
     if endpoint is None:  # make serve's endpoint: its key (the workspace's own when none is configured)
-        keyed = internal_key_overrides(loaded.config.serving.api_key_env, SERVE_KEY_FILE)
-        loaded = load_config(config, profile, list(overrides or []) + keyed) if keyed else loaded
+        loaded = with_serve_key(loaded, config, profile, overrides)
     res = ask(loaded, ask_question, champion_endpoint(loaded, endpoint, model))
     print(res["answer"])
     print(f"\nsources: {', '.join(res['sources'])}   citations: {res['citations']}")

@@ -23,12 +23,12 @@ from workspace import offline
 offline.apply()
 
 from serving.registry import CHAMPION, PromotionError, alias_version  # noqa: E402
-from serving.serve import SERVE_KEY_FILE, champion_server, usage  # noqa: E402
+from serving.serve import champion_server, usage, with_serve_key  # noqa: E402
 from serving.supervisor import REPLICAS_FILE, Supervisor  # noqa: E402
 from workspace.config import ConfigError, adapter_mode, add_cli_args, load_config  # noqa: E402
 from workspace.paths import CACHE  # noqa: E402
 from workspace.processes import free_port  # noqa: E402
-from workspace.endpoint import EndpointError, internal_key_overrides  # noqa: E402
+from workspace.endpoint import EndpointError  # noqa: E402
 from workspace.tracking import configure  # noqa: E402
 from workspace.vllm_server import ServerError  # noqa: E402
 
@@ -71,9 +71,7 @@ def main() -> int:
     args = ap.parse_args()
     try:
         loaded = load_config(args.config, args.profile, args.overrides)
-        keyed = internal_key_overrides(loaded.config.serving.api_key_env, SERVE_KEY_FILE)
-        if keyed:  # no key configured: the workspace's own (make gateway reads the same file)
-            loaded = load_config(args.config, args.profile, list(args.overrides) + keyed)
+        loaded = with_serve_key(loaded, args.config, args.profile, args.overrides)
         configure(loaded)
         mode, reason = adapter_mode(loaded.config)
         name = loaded.config.tracking.registered_model

@@ -11,13 +11,20 @@ from typing import Optional
 import yaml
 
 from serving.registry import fetch_champion
-from workspace.config import LoadedConfig
-from workspace.endpoint import INTERNAL_KEY_ENV, Endpoint
+from workspace.config import LoadedConfig, load_config
+from workspace.endpoint import INTERNAL_KEY_ENV, Endpoint, internal_key_overrides
 from workspace.paths import CACHE
 from workspace.processes import free_port
 from workspace.vllm_server import ServerError, VllmServer
 
 SERVE_KEY_FILE = CACHE / "serve" / "api_key"  # make serve's key when serving.api_key_env names none (0600)
+
+
+def with_serve_key(loaded: LoadedConfig, config, profile, overrides) -> LoadedConfig:
+    """`loaded` as is when serving.api_key_env names a variable; else reloaded with the workspace's own key
+    (SERVE_KEY_FILE, shared by make serve, make gateway and make ask) named as the key variable."""
+    keyed = internal_key_overrides(loaded.config.serving.api_key_env, SERVE_KEY_FILE)
+    return load_config(config, profile, list(overrides or []) + keyed) if keyed else loaded
 
 
 def champion_server(loaded: LoadedConfig, *, port: Optional[int] = None, dest: Optional[Path] = None) -> tuple[VllmServer, dict]:
