@@ -5,8 +5,10 @@ long answer, switch the alias, reload a saved conversation; rate and correct an 
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import make_bundle
@@ -40,6 +42,20 @@ def page_env(tmp_path_factory):
     with Upstream() as up, ServeApp(create_app(loaded, upstreams=[up.base_url])) as gw:
         gw.db = db
         yield gw, up, token
+
+
+@pytest.fixture(autouse=True)
+def healthy_upstream(page_env):
+    """Each test starts on a healthy upstream that the gateway sees as healthy: the tests run in random order,
+    and one that makes the upstream fail leaves its replica marked down until the health loop brings it back."""
+    gw, up, _ = page_env
+    up.state.fail = False
+    deadline = time.monotonic() + 30
+    while httpx.get(gw.url + "/healthz", timeout=5).json()["status"] != "ok":
+        assert time.monotonic() < deadline, "the gateway did not see the upstream healthy again within 30 s"
+        time.sleep(0.2)
+    yield
+    up.state.fail = False
 
 
 def test_chat_page_login_stream_stop_switch_and_reload(page_env):
