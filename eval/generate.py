@@ -60,10 +60,19 @@ def output_penalties(prompt_len: int, frequency_penalty: float = 0.0, presence_p
     return OutputPenalties()
 
 
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """The text up to and including the first stop string written (what vLLM returns with include_stop_str_in_output:
+    it checks the text after every token, so the stop string that ends first wins)."""
+    ends = [i + len(s) for s in stop if (i := text.find(s)) >= 0]
+    return text[:min(ends)] if ends else text
+
+
 def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_tokens: int, *, device: str, dtype: str,
                 batch_size: int = 16, progress=None, sampling: Optional[dict] = None) -> Generations:
     """Greedy generation in this process on `device` ('cpu' | 'cuda') in `dtype` (a torch dtype name; from
-    eval.device / eval.dtype through workspace.device.resolve_dtype). `sampling`: serving.decoding's penalties."""
+    eval.device / eval.dtype through workspace.device.resolve_dtype). `sampling`: serving.decoding's non-default
+    settings: its penalties (a logits processor) and stop strings (generation of a row ends at one, and the text is
+    cut after it, as vLLM does)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
@@ -81,6 +90,9 @@ def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_to
 
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
+    sampling = dict(sampling or {})
+    stop = sampling.pop("stop", None) or []
+    sampling.pop("include_stop_str_in_output", None)  # the text keeps the stop string, as below
     prompts = [tok.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=True) for it in items]
     outputs: list[str] = []
     n_tokens = 0
@@ -90,14 +102,15 @@ def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_to
             batch = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             penalties = LogitsProcessorList([output_penalties(batch["input_ids"].shape[1], **sampling)]) if sampling else None
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=penalties,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                 **({"stop_strings": stop, "tokenizer": tok} if stop else {}))
             new = gen[:, batch["input_ids"].shape[1]:]
             for row in new:
                 ids = [t for t in row.tolist() if t != tok.pad_token_id]
                 if tok.eos_token_id in ids:
                     ids = ids[: ids.index(tok.eos_token_id) + 1]
                 n_tokens += len(ids)
-                outputs.append(tok.decode(ids, skip_special_tokens=True).strip())
+                outputs.append(cut_at_stop(tok.decode(ids, skip_special_tokens=True), stop).strip())
             if progress:
                 progress(len(outputs))
     return Generations(outputs, n_tokens, time.time() - t0)
@@ -106,7 +119,8 @@ def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_to
 def generate_openai(endpoint: Endpoint, items: list[dict], max_new_tokens: int, progress=None,
                     sampling: Optional[dict] = None) -> Generations:
     """Greedy chat completions against an OpenAI-compatible server (workspace.endpoint), `concurrency` in flight;
-    `sampling` (serving.decoding's penalties) is sent with every request, whatever the server's defaults."""
+    `sampling` (serving.decoding's penalties and stop strings) is sent with every request, whatever the server's
+    defaults."""
     t0 = time.time()
     results = endpoint.chat_many([it["messages"] for it in items], max_tokens=max_new_tokens, progress=progress,
                                  sampling=sampling)

@@ -108,8 +108,8 @@ def render_vllm_config(cfg: ServingConfig, model: str, *, lora_modules: Optional
         out["gpu-memory-utilization"] = cfg.gpu_memory_utilization
     if cfg.quantization:
         out["quantization"] = cfg.quantization
-    if cfg.decoding.non_default():  # the defaults every request gets unless it sets them; evaluated with the same
-        out["override-generation-config"] = cfg.decoding.non_default()
+    if cfg.decoding.penalties():  # the defaults every request gets unless it sets them; evaluated with the same
+        out["override-generation-config"] = cfg.decoding.penalties()  # (stop strings: the gateway adds them)
     if lora_modules:
         if cfg.served_model_name in lora_modules:  # vLLM refuses an adapter named like the base model
             out["served-model-name"] = f"{cfg.served_model_name}-base"

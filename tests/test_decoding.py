@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eval.evaluate import cache_key
-from eval.generate import output_penalties
+from eval.generate import cut_at_stop, output_penalties
 from serving.config import render_vllm_config, validate_with_vllm, write_vllm_config
 from workspace.config import ConfigError, load_config
 from workspace.model_ref import ModelRef
@@ -25,10 +25,31 @@ def test_the_penalty_counts_generated_tokens_only():
     assert torch.equal(output_penalties(5)(ids, torch.ones(2, 10)), torch.ones(2, 10))  # nothing generated yet
 
 
+def test_a_stop_string_cuts_where_vllm_would():
+    assert cut_at_stop("<Screen/>\n</Screen>\n<Screen>x</Screen>", ["</Screen>"]) == "<Screen/>\n</Screen>"
+    assert cut_at_stop("ab END cd STOP", ["STOP", "END"]) == "ab END"  # the stop string that ends first
+    assert cut_at_stop("no stop here", ["</Screen>"]) == "no stop here" == cut_at_stop("no stop here", [])
+
+
+def test_stop_strings_are_a_request_default_not_a_server_flag():
+    """vLLM's --override-generation-config takes no stop strings: they travel with each request (the gateway adds
+    them), kept in the output, and they are part of what the evaluation decodes with."""
+    decoding = load_config().config.serving.decoding  # configs/pipeline.yaml: stop at the closing root tag
+    assert decoding.stop == ["</Screen>"]
+    assert decoding.request_defaults() == {"stop": ["</Screen>"], "include_stop_str_in_output": True}
+    assert decoding.non_default() == {"frequency_penalty": 0.2, "stop": ["</Screen>"], "include_stop_str_in_output": True}
+    assert decoding.penalties() == {"frequency_penalty": 0.2}
+    assert load_config(overrides=["serving.decoding.stop=[]"]).config.serving.decoding.request_defaults() == {}
+    with pytest.raises(ConfigError, match="serving.decoding.stop"):
+        load_config(overrides=['serving.decoding.stop=[""]'])
+    with pytest.raises(ConfigError, match="serving.decoding.stop"):
+        load_config(overrides=['serving.decoding.stop=["a","b","c","d","e"]'])
+
+
 def test_the_served_config_carries_the_decoding_and_vllm_parses_it(tmp_path):
     loaded = load_config()  # cpu_tiny: frequency_penalty 0.2
     conf = render_vllm_config(loaded.config.serving, "models/base-tiny")
-    assert conf["override-generation-config"] == {"frequency_penalty": 0.2}
+    assert conf["override-generation-config"] == {"frequency_penalty": 0.2}  # no stop strings: vLLM takes none here
     validate_with_vllm(write_vllm_config(conf, tmp_path / "serving.yaml", None))
     argv = VllmServer("models/base-tiny", loaded.config.serving).argv()
     assert argv[argv.index("--override-generation-config") + 1] == '{"frequency_penalty": 0.2}'
@@ -46,3 +67,5 @@ def test_the_evaluation_cache_follows_the_decoding(tmp_path):
     keys = {cache_key(load_config(overrides=[f"serving.decoding.frequency_penalty={v}"]), model, ("custom",), test, "hf")
             for v in (0, 0.2, 0.3)}
     assert len(keys) == 3
+    no_stop = cache_key(load_config(overrides=["serving.decoding.stop=[]"]), model, ("custom",), test, "hf")
+    assert no_stop not in keys

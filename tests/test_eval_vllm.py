@@ -81,10 +81,10 @@ def test_the_served_decoding_default_is_what_the_evaluation_decodes_with(server,
     sets nothing gets it; the in-process scorer applies the same penalty with eval/generate.py's logits processor.
     Greedy generations agree token for token (float32 on both sides), and the penalty changes what is generated."""
     from finetune.prepare import prepare_dataset
-    from eval.generate import generate_hf, load_items
+    from eval.generate import cut_at_stop, generate_hf, load_items
 
     loaded = load_config(overrides=OVR + [f"data.output_dir={tmp_path}"])
-    sampling = loaded.config.serving.decoding.non_default()
+    sampling = loaded.config.serving.decoding.penalties()
     assert sampling == {"frequency_penalty": 0.2}
     items = load_items(prepare_dataset(loaded).path / "test.jsonl", 4)
     ep = server.endpoint("base")
@@ -102,3 +102,11 @@ def test_the_served_decoding_default_is_what_the_evaluation_decodes_with(server,
     strong = served(frequency_penalty=1.0, presence_penalty=0.5)
     assert strong == in_process(frequency_penalty=1.0, presence_penalty=0.5)
     assert strong != served(frequency_penalty=0.0)
+    # stop strings travel with each request (the gateway adds serving.decoding.stop, kept in the output): both engines
+    # end the text at the same place. The stop: a piece from the middle of what the base model writes unstopped.
+    plain = served(frequency_penalty=0.0)
+    first = plain[0]
+    stop = first[len(first) // 2: len(first) // 2 + 3]
+    cut = served(frequency_penalty=0.0, stop=[stop], include_stop_str_in_output=True)
+    assert cut == in_process(stop=[stop], include_stop_str_in_output=True)
+    assert cut[0] == cut_at_stop(first, [stop]).strip() and len(cut[0]) < len(first)

@@ -98,6 +98,58 @@ def test_openai_client_streams_and_answers_through_the_gateway(served, registry)
     assert by_version.choices[0].message.content == "weights-one-0"
 
 
+def test_the_served_stop_strings_reach_every_request_that_sets_none(registry):
+    """serving.decoding.stop has no server-side default in vLLM: the gateway adds it, kept in the output, to every
+    chat and arena request that sets no `stop` of its own (the evaluation decodes with the same); a request's own
+    `stop` is passed on as it is (OpenAI's rule: the stop string is left out)."""
+    loaded = load_config(overrides=registry["overrides"] + ['serving.decoding.stop=["two-1"]'])
+    with Upstream() as up, ServeApp(create_app(loaded, upstreams=[up.base_url])) as gw:
+        r = chat(gw.url, registry["user"], max_tokens=5)
+        assert r.json()["choices"][0]["message"]["content"] == "weights-two-0 weights-two-1"
+        sent = up.state.requests[-1]
+        assert sent["stop"] == ["two-1"] and sent["include_stop_str_in_output"] is True
+        r = chat(gw.url, registry["user"], max_tokens=5, stop=["two-3"])
+        assert r.json()["choices"][0]["message"]["content"] == "weights-two-0 weights-two-1 weights-two-2 weights-"
+        assert "include_stop_str_in_output" not in up.state.requests[-1]
+        r = chat(gw.url, registry["user"], max_tokens=5, stream=True)
+        text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                       for line in r.text.splitlines() if line.startswith("data: {") and '"choices": [{' in line)
+        assert text == "weights-two-0 weights-two-1"
+        r = HTTP.post(f"{gw.url}/v1/arena", headers=auth(registry["user"]), timeout=30,
+                      json={"messages": [{"role": "user", "content": "주문 화면"}], "models": ["champion", "previous"]})
+        assert r.status_code == 200, r.text
+        assert [b["stop"] for b in up.state.requests[-2:]] == [["two-1"], ["two-1"]]
+
+
+def test_the_arena_candidate_is_hidden_from_user_tokens_by_every_name(registry):
+    """A version the arena compares and no other alias serves is neither listed for a user token nor served to it by
+    alias, name@N, name@alias or vN (a voter could unblind every match); an admin token and the arena still reach it."""
+    client = MlflowClient()
+    client.set_registered_model_alias(NAME, "candidate", "1")
+    client.delete_registered_model_alias(NAME, "previous")
+    try:
+        with Upstream() as up, gateway(registry, up, requests_per_min=1000) as gw:
+            time.sleep(0.6)  # the gateway re-reads the aliases every 0.2 s
+
+            def listed(token):
+                return {m["id"] for m in HTTP.get(f"{gw.url}/v1/models", headers=auth(token)).json()["data"]}
+
+            assert listed(registry["user"]) == {"champion"}
+            assert listed(registry["admin"]) == {"champion", "candidate"}
+            for name in ("candidate", f"{NAME}@1", f"{NAME}@candidate", "v1"):
+                r = chat(gw.url, registry["user"], model=name)
+                assert r.status_code == 403 and r.json()["error"]["code"] == "model_hidden", (name, r.text)
+            assert chat(gw.url, registry["user"], model="champion").status_code == 200
+            r = chat(gw.url, registry["admin"], model="candidate")
+            assert r.json()["choices"][0]["message"]["content"].startswith("weights-one-0")
+            r = HTTP.post(f"{gw.url}/v1/arena", headers=auth(registry["user"]), timeout=30,
+                          json={"messages": [{"role": "user", "content": "주문 화면"}]})
+            assert r.status_code == 200, r.text
+            assert sorted(b["model"] for b in up.state.requests[-2:]) == [f"{NAME}-v1", f"{NAME}-v2"]
+    finally:
+        restore_aliases()
+
+
 def test_auth_none_wrong_and_user_on_admin_endpoints(served, registry):
     gw, _ = served
     r = httpx.post(f"{gw.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})

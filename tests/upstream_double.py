@@ -79,6 +79,11 @@ def make_app(state: UpstreamState) -> FastAPI:
                                            "type": "BadRequestError", "code": 400}}, status_code=400)
         n = int(body.get("max_tokens") or 8)
         words = [f"{state.loaded.get(model, 'base')}-{i}" for i in range(n)]
+        stops = [(text.find(s), s) for text in [" ".join(words)] for s in body.get("stop") or [] if s in text]
+        if stops:  # like vLLM: the text ends at the first stop string, kept with include_stop_str_in_output
+            at, s = min(stops, key=lambda p: p[0] + len(p[1]))
+            words = " ".join(words)[:at + (len(s) if body.get("include_stop_str_in_output") else 0)].split(" ")
+            n = len(words)
         created = int(time.time())
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
         if not body.get("stream"):

@@ -390,6 +390,10 @@ class ArenaConfig(Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     # votes one token may cast on one pair of versions (a preference gate counts people, not one person's clicks)
     votes_per_pair: int = Field(1, ge=1)
+    # a version the arena compares that no other alias serves (the candidate) is not listed for user tokens nor
+    # served to them by name (alias, name@N or vN): a voter who could ask it directly could unblind every match.
+    # Admin tokens still can; a canary share or a routing rule still reaches it (the gateway chose, not the user).
+    hide_models: bool = True
 
     @field_validator("models")
     @classmethod
@@ -446,9 +450,33 @@ class DecodingConfig(Strict):
     x (count > 0); eval/generate.py applies the same to the in-process scorer."""
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
+    # Generation ends once one of these has been written, and the output keeps it (vLLM's include_stop_str_in_output):
+    # for this task the root element's closing tag, so an answer is one document and never a document plus whatever
+    # the model writes after it. vLLM has no server-side default for stop strings (--override-generation-config
+    # takes penalties and temperatures only), so the gateway adds them to every request that sets no `stop` of its
+    # own, and the evaluation sends or applies the same (eval/generate.py).
+    stop: list[str] = Field([], max_length=4)  # the OpenAI API takes up to 4
 
-    def non_default(self) -> dict[str, float]:
-        return {k: v for k, v in self.model_dump().items() if v}
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("a stop string must not be empty")
+        return v
+
+    def penalties(self) -> dict[str, float]:
+        """The non-zero penalties: vLLM's --override-generation-config and the in-process logits processor."""
+        return {k: v for k, v in (("frequency_penalty", self.frequency_penalty),
+                                  ("presence_penalty", self.presence_penalty)) if v}
+
+    def request_defaults(self) -> dict:
+        """What a request must carry itself (no server-side default exists): the stop strings, kept in the output."""
+        return {"stop": list(self.stop), "include_stop_str_in_output": True} if self.stop else {}
+
+    def non_default(self) -> dict:
+        """Every setting that differs from plain greedy decoding: the `sampling` the evaluation decodes with, and
+        part of its cache keys."""
+        return {**self.penalties(), **self.request_defaults()}
 
 
 class ServingConfig(Strict):

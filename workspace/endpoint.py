@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
+# vLLM's sampling parameters outside the OpenAI API: sent in the request body (the client's extra_body)
+VLLM_PARAMS = ("include_stop_str_in_output", "repetition_penalty", "top_k", "min_p")
 
 class EndpointError(RuntimeError):
     """The endpoint is unreachable, refused the key, or answered with an error; the message names the URL and,
@@ -78,10 +80,12 @@ class Endpoint:
     def chat(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0, seed: Optional[int] = 0,
              response_format: Optional[dict] = None, client=None, sampling: Optional[dict] = None
              ) -> tuple[str, int, Optional[str]]:
-        """One chat completion: (text, completion tokens, finish_reason). `sampling`: more OpenAI sampling parameters
-        (frequency_penalty, presence_penalty)."""
-        extra = {"response_format": response_format} if response_format else {}
-        extra.update(sampling or {})
+        """One chat completion: (text, completion tokens, finish_reason). `sampling`: more sampling parameters
+        (frequency_penalty, presence_penalty, stop; vLLM's own, such as include_stop_str_in_output, go in the body)."""
+        extra: dict = {"response_format": response_format} if response_format else {}
+        sampling = dict(sampling or {})
+        body = {k: sampling.pop(k) for k in VLLM_PARAMS if k in sampling}  # not arguments of the openai client
+        extra.update(sampling, **({"extra_body": body} if body else {}))
         try:
             reply = (client or self.client()).chat.completions.create(
                 model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, seed=seed, **extra)

@@ -74,8 +74,8 @@ class VllmServer(ManagedProcess):
             argv += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
         if c.enable_prefix_caching:
             argv.append("--enable-prefix-caching")
-        if c.decoding.non_default():  # serving.decoding: the defaults a request gets (evaluated with the same)
-            argv += ["--override-generation-config", json.dumps(c.decoding.non_default())]
+        if c.decoding.penalties():  # serving.decoding: the defaults a request gets (evaluated with the same)
+            argv += ["--override-generation-config", json.dumps(c.decoding.penalties())]
         if self.lora_modules:
             argv += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--lora-modules",
                      *[f"{name}={path}" for name, path in self.lora_modules.items()]]

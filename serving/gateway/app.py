@@ -259,6 +259,9 @@ class Gateway:
 
         cfg = loaded.config
         self.loaded, self.gw = loaded, cfg.serving.gateway
+        # serving.decoding's stop strings: vLLM has no server-side default for them, so every request that sets no
+        # `stop` of its own gets them here (the evaluation decodes with the same: what is evaluated is what is served)
+        self.decoding_defaults = cfg.serving.decoding.request_defaults()
         self.db = db or GatewayDb(database_url(loaded))
         self.catalog = catalog or Catalog(loaded)
         self.metrics = Metrics()
@@ -347,9 +350,11 @@ class Gateway:
             if self.gw.log_text:
                 row["prompt"] = prompt  # masked by the database layer, in a worker thread
             target = self.catalog.resolve(body.get("model"), prompt)
+            if p.role != "admin" and self.catalog.hidden(target):
+                raise _hidden(target)
             row.update(alias=target.alias, version=target.version, upstream_model=target.upstream_model,
                        canary=target.canary, route=target.route)
-            upstream_body = {**body, "model": target.upstream_model}
+            upstream_body = {**({} if "stop" in body else self.decoding_defaults), **body, "model": target.upstream_model}
             if row["stream"]:
                 upstream_body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
             opened = await self._unless_disconnected(request, self._open(upstream_body, target, row))
@@ -654,7 +659,7 @@ class Gateway:
         if not isinstance(most, int) or isinstance(most, bool) or not 1 <= most <= arena.max_tokens:
             raise GatewayError(400, f"max_tokens must be a whole number from 1 to {arena.max_tokens} "
                                "(serving.gateway.arena.max_tokens)", "invalid_arena")
-        params = {"temperature": arena.temperature, "top_p": arena.top_p, "max_tokens": most}
+        params = {"temperature": arena.temperature, "top_p": arena.top_p, "max_tokens": most, **self.decoding_defaults}
         hold = "arena-" + uuid.uuid4().hex[:24]
         await self.limiter.reserve(p.name, hold, 2 * (sum(len(_text(m)) for m in msgs) + most))
         try:
@@ -760,8 +765,8 @@ def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         async def run():
-            await gw.principal(request)
-            return {"object": "list", "data": gw.catalog.models()}
+            p = await gw.principal(request)
+            return {"object": "list", "data": gw.catalog.models(admin=p.role == "admin")}
         return await guarded(run)
 
     @app.get("/healthz")
@@ -956,6 +961,12 @@ def _page_headers(html: Path) -> dict[str, str]:
 def _plain(msgs: list[dict]) -> list[dict]:
     """The messages as text (the database layer masks them)."""
     return [{"role": m["role"], "content": _text(m)} for m in msgs]
+
+
+def _hidden(target: Target) -> GatewayError:
+    return GatewayError(403, f"{target.requested!r} (v{target.version}) is in the arena's blind comparison: a user token "
+                        "may not ask for it directly (an admin token may; serving.gateway.arena.hide_models)",
+                        "model_hidden")
 
 
 def _no_conversation(conv_id, token_name: str) -> GatewayError:

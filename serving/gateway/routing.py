@@ -97,9 +97,22 @@ class Catalog:
     def upstream_name(self, name: str, version: str) -> str:
         return f"{name}-v{version}"
 
-    def models(self) -> list[dict]:
+    def hidden_versions(self) -> set[str]:
+        """Versions of the registered model that user tokens may not ask for (serving.gateway.arena.hide_models):
+        those under an arena alias other than the champion and under no other alias."""
+        arena = set(self.gw.arena.models) - {"champion"} if self.gw.arena.hide_models else set()
+        shown = {v for a, v in self.aliases.items() if a not in arena}
+        return {v for a, v in self.aliases.items() if a in arena} - shown
+
+    def hidden(self, target: Target) -> bool:
+        """Whether a user asked, by name, for a version the arena keeps blind."""
+        return (not target.canary and target.route is None and target.registered_model == self.name
+                and target.version in self.hidden_versions())
+
+    def models(self, admin: bool = True) -> list[dict]:
+        hidden = set() if admin else self.hidden_versions()
         out = [{"id": a, "object": "model", "owned_by": self.name, "version": v, "created": 0}
-               for a, v in self.aliases.items()]
+               for a, v in self.aliases.items() if v not in hidden]
         if self.routes:
             out.append({"id": "auto", "object": "model", "owned_by": "gateway-routes", "created": 0,
                         "routes": [r.name for r, _ in self.routes]})
