@@ -5,6 +5,7 @@ Called by rag/rag_stage.py (`make ask Q="..."`; the prompts of the evaluation's 
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 from workspace.endpoint import Endpoint, EndpointError
 
@@ -26,9 +27,11 @@ def citation_check(answer: str, hits: list[dict]) -> dict:
     return {"cited": sorted(cited), "cites_something": bool(cited), "all_cited_retrieved": cited <= retrieved}
 
 
-def answer(question: str, hits: list[dict], endpoint: Endpoint, max_tokens: int = 200) -> dict:
+def answer(question: str, hits: list[dict], endpoint: Endpoint, max_tokens: int = 200,
+           sampling: Optional[dict] = None) -> dict:
     try:
-        text, _, _ = endpoint.chat([{"role": "user", "content": build_prompt(question, hits)}], max_tokens=max_tokens)
+        text, _, _ = endpoint.chat([{"role": "user", "content": build_prompt(question, hits)}], max_tokens=max_tokens,
+                                   sampling=sampling)
     except EndpointError as exc:
         raise EndpointError(f"the served model did not answer: {exc}. Is `make serve` running?") from exc
     return {"answer": text, "sources": [h["doc_id"] for h in hits], "citations": citation_check(text, hits)}

@@ -127,7 +127,8 @@ def ask(loaded: LoadedConfig, question: str, endpoint) -> dict:
         hits = search(client, stats.collection, question, cfg.rag.mode, cfg.rag.top_k, embedder, sparse)
     finally:
         client.close()
-    return answer(question, hits, endpoint)
+    # the stop strings a request through the gateway gets (vLLM has no server default for them)
+    return answer(question, hits, endpoint, sampling=cfg.serving.decoding.request_defaults())
 
 
 RAG = RagStage()

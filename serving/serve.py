@@ -104,7 +104,9 @@ def smoke_test(loaded: LoadedConfig, prompt: str, *, dest: Optional[Path] = None
     try:
         startup_s = time.monotonic() - t_start
         t0 = time.monotonic()
-        answer, tokens, _ = endpoint.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens)
+        # decoded as through the gateway: the served defaults plus the stop strings it adds to every request
+        answer, tokens, _ = endpoint.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                          sampling=loaded.config.serving.decoding.request_defaults())
         latency = time.monotonic() - t0
     finally:
         server.stop()
