@@ -241,8 +241,10 @@ def _card_windows_numpy(run: str, exclude: list[tuple[int, int]] = ()) -> list[t
       - Luhn's sum of a window is a difference of prefix sums: c0 counts the digits as Luhn does when the check digit
         sits at an even place (odd places doubled), c1 the other way round; the difference is 0 mod 10 exactly when
         the two prefix sums are equal mod 10, so each window length is a comparison of two byte arrays (slices);
-      - a digit is covered by a passing window of length k when a passing start lies among the k places up to it: a
-        running count of passing starts, differenced k apart."""
+      - the digits covered by passing windows: +1 where each passing window starts and -1 where it ends, summed
+        over all lengths; a digit is covered where the running sum is positive;
+      - windows inside one group are looked for only when a group is as long as a card (13 digits), and with two
+        strided comparisons per length (the check digit's parity alternates with the start)."""
     import numpy as np
 
     chars = np.frombuffer(run.encode("ascii"), dtype=np.uint8)
@@ -260,36 +262,41 @@ def _card_windows_numpy(run: str, exclude: list[tuple[int, int]] = ()) -> list[t
     even_end[::2] = True
     gaps = np.flatnonzero(np.diff(pos) > 1) + 1  # digit index where each group after the first starts
     bounds = np.concatenate([[0], gaps, [n]])
-    gid = np.repeat(np.arange(len(bounds) - 1, dtype=np.int32), np.diff(bounds)) if len(gaps) else None
     blocked = None  # running count of digits inside an excluded span
     if len(exclude):
         ex = np.asarray(exclude, dtype=np.int64)
         lo, hi = np.searchsorted(pos, ex[:, 0]), np.searchsorted(pos, ex[:, 1])  # digit indices of each span
         inside = np.cumsum(np.bincount(lo, minlength=n + 1) - np.bincount(hi, minlength=n + 1))[:n] > 0
         blocked = np.concatenate([[0], np.cumsum(inside, dtype=np.int32)])
+    sizes = np.diff(bounds)
     covered = np.zeros(n, dtype=bool)
-    for k in range(13, 20):  # windows inside one group
-        if n < k:
-            break
-        m = n - k + 1
-        ok = np.where(even_end[k - 1:], c0[k:] == c0[:m], c1[k:] == c1[:m])
-        if gid is not None:
-            ok &= gid[k - 1:] == gid[:m]
-        if blocked is not None:
-            ok &= blocked[k:] == blocked[:m]
-        if not ok.any():
-            continue
-        count = np.zeros(n + 1, dtype=np.int32)  # count[j]: passing starts before j
-        count[1:m + 1] = np.cumsum(ok, dtype=np.int32)
-        count[m + 1:] = count[m]
-        covered[:k - 1] |= count[1:k] > 0
-        covered[k - 1:] |= (count[k:] - count[:n + 1 - k]) > 0
+    if sizes.max() >= 13:  # windows inside one group (none when every group is shorter than a card)
+        # rem[s]: digits from s to the end of its group (a window of length k starting at s stays inside: rem >= k)
+        rem = None if len(gaps) == 0 else np.repeat(bounds[1:], sizes) - np.arange(n)
+        cover = np.zeros(n + 1, dtype=np.int32)  # +1 where a passing window starts, -1 where it ends
+        for k in range(13, 20):
+            if n < k:
+                break
+            m = n - k + 1
+            # the check digit s+k-1 sits at an even place when s has the parity of k-1: compare c0 there, c1 elsewhere
+            # (two strided comparisons instead of both everywhere and a select)
+            ok = np.empty(m, dtype=bool)
+            a, b = (k - 1) % 2, k % 2
+            ok[a::2] = c0[k + a::2] == c0[a:m:2]
+            ok[b::2] = c1[k + b::2] == c1[b:m:2]
+            if rem is not None:
+                ok &= rem[:m] >= k
+            if blocked is not None:
+                ok &= blocked[k:] == blocked[:m]
+            cover[:m] += ok
+            cover[k:] -= ok
+        covered = np.cumsum(cover[:n], dtype=np.int32) > 0
     spans = []
     if covered.any():  # covered digits -> spans of the run, split where a group ends
         edge = np.diff(np.concatenate([[0], covered.astype(np.int8), [0]]))
         first, last = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
-        if gid is not None:  # windows stay inside one group: a covered stretch across two groups is two spans
-            cuts = np.flatnonzero(covered[:-1] & covered[1:] & (gid[:-1] != gid[1:])) + 1
+        if len(gaps):  # windows stay inside one group: a covered stretch across two groups is two spans
+            cuts = gaps[covered[gaps - 1] & covered[gaps]]
             first, last = np.sort(np.concatenate([first, cuts])), np.sort(np.concatenate([last, cuts]))
         spans = list(zip(pos[first].tolist(), (pos[last - 1] + 1).tolist()))
     for t in range(1, 7):  # windows of whole groups g .. g+t
