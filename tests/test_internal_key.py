@@ -1,6 +1,7 @@
 """`make serve`, `make gateway` and `make ask` share the workspace's own vLLM key when serving.api_key_env names none:
 vLLM on the host never runs open (it would be a bypass of the gateway's tokens, limits and usage log). The key
-itself against a real vLLM: tests/test_api_key.py (the same variable mechanism)."""
+itself against a real vLLM: tests/test_api_key.py (the same variable mechanism). `make gateway` runs here as the
+command it is, in front of a stand-in vLLM, and is seen sending the key."""
 from __future__ import annotations
 
 import os
@@ -43,3 +44,61 @@ def test_an_empty_key_file_is_named(tmp_path, monkeypatch):
     (tmp_path / "api_key").write_text("\n")
     with pytest.raises(EndpointError, match="api_key is empty"):
         internal_key_overrides(None, tmp_path / "api_key")
+
+
+def test_make_gateway_as_a_command_serves_and_sends_the_shared_key(tmp_path):
+    """flows/gateway.py as `make gateway` runs it (a process of its own, stopped by its PID): it starts, answers
+    /healthz, serves a chat from the registry's champion and sends the key of CACHE/serve/api_key upstream."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from conftest import make_bundle
+    from serving.gateway.db import GatewayDb, database_url
+    from serving.registry import promote
+    from serving.serve import SERVE_KEY_FILE
+    from upstream_double import Upstream
+    from workspace.paths import ROOT
+    from workspace.processes import free_port
+    from workspace.tracking import configure, stage_run
+
+    sets = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
+            "tracking.registered_model=cmd-test", f"serving.gateway.database_url=sqlite:///{tmp_path}/gw.db",
+            "serving.gateway.health_interval_s=0.5"]
+    loaded = load_config(overrides=sets)
+    configure(loaded)
+    with stage_run(loaded, "promote") as run:
+        promote("cmd-test", run.info.run_id, make_bundle(tmp_path, "one"), {})
+    token = GatewayDb(database_url(loaded)).create_token("cmd", "user")
+    port = free_port("127.0.0.1")
+    with Upstream() as up:
+        argv = [sys.executable, "-m", "flows.gateway", "--port", str(port),
+                *[a for s in sets + [f"serving.gateway.upstreams=['{up.base_url}']"] for a in ("--set", s)]]
+        env = {k: v for k, v in os.environ.items() if k != INTERNAL_KEY_ENV}
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, f"make gateway exited {proc.returncode}: {proc.stdout.read()}"
+                try:
+                    if httpx.get(url + "/healthz", timeout=2).json() == {"status": "ok"}:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "make gateway did not answer /healthz within 90 s"
+                time.sleep(0.5)
+            r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                           json={"model": "champion", "messages": [{"role": "user", "content": "화면"}], "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "weights-one-0 weights-one-1"
+            assert up.state.authorization[-1] == f"Bearer {SERVE_KEY_FILE.read_text().strip()}"
+        finally:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C, as a person stops it
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode is not None

@@ -24,6 +24,7 @@ from workspace.processes import free_port
 class UpstreamState:
     loaded: dict[str, str] = field(default_factory=dict)  # lora_name -> adapter weights' text
     requests: list[dict] = field(default_factory=list)
+    authorization: list[str] = field(default_factory=list)  # each chat request's Authorization header ("" if none)
     cut: int = 0  # streams whose client went away before the last token
     completed: int = 0
     fail: bool = False
@@ -64,6 +65,7 @@ def make_app(state: UpstreamState) -> FastAPI:
     async def chat(request: Request):
         body = await request.json()
         state.requests.append(body)
+        state.authorization.append(request.headers.get("authorization", ""))
         if state.fail:
             return JSONResponse({"error": {"message": "engine dead"}}, status_code=500)
         model = body["model"]
