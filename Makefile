@@ -99,46 +99,46 @@ ask: setup  ## answer Q="..." from the corpus with the served model (`make serve
 bench: bench-prepare bench-finetune bench-eval bench-gate bench-rag bench-serve bench-gateway bench-pipeline bench-model-key bench-plan bench-pii  ## every benchmark; each writes its section of docs/BENCHMARKS.md
 
 bench-model-key: envs  ## the model fingerprint of a synthetic >= 4 GB safetensors folder (target < 1 s)
-	@$(PY) -m workspace.bench_model_key
+	@$(PY) -m benchmarks.model_key
 
 bench-pii: envs  ## the PII masker on 1 MB adversarial, ordinary and dense texts (target < 100 ms adversarial)
-	@$(PY) -m workspace.bench_pii $(ARGS)
+	@$(PY) -m benchmarks.pii $(ARGS)
 
 bench-plan: setup  ## the GPU path on this machine: CUDA lock resolution, make plan for every GPU profile, fit per profile
-	@$(PY) -m flows.bench_plan
+	@$(PY) -m benchmarks.plan
 
 bench-tests: setup  ## time `make test-fast` (FULL=1: and `make test`) -> docs/BENCHMARKS.md (section tests)
-	@$(PY) -m workspace.bench_test_lanes $(if $(FULL),--full)
+	@$(PY) -m benchmarks.suite $(if $(FULL),--full)
 
 bench-finetune: setup  ## the finetune stage on the profile vs plain llamafactory-cli (target < 5 min)
-	@$(PY) -m finetune.bench_finetune $(CFG_ARGS)
+	@$(PY) -m benchmarks.finetune $(CFG_ARGS)
 
 bench-loop: setup  ## harvest speed, DPO from the champion on harvested corrections (effect, gate), leaderboard first/cached (needs a champion)
-	@$(PY) -m flows.bench_loop $(CFG_ARGS) $(ARGS)
+	@$(PY) -m benchmarks.loop $(CFG_ARGS) $(ARGS)
 
 bench-eval: setup  ## base vs candidate quality, hf vs vLLM scoring speed (needs `make finetune`)
-	@$(PY) -m flows.bench_eval $(CFG_ARGS)
+	@$(PY) -m benchmarks.eval $(CFG_ARGS)
 
 bench-gate: setup  ## the default recipe on 8 seeds x 2 base builds, min_effect from a held-out null, simulated power (hours on 2 cores)
-	@$(PY) -m flows.bench_gate $(CFG_ARGS) $(ARGS)
+	@$(PY) -m benchmarks.gate $(CFG_ARGS) $(ARGS)
 
 calibrate-gate: setup  ## min_effect for YOUR recipe and hardware: trains SEEDS (default 6), prints the evidence and the config line
-	@$(PY) -m flows.bench_gate --calibrate $(CFG_ARGS) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
+	@$(PY) -m benchmarks.gate --calibrate $(CFG_ARGS) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
 
 bench-rag: setup  ## RAG indexing speed (shipped + 10k synthetic chunks), query latency, retrieval per mode
-	@$(PY) -m rag.bench_rag
+	@$(PY) -m benchmarks.rag
 
 bench-pipeline: setup  ## the pipeline from empty state, then cached (targets: < 15 min, rerun < 10% of it)
-	@$(PY) -m flows.bench_pipeline $(CFG_ARGS)
+	@$(PY) -m benchmarks.pipeline $(CFG_ARGS)
 
 bench-serve: setup  ## load benchmark of the champion: vLLM vs `transformers serve`, concurrency 1/5/10 x prompts to 2k, SLO, plots
-	@$(PY) -m flows.bench $(CFG_ARGS)
+	@$(PY) -m benchmarks.serve $(CFG_ARGS)
 
 bench-gateway: setup  ## the gateway in front of the champion: overhead vs direct (c 1/5/10), SOAK=300 s soak, failover, KPIs
-	@$(PY) -m flows.bench_gateway $(CFG_ARGS) $(if $(SOAK),--soak-s $(SOAK))
+	@$(PY) -m benchmarks.gateway $(CFG_ARGS) $(if $(SOAK),--soak-s $(SOAK))
 
 bench-prepare: setup  ## 100k rows through the prepare stage (target < 60 s)
-	@$(PY) -m finetune.bench_prepare
+	@$(PY) -m benchmarks.prepare
 
 gateway: setup  ## the OpenAI-compatible gateway + chat page on 127.0.0.1:8080 in front of `make serve` (tokens, limits, usage, aliases)
 	@$(PY) -m flows.gateway $(CFG_ARGS) $(if $(PORT),--port $(PORT))

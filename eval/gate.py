@@ -17,7 +17,7 @@ Rule kinds:
 Both statistical rules refuse to decide below `gate.min_items` paired items. The intervals come from
 scipy.stats.bootstrap (paired, BCa), Holm from statsmodels. The reference is the current champion, or the base
 model when there is none. Writes the decision and the rule table (n, estimate, interval, method for every
-statistical row) as JSON and Markdown. Called by eval/gate_stage.py; tests and flows/bench_gate.py call `decide`,
+statistical row) as JSON and Markdown. Called by eval/gate_stage.py; tests and benchmarks/gate.py call `decide`,
 `improvement_result` and `no_regression_results` directly.
 """
 from __future__ import annotations

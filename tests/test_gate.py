@@ -151,9 +151,9 @@ def test_min_effect_raises_the_bar():
 
 
 def test_the_simulation_measures_false_promotion_and_power():
-    """flows/bench_gate.simulate on differences like the real ones (most items tie, some move either way): no
+    """benchmarks/gate.simulate on differences like the real ones (most items tie, some move either way): no
     promotion without an effect, nearly always with a large one, and min_effect trades power for safety."""
-    from flows.bench_gate import simulate
+    from benchmarks.gate import simulate
 
     loaded = load_config()
     rule = next(r for r in loaded.config.gate.rules if r.kind == "improvement")

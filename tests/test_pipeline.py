@@ -310,7 +310,7 @@ def test_slo_passes_with_the_cpu_profile_defaults(ws):
 def test_load_benchmark_against_vllm_and_the_transformers_baseline(ws, tmp_path):
     from rich.console import Console
 
-    from flows.bench import run_bench
+    from benchmarks.serve import run_bench
     from workspace.config import load_config
 
     loaded = load_config(profile="cpu_smoke", overrides=ws["overrides"] + [

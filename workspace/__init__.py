@@ -10,5 +10,5 @@ import-linter in `make test`).
   envrunner.py  one-shot commands in the train/serve environments
   tracking.py   MLflow: the store, parent and stage runs, tags      locks.py  one writer per workspace
   offline.py    telemetry off, hub off unless configured, applied by entry points
-  paths.py, setup_env.py, doctor.py, ui.py, benchmarks.py, bench_model_key.py
+  paths.py, setup_env.py, doctor.py, ui.py
 """

@@ -25,7 +25,7 @@ Candidates are found by pattern, then checked, so ordinary numbers stay:
   - e-mail: a local part of letters of any script, digits and `._%+-`, `@` (spaces around it allowed), and a domain of
     ASCII or Hangul labels whose last label is two or more letters.
 
-Linear time (workspace/bench_pii.py measures 1 MB of adversarial text): every pattern starts only at the beginning of
+Linear time (benchmarks/pii.py measures 1 MB of adversarial text): every pattern starts only at the beginning of
 a run (a lookbehind), eats the run possessively (no backtracking into it), and has bounded separators; the card
 windows of a long digit run are checked with prefix sums in numpy rather than one by one.
 

@@ -84,7 +84,9 @@ POST_INSTALL = {"train": _post_install_train, "serve": _post_install_serve, "tra
 
 
 def stamp_key(env: str) -> str:
-    return f"{env} lock={_sha256(REQ / ENVS[env][1])} script={_sha256(Path(__file__))}\n"
+    # the workspace env also installs the project itself (editable): its package list lives in pyproject.toml
+    project = f" project={_sha256(ROOT / 'pyproject.toml')}" if env == "workspace" else ""
+    return f"{env} lock={_sha256(REQ / ENVS[env][1])} script={_sha256(Path(__file__))}{project}\n"
 
 
 def _split_lock(lock: Path, tmp: Path) -> tuple[Path, Path | None]:

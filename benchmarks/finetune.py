@@ -3,7 +3,7 @@
 the training process, validation losses, the quantized layers the trained model really held, and the workspace's
 overhead against plain `llamafactory-cli train` on the same rendered YAML.
 
-    .venv/bin/python -m finetune.bench_finetune [--set finetune.max_steps=300]      (make bench-finetune)
+    .venv/bin/python -m benchmarks.finetune [--set finetune.max_steps=300]      (make bench-finetune)
 
 Target (issue: finetune stage): the stage under 5 minutes on 2 cores. Writes docs/BENCHMARKS.md.
 """
@@ -23,7 +23,7 @@ offline.apply()
 from finetune.prepare import prepare_dataset  # noqa: E402
 from finetune.finetune_stage import run_finetune  # noqa: E402
 from finetune.train import dump_rendered, plain_config  # noqa: E402
-from workspace.benchmarks import update_section  # noqa: E402
+from benchmarks.report import update_section  # noqa: E402
 from workspace.config import add_cli_args, load_config, load_from_args  # noqa: E402
 from workspace.envrunner import run_in_env  # noqa: E402
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not args.no_write:
             update_section("finetune", "Finetune stage: QLoRA 4-bit beside LoRA on the embedded base model",
-                           "make bench-finetune  (python -m finetune.bench_finetune)", body)
+                           "make bench-finetune  (python -m benchmarks.finetune)", body)
         return 0 if stage_s < 300 else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

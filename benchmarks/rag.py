@@ -2,7 +2,7 @@
 corpus and for a synthetic corpus of N chunks, and query latency p50/p95 per mode; retrieval quality of all three
 modes on the shipped QA set.
 
-    .venv/bin/python -m rag.bench_rag [--synthetic-chunks 10000]      (make bench-rag)
+    .venv/bin/python -m benchmarks.rag [--synthetic-chunks 10000]      (make bench-rag)
 
 Writes docs/BENCHMARKS.md.
 """
@@ -20,7 +20,7 @@ from workspace import offline
 offline.apply()
 
 from rag.index import DenseEmbedder, SparseEncoder, build_index, open_client, retrieval_metrics  # noqa: E402
-from workspace.benchmarks import update_section  # noqa: E402
+from benchmarks.report import update_section  # noqa: E402
 from workspace.config import load_config  # noqa: E402
 from workspace.paths import DATA_RAW  # noqa: E402
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(body)
         if not args.no_write:
             update_section("rag", "RAG: indexing speed and retrieval quality",
-                           f"make bench-rag  (python -m rag.bench_rag --synthetic-chunks {args.synthetic_chunks})", body)
+                           f"make bench-rag  (python -m benchmarks.rag --synthetic-chunks {args.synthetic_chunks})", body)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,7 @@ present): the MLflow store, processed data, adapters, Qdrant folder and Prefect 
 temporary folder, so the workspace's own state is untouched). Writes the per-stage seconds of both runs to
 docs/BENCHMARKS.md (section pipeline). Targets (issue: pipeline): first run < 15 min, second < 10% of the first.
 
-    .venv/bin/python -m flows.bench_pipeline [--profile cpu_smoke]
+    .venv/bin/python -m benchmarks.pipeline [--profile cpu_smoke]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from workspace import offline
-from workspace.benchmarks import update_section
+from benchmarks.report import update_section
 from workspace.config import add_cli_args
 from workspace.paths import ROOT
 

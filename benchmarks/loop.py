@@ -10,7 +10,7 @@
 Everything runs in a temporary registry, gateway database and data folder: the user's registry is only read (its
 champion is copied in as v1). Writes docs/BENCHMARKS.md (section loop).
 
-    .venv/bin/python -m flows.bench_loop [--rows 10000] [--pairs 120] [--steps 100]
+    .venv/bin/python -m benchmarks.loop [--rows 10000] [--pairs 120] [--steps 100]
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from serving.card import gate_rows  # noqa: E402
 from serving.gateway.db import GatewayDb  # noqa: E402
 from serving.gateway.harvest import harvest  # noqa: E402
 from serving.registry import champion_info, fetch_version_cached, promote  # noqa: E402
-from workspace.benchmarks import update_section  # noqa: E402
+from benchmarks.report import update_section  # noqa: E402
 from workspace.config import add_cli_args, load_config  # noqa: E402
 from workspace.model_ref import base_model  # noqa: E402
 from workspace.paths import resolve  # noqa: E402

@@ -11,7 +11,7 @@ section gateway). Four parts, one run:
 4. the service plan's KPIs for this profile from the above (TTFT p50 at ~2k context and 5 sessions, requests/min
    at 5 sessions, 5xx rate, availability in the soak).
 
-    .venv/bin/python -m flows.bench_gateway [--soak-s 300] [--failover-s 60]
+    .venv/bin/python -m benchmarks.gateway [--soak-s 300] [--failover-s 60]
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from serving.bench import BenchError, build_prompts, clamp_prompt, run_step, wor
 from serving.gateway.db import GatewayDb  # noqa: E402
 from serving.registry import PromotionError  # noqa: E402
 from serving.serve import champion_server  # noqa: E402
-from workspace.benchmarks import update_section  # noqa: E402
+from benchmarks.report import update_section  # noqa: E402
 from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config  # noqa: E402
 from workspace.endpoint import Endpoint  # noqa: E402
 from workspace.paths import CACHE, resolve  # noqa: E402

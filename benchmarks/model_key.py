@@ -6,7 +6,7 @@ headers, sizes, sampled blocks; first call, then the memoised second call in the
 every byte (what the workspace did before, once per stage). Also checks that the key changes when the weights
 are rewritten with other values of the same shape. Writes docs/BENCHMARKS.md (section model-key).
 
-    .venv/bin/python -m workspace.bench_model_key [--gib 4.2]
+    .venv/bin/python -m benchmarks.model_key [--gib 4.2]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workspace.benchmarks import update_section
+from benchmarks.report import update_section
 
 CHUNK = 64 << 20
 

@@ -1,9 +1,9 @@
 """The default recipe's margin and the gate's error rates, measured (make bench-gate), and min_effect for a team's own
 recipe (make calibrate-gate):
 
-    .venv/bin/python -m flows.bench_gate [--seeds 42,...,49] [--base-seeds 1234,1235] [--trials 500] [--repeats 2]
+    .venv/bin/python -m benchmarks.gate [--seeds 42,...,49] [--base-seeds 1234,1235] [--trials 500] [--repeats 2]
                                          [--reference-recipe finetune.max_steps=100] [--no-write]
-    .venv/bin/python -m flows.bench_gate --calibrate [--seeds 42,...,47]      # make calibrate-gate
+    .venv/bin/python -m benchmarks.gate --calibrate [--seeds 42,...,47]      # make calibrate-gate
 
 1. The recipe on every seed and base build. The configured recipe is trained with each seed on each base-model build
    (the base built with another `base_model.build.seed` stands in for another machine: the self-built base is not
@@ -27,7 +27,6 @@ recipe (make calibrate-gate):
 `--calibrate` is what a team runs on its own recipe and hardware: the recipe's seeds on the configured base, the
 seed SD with its interval, the independent seed pairs, and the config line to paste (no simulation, nothing written).
 Writes docs/BENCHMARKS.md (section gate), docs/gate_power.png, and a `bench-gate` MLflow run with both.
-Lives in flows/ because it wires stages (prepare, finetune, evaluate, gate).
 """
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ from eval.gate import decide, improvement_result, item_scores, paired_scores  # 
 from finetune.base_model import build_base_model  # noqa: E402
 from finetune.finetune_stage import run_finetune  # noqa: E402
 from finetune.prepare import prepare_dataset  # noqa: E402
-from workspace.benchmarks import update_section  # noqa: E402
+from benchmarks.report import update_section  # noqa: E402
 from workspace.config import GateRule, LoadedConfig, add_cli_args, load_config, load_from_args  # noqa: E402
 from workspace.model_ref import base_model  # noqa: E402
 from workspace.paths import ROOT, resolve  # noqa: E402

@@ -5,7 +5,7 @@ two servers. Results: a table, docs/BENCHMARKS.md (section serve), plots and an 
 version's run (metrics `serve/<step>/<metric>` and `baseline/<step>/<metric>`), the SLO verdict of
 `gate.slo`, and vLLM's /metrics cross-checked against the client.
 
-    .venv/bin/python -m flows.bench [--set serving.bench.concurrency=[1,5]] [--set serving.bench.baseline=none]
+    .venv/bin/python -m benchmarks.serve [--set serving.bench.concurrency=[1,5]] [--set serving.bench.baseline=none]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from serving.registry import PromotionError  # noqa: E402
 from serving.serve import champion_model_name, champion_server  # noqa: E402
 from workspace.endpoint import EndpointError  # noqa: E402
 from workspace.vllm_server import ServerError, VllmServer, free_port  # noqa: E402
-from workspace.benchmarks import update_section  # noqa: E402
+from benchmarks.report import update_section  # noqa: E402
 from workspace.config import ConfigError, LoadedConfig, SloConfig, add_cli_args, load_config  # noqa: E402
 from workspace.device import resolve_dtype, serving_device  # noqa: E402
 from workspace.locks import LockBusy  # noqa: E402

@@ -7,7 +7,7 @@ separators, full-width digits); the target for them is under 100 ms each. The de
 characters) are the most work per character the masker can be given: they are linear too, and reported as they are.
 Also checks that a 4x longer text takes about 4x (not 16x) as long. Writes docs/BENCHMARKS.md (section pii).
 
-    .venv/bin/python -m workspace.bench_pii [--size 1000000] [--no-write]
+    .venv/bin/python -m benchmarks.pii [--size 1000000] [--no-write]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import argparse
 import statistics
 import time
 
-from workspace.benchmarks import update_section
+from benchmarks.report import update_section
 from workspace.pii import mask_pii
 
 TARGET_MS = 100.0

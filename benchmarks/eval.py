@@ -1,7 +1,7 @@
 """Benchmark of the evaluation stage on the default profile: quality (base vs finetuned candidate, KoBEST and the
 custom metrics) and speed (items/s of each scorer: in-process hf vs the vLLM server with concurrency).
 
-    .venv/bin/python -m flows.bench_eval        (make bench-eval; needs `make finetune` first)
+    .venv/bin/python -m benchmarks.eval        (make bench-eval; needs `make finetune` first)
 
 Writes docs/BENCHMARKS.md (section eval). Lives in flows/ because it wires stages (prepare, finetune, evaluate).
 """
@@ -19,7 +19,7 @@ offline.apply()
 from eval.evaluate import evaluate  # noqa: E402
 from finetune.finetune_stage import FINETUNE  # noqa: E402
 from finetune.prepare import prepare_dataset  # noqa: E402
-from workspace.benchmarks import update_section  # noqa: E402
+from benchmarks.report import update_section  # noqa: E402
 from workspace.config import add_cli_args, load_from_args  # noqa: E402
 from workspace.model_ref import base_model  # noqa: E402
 from serving.bench import merged_model  # noqa: E402
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         body = "\n".join(lines)
         print(body)
         if not args.no_write:
-            update_section("eval", "Evaluation: base vs candidate, and scorer speed", "make bench-eval  (python -m flows.bench_eval)", body)
+            update_section("eval", "Evaluation: base vs candidate, and scorer speed", "make bench-eval  (python -m benchmarks.eval)", body)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,7 @@ view (setup check and import contracts included), reads pytest's own summary (pa
 the random seed, and writes docs/BENCHMARKS.md (section tests). A lane that fails writes nothing and exits 1.
 Tests themselves never assert times; this is where the times live.
 
-    .venv/bin/python -m workspace.bench_test_lanes [--full]
+    .venv/bin/python -m benchmarks.suite [--full]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from workspace.benchmarks import update_section
+from benchmarks.report import update_section
 from workspace.paths import CACHE, ROOT
 
 SUMMARY = re.compile(r"^=*\s*(\d+ passed.*?) in ([\d.]+)s", re.M)

@@ -2,7 +2,7 @@
 resolving both CUDA locks for Linux x86-64 / Python 3.11 (uv, no install), `make plan --no-hardware-check` for every
 GPU profile (both engines' parsers, one start each), and each profile's training and serving fit per GPU.
 
-    .venv/bin/python -m flows.bench_plan
+    .venv/bin/python -m benchmarks.plan
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from finetune.fit import train_fit
 from flows.plan import check_with_engines, plan_static
 from serving.config import fit_report, model_spec
 from workspace import lock
-from workspace.benchmarks import update_section
+from benchmarks.report import update_section
 from workspace.config import load_config
 from workspace.paths import PROFILES
 
