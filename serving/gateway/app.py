@@ -25,13 +25,10 @@ messages, context too long: the upstream's own message), 401/403, 404 (unknown m
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import math
-import re
 import secrets
 import time
 import uuid
@@ -41,11 +38,11 @@ from typing import Any, AsyncIterator, Optional
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.aio.strategies import MovingWindowRateLimiter
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
 
 from serving.gateway.db import GatewayDb, database_url
@@ -304,8 +301,16 @@ class Gateway:
 
     # --- auth ---
     async def principal(self, request: Request, admin: bool = False) -> Principal:
+        """The token of the request's `Authorization: Bearer` header (routes.py's dependencies read it through
+        FastAPI's HTTPBearer; the chat, feedback and arena handlers here read it themselves)."""
         header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        return await self.authenticate(header[7:].strip() if header.lower().startswith("bearer ") else "", admin)
+
+    def forget_tokens(self) -> None:
+        """Drop the auth cache (a revoked token is refused at once by this gateway, within 5 s by the others)."""
+        self._auth_cache.clear()
+
+    async def authenticate(self, token: str, admin: bool = False) -> Principal:
         if not token:
             raise GatewayError(401, "no API token: send `Authorization: Bearer <token>` (create one with "
                                "`make token NAME=you ROLE=user`)", "invalid_api_key", "authentication_error")
@@ -737,225 +742,10 @@ class Gateway:
 
 
 def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
-    gw = Gateway(loaded, **kw)
+    """The gateway as an ASGI app: its routes, auth dependencies and error handlers are serving/gateway/routes.py."""
+    from serving.gateway.routes import build_app
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await gw.start()
-        try:
-            yield
-        finally:
-            await gw.stop()
-
-    # no /docs or /redoc (their pages load Swagger/ReDoc from a CDN, blank offline); /openapi.json is admin-only below
-    app = FastAPI(title="LLMOps gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.gateway = gw
-    app.add_middleware(BodyLimit, max_bytes=gw.gw.max_body_bytes)
-
-    async def guarded(fn, *a):
-        try:
-            return await fn(*a)
-        except GatewayError as exc:
-            return _error(exc)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await gw.chat(request)
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        async def run():
-            p = await gw.principal(request)
-            return {"object": "list", "data": gw.catalog.models(admin=p.role == "admin")}
-        return await guarded(run)
-
-    @app.get("/healthz")
-    async def healthz(request: Request):
-        """Up or down for anyone (a load balancer's probe); the replicas, aliases and registry for an admin token."""
-        h = gw.health()
-        code = 200 if h["status"] == "ok" else 503
-        if not request.headers.get("authorization"):
-            return JSONResponse({"status": h["status"]}, status_code=code)
-        try:
-            await gw.principal(request, admin=True)
-        except GatewayError as exc:
-            return _error(exc)
-        return JSONResponse(h, status_code=code)
-
-    @app.get("/openapi.json")
-    async def openapi(request: Request):
-        """The API's schema, for admin tokens only (no Swagger page: it would load its assets from a CDN)."""
-        async def run():
-            await gw.principal(request, admin=True)
-            return JSONResponse(app.openapi())
-        return await guarded(run)
-
-    @app.get("/metrics")
-    async def metrics(request: Request):
-        async def run():
-            await gw.principal(request, admin=True)
-            return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-        return await guarded(run)
-
-    # --- conversations ---
-    @app.post("/v1/conversations")
-    async def new_conversation(request: Request):
-        async def run():
-            p = await gw.principal(request)
-            await gw.limiter.hit(p.name)
-            body = await _json(request)
-            title = str(body.get("title") or "new conversation")
-            system = body.get("system_prompt")
-            return await run_in_threadpool(gw.db.create_conversation, p.name, title, body.get("model"),
-                                           system or None)
-        return await guarded(run)
-
-    @app.get("/v1/conversations")
-    async def list_conversations(request: Request):
-        async def run():
-            p = await gw.principal(request)
-            return {"object": "list", "data": await run_in_threadpool(gw.db.conversations, p.name)}
-        return await guarded(run)
-
-    @app.get("/v1/conversations/{conv_id}")
-    async def get_conversation(conv_id: int, request: Request):
-        async def run():
-            p = await gw.principal(request)
-            c = await run_in_threadpool(gw.db.conversation, p.name, conv_id)
-            if c is None:
-                raise _no_conversation(conv_id, p.name)
-            return c
-        return await guarded(run)
-
-    @app.patch("/v1/conversations/{conv_id}")
-    async def retitle(conv_id: int, request: Request):
-        async def run():
-            p = await gw.principal(request)
-            await gw.limiter.hit(p.name)
-            body = await _json(request)
-            c = await run_in_threadpool(gw.db.update_conversation, p.name, conv_id,
-                                        title=str(body["title"]) if body.get("title") else None,
-                                        model=body.get("model"))
-            if c is None:
-                raise _no_conversation(conv_id, p.name)
-            return c
-        return await guarded(run)
-
-    # --- admin ---
-    @app.get("/admin/usage")
-    async def usage(request: Request, since: Optional[str] = None, token: Optional[str] = None):
-        async def run():
-            await gw.principal(request, admin=True)
-            return {"object": "list", "data": await run_in_threadpool(gw.db.usage, _since(since), token),
-                    "summary": await run_in_threadpool(gw.db.usage_summary)}
-        return await guarded(run)
-
-    @app.get("/admin/usage.csv")
-    async def usage_csv(request: Request, since: Optional[str] = None, token: Optional[str] = None):
-        async def run():
-            await gw.principal(request, admin=True)
-            rows = await run_in_threadpool(gw.db.usage, _since(since), token)
-            return PlainTextResponse(gw.db.usage_csv(rows), media_type="text/csv",
-                                     headers={"Content-Disposition": "attachment; filename=usage.csv"})
-        return await guarded(run)
-
-    @app.get("/admin/tokens")
-    async def tokens(request: Request):
-        async def run():
-            await gw.principal(request, admin=True)
-            return {"object": "list", "data": await run_in_threadpool(gw.db.tokens)}
-        return await guarded(run)
-
-    @app.post("/admin/tokens")
-    async def create_token(request: Request):
-        async def run():
-            from serving.gateway.db import GatewayDbError, parse_lifetime
-
-            p = await gw.principal(request, admin=True)
-            await gw.limiter.hit(p.name)
-            body = await _json(request)
-            try:
-                lifetime = parse_lifetime(body["expires_in"]) if body.get("expires_in") is not None else None
-                token = await run_in_threadpool(gw.db.create_token, body.get("name"), str(body.get("role", "user")),
-                                                lifetime)
-            except GatewayDbError as exc:
-                raise GatewayError(400, str(exc), "invalid_token_request") from None
-            return {"name": body.get("name"), "role": body.get("role", "user"), "token": token}
-        return await guarded(run)
-
-    @app.delete("/admin/tokens/{name}")
-    async def revoke(name: str, request: Request):
-        async def run():
-            p = await gw.principal(request, admin=True)
-            await gw.limiter.hit(p.name)
-            if not await run_in_threadpool(gw.db.revoke_token, name):
-                raise GatewayError(404, f"no token named {name!r}", "token_not_found")
-            gw._auth_cache.clear()
-            return {"name": name, "revoked": True}
-        return await guarded(run)
-
-    @app.post("/admin/reload")
-    async def reload(request: Request):
-        async def run():
-            p = await gw.principal(request, admin=True)
-            await gw.limiter.hit(p.name)
-            aliases = await gw.catalog.refresh()
-            await gw.pool.check_all()
-            return {"aliases": aliases, "error": gw.catalog.error}
-        return await guarded(run)
-
-    # --- feedback and arena ---
-    @app.post("/v1/feedback")
-    async def feedback(request: Request):
-        return await guarded(gw.feedback, request)
-
-    @app.post("/v1/arena")
-    async def arena(request: Request):
-        return await guarded(gw.arena, request)
-
-    @app.post("/v1/arena/{match_id}/vote")
-    async def vote(match_id: int, request: Request):
-        return await guarded(gw.vote, request, match_id)
-
-    @app.get("/admin/feedback")
-    async def feedback_rows(request: Request, since: Optional[str] = None):
-        async def run():
-            await gw.principal(request, admin=True)
-            return {"object": "list", "data": await run_in_threadpool(gw.db.feedback, _since(since))}
-        return await guarded(run)
-
-    @app.get("/admin/arena")
-    async def arena_rows(request: Request, since: Optional[str] = None):
-        async def run():
-            await gw.principal(request, admin=True)
-            return {"object": "list", "data": await run_in_threadpool(gw.db.matches, _since(since)),
-                    "summary": await run_in_threadpool(gw.db.arena_summary)}
-        return await guarded(run)
-
-    page_headers = _page_headers(STATIC / "index.html")
-
-    @app.get("/")
-    async def page():
-        return FileResponse(STATIC / "index.html", media_type="text/html", headers=page_headers)
-
-    return app
-
-
-def _page_headers(html: Path) -> dict[str, str]:
-    """The chat page keeps its token in localStorage, so nothing but its own inline script and style may run:
-    a Content-Security-Policy that allows exactly those (by their SHA-256) and requests to this origin."""
-    text = html.read_text(encoding="utf-8")
-
-    def hashes(tag: str) -> str:
-        found = re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.S)
-        if not found:
-            raise RuntimeError(f"{html}: no inline <{tag}> to allow in the Content-Security-Policy")
-        return " ".join("'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'" for b in found)
-
-    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
-           "img-src 'self' data:; font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-    return {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-            "X-Frame-Options": "DENY"}
+    return build_app(Gateway(loaded, **kw))
 
 
 def _plain(msgs: list[dict]) -> list[dict]:
