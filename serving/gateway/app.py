@@ -1,4 +1,6 @@
 """The gateway: an OpenAI-compatible front door for the served models (FastAPI, run by uvicorn: `make gateway`).
+This module is the `Gateway` (auth, limits, the proxy with retries and failover, usage, feedback and arena); its HTTP
+surface (routers, auth dependencies, request models, error handlers) is serving/gateway/routes.py.
 
     POST /v1/chat/completions   streamed (SSE) or not; `model` is an alias (champion, candidate, previous),
                                 name@version, vN or auto (the routing table); `conversation_id` (extra_body) appends
