@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate calibrate-gate bench-pii clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run
+.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate calibrate-gate bench-pii clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run monitoring
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -142,6 +142,9 @@ bench-prepare: setup  ## 100k rows through the prepare stage (target < 60 s)
 
 gateway: setup  ## the OpenAI-compatible gateway + chat page on 127.0.0.1:8080 in front of `make serve` (tokens, limits, usage, aliases)
 	@$(PY) -m flows.gateway $(CFG_ARGS) $(if $(PORT),--port $(PORT))
+
+monitoring: envs  ## Prometheus on the service plan's KPIs: .cache/monitoring/ (scrape config, recording + alerting rules from gate.slo, their unit tests), checked with promtool
+	@$(PY) -m flows.monitoring $(CFG_ARGS)
 
 token: envs  ## create a gateway API token: make token NAME=alice ROLE=user|admin [EXPIRES=30d] (printed once, stored as a digest); REVOKE=alice revokes
 	@$(if $(REVOKE),$(PY) -m flows.gateway $(CFG_ARGS) --revoke "$(REVOKE)",$(PY) -m flows.gateway $(CFG_ARGS) --token "$(NAME)" --role $(or $(ROLE),user) $(if $(EXPIRES),--expires "$(EXPIRES)"))

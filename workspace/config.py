@@ -284,6 +284,7 @@ class SloConfig(Strict):
     concurrency: int = Field(5, ge=1)
     min_requests_per_min: float = Field(30, ge=0)
     max_error_rate: float = Field(0.01, ge=0, le=1)
+    availability: float = Field(0.995, gt=0, le=1)  # share of an hour each scraped job is up (Prometheus alerting)
     requests: int = Field(20, ge=1)  # requests in the brief benchmark
     output_tokens: int = Field(64, ge=1)
 

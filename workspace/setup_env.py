@@ -176,7 +176,8 @@ REDIS = "/usr/bin/redis-server"
 # gateway's shared rate-limit counters (a real server on 127.0.0.1, started and stopped by the test)
 # and fonts-noto-cjk so the page (and its test screenshots) show Korean text, not empty boxes
 SYSTEM_PACKAGES = {"chromium": BROWSER, "redis-server": REDIS,
-                   "fonts-noto-cjk": "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"}
+                   "fonts-noto-cjk": "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+                   "prometheus": "/usr/bin/promtool"}  # promtool + prometheus: make monitoring and its tests
 
 
 def ensure_system_packages() -> None:
