@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[error] port {port} on {gw.host} is in use: stop what runs there or pass PORT=", file=sys.stderr)
             return 2
         app = create_app(loaded)
+        db = app.state.gateway.db
+        if db.revision_before != db.revision:  # migrations/: the schema brought up to this code's, rows kept
+            print(f"[gateway] database {db._safe(db.url)}: schema {db.revision_before or 'new'} -> {db.revision}")
         print(usage_text(gw.host, port), flush=True)
         uvicorn.run(app, host=gw.host, port=port, log_level="warning", timeout_graceful_shutdown=10)
         return 0

@@ -773,3 +773,36 @@ def test_the_gateway_reads_its_own_registry_wherever_the_process_points_mlflow(r
             assert answer["choices"][0]["message"]["content"] == "weights-one-0"
         finally:
             configure(registry["loaded"])
+
+
+@pytest.mark.slow
+def test_the_gateway_on_postgresql_tokens_usage_conversations_feedback_arena(registry, postgres_server):
+    """serving.gateway.database_url on PostgreSQL (a team's setting): the migrations build it at start, and the
+    token, usage, conversation, feedback and arena paths work through the API as on SQLite, masked as on SQLite."""
+    from conftest import postgres_database
+
+    url = postgres_database(postgres_server)
+    loaded = load_config(overrides=registry["overrides"] + [f"serving.gateway.database_url={url}",
+                                                            "serving.gateway.requests_per_min=1000"])
+    db = GatewayDb(url)
+    user, admin = db.create_token("pg-user", "user"), db.create_token("pg-admin", "admin")
+    restore_aliases()
+    with Upstream() as up, ServeApp(create_app(loaded, upstreams=[up.base_url])) as gw:
+        h = auth(user)
+        conv = HTTP.post(f"{gw.url}/v1/conversations", headers=h, json={"title": "화면 생성"}).json()
+        r = chat(gw.url, user, content="전화 010-9876-5432 로 연락", conversation_id=conv["id"])
+        assert r.status_code == 200
+        rid = r.json()["id"]
+        loaded_conv = HTTP.get(f"{gw.url}/v1/conversations/{conv['id']}", headers=h).json()
+        assert [m["content"] for m in loaded_conv["messages"]] == ["전화 <PHONE> 로 연락", "weights-two-0 weights-two-1 weights-two-2"]
+        r = HTTP.post(f"{gw.url}/v1/feedback", headers=h, json={"request_id": rid, "rating": "up"})
+        assert r.status_code == 200 and r.json()["version"] == "2"
+        match = HTTP.post(f"{gw.url}/v1/arena", headers=h, timeout=30,
+                          json={"messages": [{"role": "user", "content": "주문 화면"}], "models": ["champion", "previous"]})
+        assert match.status_code == 200, match.text
+        vote = HTTP.post(f"{gw.url}/v1/arena/{match.json()['id']}/vote", headers=h, json={"winner": "tie"})
+        assert vote.status_code == 200 and vote.json()["winner"] == "tie"
+        usage = HTTP.get(f"{gw.url}/admin/usage", headers=auth(admin)).json()["data"]
+        assert {u["token_name"] for u in usage} == {"pg-user"} and len(usage) == 3  # the chat and both arena answers
+        assert HTTP.get(f"{gw.url}/admin/usage.csv", headers=auth(admin)).text.count("pg-user") == 3
+    assert db.revoke_token("pg-user") and db.check_token(user) is None

@@ -99,3 +99,24 @@ def test_an_alias_that_moves_during_a_fetch_cannot_change_the_files(loaded, tmp_
     info, path = fetch_champion(NAME, tmp_path / "dl")
     assert info["version"] == "1" and alias_version(NAME, CHAMPION) == "2"
     assert (path / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights-one"
+
+
+@pytest.mark.slow
+def test_the_registry_path_with_postgresql_as_mlflow_backend_store(postgres_server, tmp_path):
+    """What a team runs: MLflow's backend store on PostgreSQL (psycopg 3), the same register, alias, fetch by version
+    and rollback path as on SQLite."""
+    from conftest import postgres_database
+    from serving.registry import fetch_version
+
+    url = postgres_database(postgres_server)
+    loaded = load_config(overrides=[f"tracking.uri={url}", f"tracking.artifact_root={tmp_path}/artifacts"])
+    configure(loaded)
+    try:
+        do_promote(loaded, tmp_path, "one")
+        do_promote(loaded, tmp_path, "two")
+        assert alias_version(NAME, CHAMPION) == "2" and alias_version(NAME, PREVIOUS) == "1"
+        folder = fetch_version(NAME, "1", tmp_path / "v1")
+        assert (folder / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights-one"
+        assert rollback(NAME) == ("2", "1") and alias_version(NAME, CHAMPION) == "1"
+    finally:
+        configure(load_config(overrides=[f"tracking.uri=sqlite:///{tmp_path}/after.db"]))  # leave no PG store current

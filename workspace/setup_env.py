@@ -177,7 +177,8 @@ REDIS = "/usr/bin/redis-server"
 # and fonts-noto-cjk so the page (and its test screenshots) show Korean text, not empty boxes
 SYSTEM_PACKAGES = {"chromium": BROWSER, "redis-server": REDIS,
                    "fonts-noto-cjk": "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
-                   "prometheus": "/usr/bin/promtool"}  # promtool + prometheus: make monitoring and its tests
+                   "prometheus": "/usr/bin/promtool",  # promtool + prometheus: make monitoring and its tests
+                   "postgresql": "/usr/lib/postgresql"}  # a throwaway server for the PostgreSQL tests (no service)
 
 
 def ensure_system_packages() -> None:

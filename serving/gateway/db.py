@@ -49,15 +49,46 @@ def parse_lifetime(text: str) -> dt.timedelta:
     return dt.timedelta(**{unit: int(m.group(1))})
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """Columns added since a database was created (nullable, so old rows stay valid): api_tokens.expires_at.
-    A stopgap until the gateway's schema is under Alembic migrations."""
+MIGRATIONS = Path(__file__).with_name("migrations")  # Alembic: env.py and versions/, no alembic.ini
+
+
+def alembic_config(connection):
+    """Alembic's configuration for the gateway's schema, on `connection` (migrations/env.py reads it from here)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def migrate(engine: Engine) -> tuple[Optional[str], str]:
+    """Bring the database to this code's schema (Alembic's head) and return (revision before, head), keeping every
+    row. A new database is created by the migrations; one made before the schema was under migrations (tables, no
+    alembic_version) gets what earlier releases added at start (missing tables, api_tokens.expires_at) and is stamped
+    at head; one at a revision this code does not know (made by newer code) is refused, naming both revisions."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
     from sqlalchemy import inspect, text
 
-    have = {c["name"] for c in inspect(engine).get_columns("api_tokens")}
-    if "expires_at" not in have:
-        with engine.begin() as conn:
-            conn.execute(text("ALTER TABLE api_tokens ADD COLUMN expires_at TIMESTAMP"))
+    with engine.begin() as conn:
+        cfg = alembic_config(conn)
+        script = ScriptDirectory.from_config(cfg)
+        head = script.get_current_head()
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is not None and current not in {s.revision for s in script.walk_revisions()}:
+            raise GatewayDbError(f"the gateway database is at schema revision {current}, which this code does not know "
+                                 f"(its newest is {head}): it was migrated by newer code. Run that code, or point "
+                                 "serving.gateway.database_url at another database")
+        if current is None and "api_tokens" in inspect(conn).get_table_names():
+            Base.metadata.create_all(conn)  # what the releases before migrations did at start
+            if "expires_at" not in {c["name"] for c in inspect(conn).get_columns("api_tokens")}:
+                conn.execute(text("ALTER TABLE api_tokens ADD COLUMN expires_at TIMESTAMP"))
+            command.stamp(cfg, head)
+        elif current != head:
+            command.upgrade(cfg, "head")
+    return current, head
 
 
 def _now() -> dt.datetime:
@@ -273,8 +304,9 @@ class GatewayDb:
             self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            Base.metadata.create_all(self.engine)
-            _add_missing_columns(self.engine)
+            self.revision_before, self.revision = migrate(self.engine)
+        except GatewayDbError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a bad URL, an unreachable server, a missing driver: one named error
             raise GatewayDbError(f"the gateway database {self._safe(url)} cannot be opened ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0][:200]}); check serving.gateway.database_url") from exc
