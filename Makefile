@@ -26,7 +26,7 @@ envs:  ## the virtual environments only: workspace, train, serve (GPU=1: also .v
 	@GPU=$(GPU) $(PY3) workspace/setup_env.py
 
 lock: envs  ## compile requirements/{train,serve}-gpu.lock from their .in files (uv; Linux x86-64 / Python 3.11); CHECK=1 only checks
-	@$(PY) -m workspace.lock $(if $(CHECK),--check)
+	@$(PY) -m workspace.gpu_lock $(if $(CHECK),--check)
 
 plan: setup  ## preflight PROFILE=<name>: configs, engine parsers, train/serve fit, hardware, hub fetches; NO_HW=1: no hardware check, QUICK=1: no parsers
 	@$(PY) -m flows.plan $(CFG_ARGS) $(if $(NO_HW),--no-hardware-check) $(if $(QUICK),--no-engine-check)

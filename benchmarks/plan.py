@@ -12,7 +12,7 @@ import time
 from finetune.fit import train_fit
 from flows.plan import check_with_engines, plan_static
 from serving.config import fit_report, model_spec
-from workspace import lock
+from workspace import gpu_lock as lock
 from benchmarks.report import update_section
 from workspace.config import load_config
 from workspace.paths import PROFILES

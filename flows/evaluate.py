@@ -22,7 +22,7 @@ from prefect import flow  # noqa: E402
 from finetune.finetune_stage import FINETUNE  # noqa: E402
 from finetune.prepare_stage import PREPARE  # noqa: E402
 from flows._cli import run_flow_cli  # noqa: E402
-from flows._registry import resolve_init_adapter  # noqa: E402
+from flows.champion import resolve_init_adapter  # noqa: E402
 from flows.pipeline import evaluate_candidate  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
 from workspace.config import load_config  # noqa: E402

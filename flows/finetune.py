@@ -26,7 +26,7 @@ from finetune.finetune_stage import FINETUNE, FinetuneInputs  # noqa: E402
 from finetune.prepare_stage import PREPARE  # noqa: E402
 from finetune.train import train_worker  # noqa: E402
 from flows._cli import run_flow_cli  # noqa: E402
-from flows._registry import resolve_init_adapter  # noqa: E402
+from flows.champion import resolve_init_adapter  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
 from workspace.config import load_config  # noqa: E402
 from workspace.locks import workspace_lock  # noqa: E402

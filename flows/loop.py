@@ -33,7 +33,7 @@ from prefect import flow  # noqa: E402
 from finetune.finetune_stage import FINETUNE, FinetuneInputs  # noqa: E402
 from finetune.prepare_stage import PREPARE, PrepareInputs  # noqa: E402
 from flows._cli import run_flow_cli  # noqa: E402
-from flows._registry import resolve_init_adapter  # noqa: E402
+from flows.champion import resolve_init_adapter  # noqa: E402
 from flows.harvest import harvest_table  # noqa: E402
 from flows.pipeline import console_for_logs, evaluate_candidate, gate_candidate, promote_candidate  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402

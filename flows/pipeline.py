@@ -46,7 +46,7 @@ from eval.gate import GateFailed  # noqa: E402
 from eval.gate_stage import GATE, GateInputs, GateOutputs, Reference  # noqa: E402
 from finetune.finetune_stage import FINETUNE, FinetuneInputs, FinetuneOutputs  # noqa: E402
 from finetune.prepare_stage import PREPARE, PrepareInputs, PrepareOutputs  # noqa: E402
-from flows._registry import resolve_init_adapter  # noqa: E402
+from flows.champion import resolve_init_adapter  # noqa: E402
 from flows.runner import KNOWN_ERRORS, StageRunner  # noqa: E402
 from flows.summary import run_summarised, run_url  # noqa: E402
 from rag.rag_stage import RAG, RagOutputs  # noqa: E402

@@ -34,7 +34,7 @@ from rich.table import Table
 
 from finetune.fit import TrainFitError, train_fit, zero_stage
 from finetune.train import FinetuneError, dump_rendered, render_llamafactory_config
-from flows._registry import resolve_init_adapter
+from flows.champion import resolve_init_adapter
 from serving.config import FitError, fit_report, model_spec, render_vllm_config, write_vllm_config
 from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config
 from workspace.device import Hardware, cuda_settings, detect, serve_env_for, train_env

@@ -39,7 +39,7 @@ from eval.gate_stage import GATE, GateInputs, Reference  # noqa: E402
 from finetune.finetune_stage import FINETUNE  # noqa: E402
 from finetune.prepare_stage import PREPARE  # noqa: E402
 from flows._cli import run_flow_cli  # noqa: E402
-from flows._registry import resolve_init_adapter  # noqa: E402
+from flows.champion import resolve_init_adapter  # noqa: E402
 from flows.pipeline import arena_tally, evaluate_candidate, gate_candidate, promote_candidate, test_file  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
 from serving.card import CARD, model_card, with_promotion  # noqa: E402

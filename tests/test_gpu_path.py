@@ -13,7 +13,7 @@ import sys
 import pytest
 from pathlib import Path
 
-import workspace.lock as lock
+import workspace.gpu_lock as lock
 from finetune.fit import GIB, lora_params, train_fit
 from finetune.train import FinetuneError, launch_argv, plain_config, preflight, render_llamafactory_config
 from workspace.config import load_config

@@ -31,7 +31,7 @@ ENVS = {
     "train": (".venv-train", "train.lock"),
     "serve": (".venv-serve", "serve.lock"),
     # `make setup GPU=1`: CUDA torch, bitsandbytes, deepspeed (train) and CUDA vLLM (serve). Their locks are
-    # resolved for Linux x86-64 / Python 3.11 by `make lock` (workspace/lock.py) and carry --hash lines.
+    # resolved for Linux x86-64 / Python 3.11 by `make lock` (workspace/gpu_lock.py) and carry --hash lines.
     "train-gpu": (".venv-train-gpu", "train-gpu.lock"),
     "serve-gpu": (".venv-serve-gpu", "serve-gpu.lock"),
 }
