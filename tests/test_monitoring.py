@@ -5,6 +5,7 @@ series the rules read is one the gateway exports; and a real Prometheus scraping
 promtool and prometheus are Debian's `prometheus` package, installed by `make setup`."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -112,14 +113,12 @@ def test_every_series_the_rules_read_is_one_the_gateway_exports(gateway):
         assert series in yaml.safe_dump(rules(loaded)), series  # and the rules read it
 
 
-@pytest.mark.slow
-def test_a_real_prometheus_scrapes_the_gateway_and_records_the_kpis(gateway, tmp_path):
-    """Prometheus (1 s scrape and rule interval here) scrapes the running gateway with the token make monitoring
-    wrote; after a few requests its recording rules answer through Prometheus's HTTP API."""
+@contextlib.contextmanager
+def prometheus(folder: Path, tmp_path: Path):
+    """A real Prometheus on a loopback port with `folder`'s prometheus.yml at a 1 s scrape and rule interval, stopped
+    (by its PID) after. Yields a PromQL query function: expr -> the result vector."""
     from workspace.processes import ManagedProcess, free_port
 
-    loaded, gw, folder = gateway
-    write(loaded, folder)
     conf = yaml.safe_load((folder / CONFIG).read_text())
     conf["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     (folder / CONFIG).write_text(yaml.safe_dump(conf))
@@ -129,28 +128,49 @@ def test_a_real_prometheus_scrapes_the_gateway_and_records_the_kpis(gateway, tmp
                           log_path=tmp_path / "prometheus.log", cwd=folder, what="Prometheus",
                           health_url=f"http://127.0.0.1:{port}/-/ready")
     prom.start(timeout=60)
+
+    def query(expr: str) -> list:
+        r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}, timeout=10).json()
+        assert r["status"] == "success", r
+        return r["data"]["result"]
+
+    query.port = port
     try:
-        token = (folder / GATEWAY_TOKEN).read_text().strip()
-
-        def query(expr: str) -> list:
-            r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}, timeout=10).json()
-            assert r["status"] == "success", r
-            return r["data"]["result"]
-
-        deadline, seen = time.monotonic() + 60, {}
-        while time.monotonic() < deadline and len(seen) < 3:
-            _chat(gw, token, 2)
-            time.sleep(1)
-            for expr in ('up{job="gateway"}', "gateway:requests_per_minute:rate5m", "gateway:ttft_seconds:p50_5m"):
-                result = query(expr)
-                if result and float(result[0]["value"][1]) > 0:
-                    seen[expr] = result
-        assert set(seen) == {'up{job="gateway"}', "gateway:requests_per_minute:rate5m", "gateway:ttft_seconds:p50_5m"}, (
-            seen, (tmp_path / "prometheus.log").read_text()[-2000:])
-        assert seen["gateway:ttft_seconds:p50_5m"][0]["metric"]["alias"] == "champion"
-        targets = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-        health = {t["labels"]["job"]: t["health"] for t in targets}
-        assert health["gateway"] == "up" and health["vllm"] == "down"  # no vLLM here: TargetDown's input
+        yield query
     finally:
         prom.stop()
     assert not prom.running
+
+
+def until(query, exprs: list[str], drive, timeout: float = 60) -> dict:
+    """Drive traffic until every expression has a positive sample (or the time is up); expr -> its result."""
+    deadline, seen = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline and len(seen) < len(exprs):
+        drive()
+        time.sleep(1)
+        for expr in exprs:
+            result = query(expr)
+            if result and float(result[0]["value"][1]) > 0:
+                seen[expr] = result
+    return seen
+
+
+def target_health(query) -> dict:
+    targets = httpx.get(f"http://127.0.0.1:{query.port}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    return {t["labels"]["job"]: t["health"] for t in targets}
+
+
+@pytest.mark.slow
+def test_a_real_prometheus_scrapes_the_gateway_and_records_the_kpis(gateway, tmp_path):
+    """Prometheus scrapes the running gateway with the token make monitoring wrote; after a few requests its
+    recording rules answer through Prometheus's HTTP API. (With a real vLLM too: tests/test_serve.py.)"""
+    loaded, gw, folder = gateway
+    write(loaded, folder)
+    token = (folder / GATEWAY_TOKEN).read_text().strip()
+    exprs = ['up{job="gateway"}', "gateway:requests_per_minute:rate5m", "gateway:ttft_seconds:p50_5m"]
+    with prometheus(folder, tmp_path) as query:
+        seen = until(query, exprs, lambda: _chat(gw, token, 2))
+        assert set(seen) == set(exprs), (seen, (tmp_path / "prometheus.log").read_text()[-2000:])
+        assert seen["gateway:ttft_seconds:p50_5m"][0]["metric"]["alias"] == "champion"
+        health = target_health(query)
+        assert health["gateway"] == "up" and health["vllm"] == "down"  # no vLLM here: TargetDown's input

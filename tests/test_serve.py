@@ -171,3 +171,39 @@ def test_merged_mode_promotes_and_serves_the_merged_weights(tmp_path, random_ada
     assert resolved["served-model-name"] == ["screen-xml", "merged-test-v1"]  # plain and versioned (the gateway's)
     assert server.extra_env == {} and "--max-loras" not in server.argv()
     # served for real by the pipeline's serve check (tests/test_pipeline.py, the cpu_smoke profile is merged)
+
+
+def test_prometheus_scrapes_the_vllm_server_and_the_gateway(served, tmp_path):
+    """make monitoring's scrape configuration against a real vLLM and the gateway in front of it: both targets up,
+    vLLM's own series and the gateway's recording rules read back through Prometheus's HTTP API."""
+    from serving.gateway.app import create_app
+    from serving.gateway.db import GatewayDb
+    from serving.monitoring import GATEWAY_TOKEN, SERVE_KEY, write
+    from test_monitoring import prometheus, target_health, until
+    from upstream_double import ServeApp
+
+    server, info = served
+    port = free_port()
+    loaded = load_config(overrides=[*info["overrides"], f"serving.gateway.database_url=sqlite:///{tmp_path}/gw.db",
+                                    f"serving.port={server.port}", f"serving.gateway.port={port}"])
+
+    folder = tmp_path / "monitoring"
+    write(loaded, folder)
+    (folder / GATEWAY_TOKEN).write_text(GatewayDb(f"sqlite:///{tmp_path}/gw.db").create_token("prom", "admin") + "\n")
+    (folder / SERVE_KEY).write_text("no-key-set-here\n")  # this vLLM runs without a key: the header is ignored
+    token = (folder / GATEWAY_TOKEN).read_text().strip()
+    msgs = [{"role": "user", "content": "회원 목록 화면"}]
+
+    def drive():
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"Authorization": f"Bearer {token}"},
+                       json={"model": "champion", "messages": msgs, "max_tokens": 4, "stream": True}, timeout=60)
+        assert r.status_code == 200, r.text
+
+    with ServeApp(create_app(loaded, upstreams=[server.base_url]), port=port):
+        with prometheus(folder, tmp_path) as query:
+            exprs = ['up{job="vllm"}', 'up{job="gateway"}', "vllm:generation_tokens_total",
+                     "gateway:requests_per_minute:rate5m"]
+            seen = until(query, exprs, drive, timeout=90)
+            assert set(seen) == set(exprs), (seen, (tmp_path / "prometheus.log").read_text()[-2000:])
+            health = target_health(query)
+            assert health["vllm"] == "up" and health["gateway"] == "up", health
