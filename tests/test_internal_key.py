@@ -78,7 +78,9 @@ def test_make_gateway_as_a_command_serves_and_sends_the_shared_key(tmp_path):
         argv = [sys.executable, "-m", "flows.gateway", "--port", str(port),
                 *[a for s in sets + [f"serving.gateway.upstreams=['{up.base_url}']"] for a in ("--set", s)]]
         env = {k: v for k, v in os.environ.items() if k != INTERNAL_KEY_ENV}
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # a session of its own, as a terminal gives a command: Ctrl-C below reaches its whole process group
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         try:
             url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
             while True:
@@ -95,10 +97,14 @@ def test_make_gateway_as_a_command_serves_and_sends_the_shared_key(tmp_path):
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "weights-one-0 weights-one-1"
             assert up.state.authorization[-1] == f"Bearer {SERVE_KEY_FILE.read_text().strip()}"
         finally:
-            proc.send_signal(signal.SIGINT)  # Ctrl-C, as a person stops it
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a person stops it: to the command's process group
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
-    assert proc.returncode is not None
+    assert proc.returncode == 0, proc.stdout.read()  # stopped by Ctrl-C, cleanly
+    import psutil
+
+    left = [p for p in psutil.process_iter(["pid", "cmdline"]) if f"--port {port}" in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"make gateway left {left} running"
