@@ -60,6 +60,50 @@ def output_penalties(prompt_len: int, frequency_penalty: float = 0.0, presence_p
     return OutputPenalties()
 
 
+class GrammarMask:
+    """serving.decoding.grammar in the in-process scorer: xgrammar's token masks (the library vLLM's structured outputs
+    use), one matcher per row of a batch; tokens the grammar does not allow next get -inf. Written here rather than
+    taken from xgrammar.contrib.hf.LogitsProcessor: that one asserts every sampled token is accepted, and a row that
+    generate() ended by a stop string is padded afterwards (pad is not in the grammar); here such a row is left alone.
+    Built once per batch (a matcher holds the row's state)."""
+
+    def __init__(self, compiled, batch_size: int, prompt_len: int, pad_token_id: Optional[int]):
+        import xgrammar as xgr
+
+        self.xgr, self.prompt_len, self.pad = xgr, prompt_len, pad_token_id
+        self.matchers = [xgr.GrammarMatcher(compiled) for _ in range(batch_size)]
+        self.done = [False] * batch_size
+        self.bitmask = xgr.allocate_token_bitmask(batch_size, compiled.tokenizer_info.vocab_size)
+
+    @staticmethod
+    def compile(grammar: str, tokenizer, vocab_size: int):
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        try:
+            return xgr.GrammarCompiler(info).compile_grammar(grammar)
+        except RuntimeError as exc:  # xgrammar's parser error names the line and column
+            raise ValueError(f"serving.decoding.grammar does not parse: {exc}") from exc
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] > self.prompt_len:  # the token chosen at the previous step
+            for i, m in enumerate(self.matchers):
+                if self.done[i] or m.is_terminated():
+                    continue
+                token = int(input_ids[i, -1])
+                if not m.accept_token(token):
+                    if token != self.pad:
+                        raise RuntimeError(f"row {i}: token {token} was chosen outside the grammar")
+                    self.done[i] = True  # generate() ended this row (a stop string) and pads it
+        for i, m in enumerate(self.matchers):
+            if self.done[i] or m.is_terminated():
+                self.bitmask[i].fill_(-1)  # a finished row: nothing masked (its tokens are padding)
+            else:
+                m.fill_next_token_bitmask(self.bitmask, i)
+        self.xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
+        return scores
+
+
 def cut_at_stop(text: str, stop: list[str]) -> str:
     """The text up to and including the first stop string written (what vLLM returns with include_stop_str_in_output:
     it checks the text after every token, so the stop string that ends first wins)."""
@@ -71,8 +115,8 @@ def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_to
                 batch_size: int = 16, progress=None, sampling: Optional[dict] = None) -> Generations:
     """Greedy generation in this process on `device` ('cpu' | 'cuda') in `dtype` (a torch dtype name; from
     eval.device / eval.dtype through workspace.device.resolve_dtype). `sampling`: serving.decoding's non-default
-    settings: its penalties (a logits processor) and stop strings (generation of a row ends at one, and the text is
-    cut after it, as vLLM does)."""
+    settings: its penalties (a logits processor), stop strings (generation of a row ends at one, and the text is
+    cut after it, as vLLM does) and grammar (xgrammar's token masks, as vLLM's structured outputs apply them)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
@@ -93,6 +137,8 @@ def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_to
     sampling = dict(sampling or {})
     stop = sampling.pop("stop", None) or []
     sampling.pop("include_stop_str_in_output", None)  # the text keeps the stop string, as below
+    grammar = (sampling.pop("structured_outputs", None) or {}).get("grammar")
+    compiled = GrammarMask.compile(grammar, tok, model.config.vocab_size) if grammar else None
     prompts = [tok.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=True) for it in items]
     outputs: list[str] = []
     n_tokens = 0
@@ -100,8 +146,11 @@ def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_to
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             batch = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            penalties = LogitsProcessorList([output_penalties(batch["input_ids"].shape[1], **sampling)]) if sampling else None
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=penalties,
+            prompt_len = batch["input_ids"].shape[1]
+            processors = LogitsProcessorList(
+                ([output_penalties(prompt_len, **sampling)] if sampling else [])
+                + ([GrammarMask(compiled, len(batch["input_ids"]), prompt_len, tok.pad_token_id)] if compiled else []))
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors or None,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                  **({"stop_strings": stop, "tokenizer": tok} if stop else {}))
             new = gen[:, batch["input_ids"].shape[1]:]
@@ -119,8 +168,8 @@ def generate_hf(base: str, adapter: Optional[str], items: list[dict], max_new_to
 def generate_openai(endpoint: Endpoint, items: list[dict], max_new_tokens: int, progress=None,
                     sampling: Optional[dict] = None) -> Generations:
     """Greedy chat completions against an OpenAI-compatible server (workspace.endpoint), `concurrency` in flight;
-    `sampling` (serving.decoding's penalties and stop strings) is sent with every request, whatever the server's
-    defaults."""
+    `sampling` (serving.decoding's penalties, stop strings and grammar) is sent with every request, whatever the
+    server's defaults."""
     t0 = time.time()
     results = endpoint.chat_many([it["messages"] for it in items], max_tokens=max_new_tokens, progress=progress,
                                  sampling=sampling)

@@ -292,7 +292,7 @@ class TokenCounter:
 @dataclass
 class PreparedDataset:
     path: Path
-    content_hash: str
+    content_hash: str  # of what training reads (files_hash): the finetune run key follows it
     stats: dict
     skipped: bool  # True when the folder already existed (same inputs)
     splits: dict[str, Path] = field(default_factory=dict)
@@ -306,7 +306,26 @@ def _file_sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def content_hash(loaded: LoadedConfig, tokenizer_fingerprint: str) -> str:
+# what training reads from a processed folder (LLaMA-Factory: dataset_info.json and the splits it names); the
+# quarantine, stats and plot are reports
+TRAINING_FILES = ("dataset_info.json", "train.jsonl", "val.jsonl", "test.jsonl", "pref_train.jsonl")
+
+
+def files_hash(folder: Path) -> str:
+    """The processed data's own hash: of the bytes of TRAINING_FILES (name and content). Two folders with the same
+    rows in the same order have the same hash, whatever code or settings wrote them: a change to the masker or the
+    reader that writes the same files retrains nothing."""
+    h = hashlib.sha256()
+    for name in TRAINING_FILES:
+        if (folder / name).exists():
+            h.update(f"{name}:{_file_sha(folder / name)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def inputs_key(loaded: LoadedConfig, tokenizer_fingerprint: str) -> str:
+    """The processed folder's name: a key over everything that decides what prepare writes (the sources' bytes, the
+    data settings, the tokenizer, this code and the masker), so an unchanged input is found without redoing the
+    work. Not the data's identity (files_hash is): a code change gives a new folder even when its files are equal."""
     cfg = loaded.config
     h = hashlib.sha256()
     data_cfg = cfg.data.model_dump(mode="json")
@@ -762,13 +781,13 @@ def prepare_dataset(loaded: LoadedConfig, force: bool = False) -> PreparedDatase
     cfg = loaded.config
     t0 = time.time()
     counter = TokenCounter(tokenizer_path(loaded))
-    digest = content_hash(loaded, counter.fingerprint)
+    digest = inputs_key(loaded, counter.fingerprint)
     out_root = resolve(cfg.data.output_dir)
     final = out_root / digest
     recover(final)
     if final.exists() and not force:
         stats = json.loads((final / "stats.json").read_text(encoding="utf-8"))
-        return PreparedDataset(final, digest, stats, skipped=True,
+        return PreparedDataset(final, files_hash(final), stats, skipped=True,
                                splits={n: final / f"{n}.jsonl" for n in ("train", "val", "test") if (final / f"{n}.jsonl").exists()})
     if cfg.data.test_source and cfg.data.test_ratio:
         raise PrepareError(f"data.test_source and data.test_ratio are both set (in {loaded.origin('data')}): use one "
@@ -831,7 +850,8 @@ def prepare_dataset(loaded: LoadedConfig, force: bool = False) -> PreparedDatase
     test_count = test_src[2] if test_src else None
     lengths = {name: [r.tokens for r in rows_] for name, rows_ in splits.items()}
     stats_out = {
-        "content_hash": digest,
+        "inputs_key": digest,
+        "content_hash": None,  # files_hash of the folder, filled in once its files are written
         "sources": [s.model_dump(mode="json") for s in cfg.data.sources],
         "test_source": cfg.data.test_source.model_dump(mode="json") if cfg.data.test_source else None,
         "rows_read": total,  # the training sources (split into train/val); the supplied test file is counted apart
@@ -871,10 +891,11 @@ def prepare_dataset(loaded: LoadedConfig, force: bool = False) -> PreparedDatase
         with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as fh:
             for q in quarantine:
                 fh.write(json.dumps(q, ensure_ascii=False) + "\n")
+        stats_out["content_hash"] = data_hash = files_hash(tmp)
         (tmp / "stats.json").write_text(json.dumps(stats_out, indent=2, ensure_ascii=False), encoding="utf-8")
         _length_plot(tmp / "length_hist.png", lengths, cutoff)
     shutil.rmtree(out_root / f"failed-{digest}", ignore_errors=True)
-    return PreparedDataset(final, digest, stats_out, skipped=False,
+    return PreparedDataset(final, data_hash, stats_out, skipped=False,
                            splits={n: final / f"{n}.jsonl" for n, r in splits.items() if r})
 
 

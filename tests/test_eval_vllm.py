@@ -79,7 +79,8 @@ def test_geval_judge_runs_against_a_served_model(server):
 def test_the_served_decoding_default_is_what_the_evaluation_decodes_with(server, tmp_path):
     """serving.decoding (cpu_tiny: frequency_penalty 0.2) reaches vLLM as --override-generation-config, so a client that
     sets nothing gets it; the in-process scorer applies the same penalty with eval/generate.py's logits processor.
-    Greedy generations agree token for token (float32 on both sides), and the penalty changes what is generated."""
+    Greedy generations agree token for token (float32 on both sides), and the penalty changes what is generated; the
+    stop strings and the grammar, sent with each request, end and constrain the text alike in both engines."""
     from finetune.prepare import prepare_dataset
     from eval.generate import cut_at_stop, generate_hf, load_items
 
@@ -110,3 +111,12 @@ def test_the_served_decoding_default_is_what_the_evaluation_decodes_with(server,
     cut = served(frequency_penalty=0.0, stop=[stop], include_stop_str_in_output=True)
     assert cut == in_process(stop=[stop], include_stop_str_in_output=True)
     assert cut[0] == cut_at_stop(first, [stop]).strip() and len(cut[0]) < len(first)
+    # the grammar (serving.decoding.grammar) travels as vLLM's structured outputs, and the in-process scorer masks
+    # with xgrammar: both engines write the same constrained text. The screen branch alone here (the base model
+    # writes prose, which the shipped grammar leaves free), so the grammar changes what the base model writes.
+    text = loaded.config.serving.decoding.grammar_text
+    forced = {"structured_outputs": {"grammar": text.replace("root ::= screen | prose", "root ::= screen")}}
+    assert forced["structured_outputs"]["grammar"] != text
+    constrained = served(frequency_penalty=0.0, **forced)
+    assert constrained == in_process(**forced)
+    assert all(t.startswith("<Screen") for t in constrained) and not any(t.startswith("<Screen") for t in plain)

@@ -101,7 +101,7 @@ def test_openai_client_streams_and_answers_through_the_gateway(served, registry)
 def test_the_served_stop_strings_reach_every_request_that_sets_none(registry):
     """serving.decoding.stop has no server-side default in vLLM: the gateway adds it, kept in the output, to every
     chat and arena request that sets no `stop` of its own (the evaluation decodes with the same); a request's own
-    `stop` is passed on as it is (OpenAI's rule: the stop string is left out)."""
+    `stop` is passed on as it is (OpenAI's rule: the stop string is left out). The grammar likewise."""
     loaded = load_config(overrides=registry["overrides"] + ['serving.decoding.stop=["two-1"]'])
     with Upstream() as up, ServeApp(create_app(loaded, upstreams=[up.base_url])) as gw:
         r = chat(gw.url, registry["user"], max_tokens=5)
@@ -119,6 +119,13 @@ def test_the_served_stop_strings_reach_every_request_that_sets_none(registry):
                       json={"messages": [{"role": "user", "content": "주문 화면"}], "models": ["champion", "previous"]})
         assert r.status_code == 200, r.text
         assert [b["stop"] for b in up.state.requests[-2:]] == [["two-1"], ["two-1"]]
+        # the grammar (serving.decoding.grammar) the same way: on every request, in vLLM's structured_outputs, unless
+        # the request constrains its own output
+        grammar = {"grammar": loaded.config.serving.decoding.grammar_text}
+        assert grammar["grammar"] and len(up.state.requests) == 5
+        assert all(b["structured_outputs"] == grammar for b in up.state.requests)
+        chat(gw.url, registry["user"], max_tokens=5, response_format={"type": "text"})
+        assert "structured_outputs" not in up.state.requests[-1] and up.state.requests[-1]["stop"] == ["two-1"]
 
 
 def test_the_arena_candidate_is_hidden_from_user_tokens_by_every_name(registry):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -175,11 +176,11 @@ def test_pii_never_reaches_a_written_file_or_mlflow(tmp_path, tmp_tracking):
     PLANTED_ROLE = "010-5555-4444"
     loaded = cfg(tmp_path, [(path, "alpaca"), (csv_path, "auto"), (share, "auto")], "data.val_ratio=0.2", *tmp_tracking)
     out = PREPARE.run(loaded, PrepareInputs())
-    pii = json.loads((tmp_path / "processed" / out.content_hash / "stats.json").read_text())["pii_masked"]
+    pii = json.loads((Path(out.path) / "stats.json").read_text())["pii_masked"]
     assert pii["rrn"] >= 6 and pii["card"] >= 6 and pii["phone"] >= 12 and pii["email"] >= 3, pii
     written = [p for p in (tmp_path / "processed").rglob("*") if p.is_file()]
     assert {p.name for p in written} >= {"train.jsonl", "val.jsonl", "quarantine.jsonl", "stats.json"}
-    quarantine = (tmp_path / "processed" / out.content_hash / "quarantine.jsonl").read_text(encoding="utf-8")
+    quarantine = (Path(out.path) / "quarantine.jsonl").read_text(encoding="utf-8")
     assert "<RRN>" in quarantine and "<EMAIL>" in quarantine and "unknown_role:<PHONE>" in quarantine
     stores = written + [p for p in (tmp_path / "artifacts").rglob("*") if p.is_file()] + [tmp_path / "mlflow.db"]
     assert len(stores) > len(written) + 3  # MLflow wrote artifacts and its database
@@ -320,6 +321,28 @@ def test_rerun_is_skipped_and_one_changed_row_changes_the_hash(tmp_path):
     assert changed.content_hash != first.content_hash and not changed.skipped
     other_seed = prepare_dataset(cfg(tmp_path, [(path, "alpaca")], "data.seed=9"))
     assert other_seed.content_hash != changed.content_hash
+
+
+def test_the_content_hash_is_the_data_not_the_settings_that_wrote_it(tmp_path):
+    """A setting that changes nothing written (a looser reject threshold on clean data) gives a new folder, but the
+    same content hash, and so the same finetune run key: cached adapters are found again. The hash is of the files
+    training reads, as written, and stats.json records it beside the folder's inputs key."""
+    from finetune.prepare import files_hash
+    from finetune.train import run_key
+
+    path = jsonl(tmp_path / "r.jsonl", [good_alpaca(i) for i in range(12)])
+    first = prepare_dataset(cfg(tmp_path, [(path, "alpaca")]))
+    looser = prepare_dataset(cfg(tmp_path, [(path, "alpaca")], "data.max_reject_ratio=0.5"))
+    assert looser.path != first.path and not looser.skipped
+    assert looser.content_hash == first.content_hash == files_hash(first.path)
+    stats = json.loads((first.path / "stats.json").read_text())
+    assert stats["content_hash"] == first.content_hash and stats["inputs_key"] == first.path.name
+    loaded = cfg(tmp_path, [(path, "alpaca")])
+    assert run_key(loaded, looser.content_hash) == run_key(loaded, first.content_hash)
+    (first.path / "stats.json").write_text("{}")  # a report, not training input: the hash does not move
+    assert files_hash(first.path) == first.content_hash
+    (first.path / "train.jsonl").write_text((first.path / "train.jsonl").read_text()[:-1] + " \n")
+    assert files_hash(first.path) != first.content_hash
 
 
 def test_split_is_deterministic_and_stratified(tmp_path):

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from workspace.paths import CONFIGS, PROFILES, ROOT
 
@@ -444,6 +445,11 @@ class GatewayConfig(Strict):
         return v
 
 
+# request fields by which an OpenAI/vLLM request constrains its own output (the grammar default then stays out)
+OWN_CONSTRAINT = ("structured_outputs", "response_format", "guided_json", "guided_regex", "guided_choice",
+                  "guided_grammar", "structural_tag")
+
+
 class DecodingConfig(Strict):
     """The served model's decoding defaults (vLLM's --override-generation-config: a request that does not set them gets
     these), and the evaluation generates with the same values: what is evaluated is what is served. vLLM's OpenAI
@@ -457,6 +463,14 @@ class DecodingConfig(Strict):
     # takes penalties and temperatures only), so the gateway adds them to every request that sets no `stop` of its
     # own, and the evaluation sends or applies the same (eval/generate.py).
     stop: list[str] = Field([], max_length=4)  # the OpenAI API takes up to 4
+    # An EBNF grammar (xgrammar's syntax, a file under the repo) every answer is decoded within: vLLM's structured
+    # outputs (`structured_outputs: {grammar: ...}`, sent per request like the stop strings) and the same grammar
+    # through xgrammar's token masks in the in-process scorer (eval/generate.py). For this task
+    # configs/grammars/screen.ebnf: an answer that starts with `<` is a Screen document whose every container closes
+    # with its own tag; any other answer is free text without `<` (a RAG answer, a greeting). A request that brings
+    # its own `structured_outputs` or `response_format` (a judge's JSON schema, `{"type": "text"}`) keeps its own.
+    grammar: Optional[str] = None
+    _grammar_text: Optional[str] = PrivateAttr(None)
 
     @field_validator("stop")
     @classmethod
@@ -465,14 +479,48 @@ class DecodingConfig(Strict):
             raise ValueError("a stop string must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _read_grammar(self) -> "DecodingConfig":
+        # read once, here: a missing or empty file is a config error naming the key; the grammar's syntax is
+        # checked by xgrammar where it is used (importing it costs torch's import, seconds, on every config load)
+        if self.grammar is not None:
+            path = ROOT / self.grammar
+            if not path.is_file():
+                raise ValueError(f"grammar: no file {self.grammar} (a path from the repository root, e.g. "
+                                 "configs/grammars/screen.ebnf; null decodes without a grammar)")
+            text = path.read_text(encoding="utf-8")
+            if "root ::=" not in text:
+                raise ValueError(f"grammar: {self.grammar} has no `root ::= ...` rule (xgrammar's EBNF starts there)")
+            self._grammar_text = text
+        return self
+
+    @property
+    def grammar_text(self) -> Optional[str]:
+        return self._grammar_text
+
     def penalties(self) -> dict[str, float]:
         """The non-zero penalties: vLLM's --override-generation-config and the in-process logits processor."""
         return {k: v for k, v in (("frequency_penalty", self.frequency_penalty),
                                   ("presence_penalty", self.presence_penalty)) if v}
 
     def request_defaults(self) -> dict:
-        """What a request must carry itself (no server-side default exists): the stop strings, kept in the output."""
-        return {"stop": list(self.stop), "include_stop_str_in_output": True} if self.stop else {}
+        """What a request must carry itself (no server-side default exists): the stop strings, kept in the output,
+        and the grammar as vLLM's structured outputs."""
+        out: dict = {"stop": list(self.stop), "include_stop_str_in_output": True} if self.stop else {}
+        if self._grammar_text is not None:
+            out["structured_outputs"] = {"grammar": self._grammar_text}
+        return out
+
+    def defaults_for(self, body: dict) -> dict:
+        """request_defaults() minus what `body` (an OpenAI chat request) decides itself: its own `stop` keeps its
+        own stop strings, its own `structured_outputs`, `response_format` or guided_* keeps its own constraint."""
+        out = self.request_defaults()
+        if "stop" in body:
+            out.pop("stop", None)
+            out.pop("include_stop_str_in_output", None)
+        if any(k in body for k in OWN_CONSTRAINT):
+            out.pop("structured_outputs", None)
+        return out
 
     def non_default(self) -> dict:
         """Every setting that differs from plain greedy decoding: the `sampling` the evaluation decodes with, and

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 # vLLM's sampling parameters outside the OpenAI API: sent in the request body (the client's extra_body)
-VLLM_PARAMS = ("include_stop_str_in_output", "repetition_penalty", "top_k", "min_p")
+VLLM_PARAMS = ("include_stop_str_in_output", "structured_outputs", "repetition_penalty", "top_k", "min_p")
 
 class EndpointError(RuntimeError):
     """The endpoint is unreachable, refused the key, or answered with an error; the message names the URL and,

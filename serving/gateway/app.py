@@ -258,9 +258,10 @@ class Gateway:
 
         cfg = loaded.config
         self.loaded, self.gw = loaded, cfg.serving.gateway
-        # serving.decoding's stop strings: vLLM has no server-side default for them, so every request that sets no
-        # `stop` of its own gets them here (the evaluation decodes with the same: what is evaluated is what is served)
-        self.decoding_defaults = cfg.serving.decoding.request_defaults()
+        # serving.decoding's stop strings and grammar: vLLM has no server-side default for them, so every request
+        # that sets no `stop` (no constraint) of its own gets them here (the evaluation decodes with the same: what is
+        # evaluated is what is served)
+        self.decoding = cfg.serving.decoding
         self.db = db or GatewayDb(database_url(loaded))
         self.catalog = catalog or Catalog(loaded)
         self.metrics = Metrics()
@@ -361,7 +362,7 @@ class Gateway:
                 raise _hidden(target)
             row.update(alias=target.alias, version=target.version, upstream_model=target.upstream_model,
                        canary=target.canary, route=target.route)
-            upstream_body = {**({} if "stop" in body else self.decoding_defaults), **body, "model": target.upstream_model}
+            upstream_body = {**self.decoding.defaults_for(body), **body, "model": target.upstream_model}
             if row["stream"]:
                 upstream_body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
             opened = await self._unless_disconnected(request, self._open(upstream_body, target, row))
@@ -666,7 +667,7 @@ class Gateway:
         if not isinstance(most, int) or isinstance(most, bool) or not 1 <= most <= arena.max_tokens:
             raise GatewayError(400, f"max_tokens must be a whole number from 1 to {arena.max_tokens} "
                                "(serving.gateway.arena.max_tokens)", "invalid_arena")
-        params = {"temperature": arena.temperature, "top_p": arena.top_p, "max_tokens": most, **self.decoding_defaults}
+        params = {"temperature": arena.temperature, "top_p": arena.top_p, "max_tokens": most, **self.decoding.request_defaults()}
         hold = "arena-" + uuid.uuid4().hex[:24]
         await self.limiter.reserve(p.name, hold, 2 * (sum(len(_text(m)) for m in msgs) + most))
         try:
