@@ -228,3 +228,29 @@ def test_long_runs_and_short_runs_give_the_same_numbers():
             got = mask_pii(long_text)
             assert "<" in got or not any("<" in w for w in want), (long_text, got)
             assert find_pii(got) == []
+
+
+def test_a_long_text_is_scanned_where_numbers_are_and_finds_what_a_whole_scan_finds(monkeypatch):
+    """Texts from 4,096 characters are scanned only around their digit runs (workspace/pii.py, _regions): on random
+    long texts of phone numbers, cards, RRNs, digit runs, separators, `+`, `(`, letters and Hangul, the spans are
+    exactly those of a scan of the whole text."""
+    from workspace import pii
+
+    rng = random.Random(5)
+    pieces = ["0", "1", "2", "8", "+", "(", ")", " ", "-", ".", "a", "가", "@", "x.com", "010", "82", "4111", "\t", "１"]
+    values = ["010-1234-5678", "+82 10 9876 5432", "(02) 345-6789", "4111 1111 1111 1111", "900101-1234567",
+              "0082-10-1111-2222", "82-10-1234-5678", "(+82) 10 9876 5432", "010 - 1234 - 5678"]
+    texts = []
+    for _ in range(120):
+        parts: list[str] = []
+        while sum(map(len, parts)) < rng.choice([5000, 9000, 20000]):
+            k = rng.random()
+            parts.append(rng.choice(values) if k < 0.1 else
+                         "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 20))) if k < 0.4 else
+                         rng.choice(pieces))
+        texts.append(pii._view("".join(parts)))
+    regional = [(pii._phone_spans(v), pii._number_spans(v)) for v in texts]
+    monkeypatch.setattr(pii, "_PREFILTER_FROM", 10 ** 12)
+    whole = [(pii._phone_spans(v), pii._number_spans(v)) for v in texts]
+    assert regional == whole
+    assert sum(len(p) + len(r) + len(c) for p, (r, c) in whole) > 1000  # the texts do hold numbers of every kind
