@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate calibrate-gate bench-pii clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run monitoring
+.PHONY: help setup envs lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate bench-decoding calibrate-gate bench-pii clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run monitoring
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -121,6 +121,9 @@ bench-eval: setup  ## base vs candidate quality, hf vs vLLM scoring speed (needs
 
 bench-gate: setup  ## the default recipe on 8 seeds x 2 base builds, min_effect from a held-out null, simulated power (hours on 2 cores)
 	@$(PY) -m benchmarks.gate $(CFG_ARGS) $(ARGS)
+
+bench-decoding: setup  ## serving.decoding with and without one setting (ARGS="--without grammar|stop|penalty") on trained adapters (ADAPTERS="models/adapters/...")
+	@$(PY) -m benchmarks.decoding $(CFG_ARGS) $(ADAPTERS) $(ARGS)
 
 calibrate-gate: setup  ## min_effect for YOUR recipe and hardware: trains SEEDS (default 6), prints the evidence and the config line
 	@$(PY) -m benchmarks.gate --calibrate $(CFG_ARGS) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
