@@ -77,7 +77,8 @@ def _vllm_metric(server, name: str) -> float:
 
 def test_gateway_in_front_of_vllm(served, tmp_path):
     """The gateway on the real server: the champion is loaded into the running vLLM at run time under its version's
-    name and answers exactly what vLLM answers directly; the context limit is vLLM's own 400; a client that leaves
+    name and answers exactly what vLLM answers directly with the served decoding (the stop and grammar the gateway
+    adds); the context limit is vLLM's own 400; a client that leaves
     mid-stream makes vLLM abort the request (nothing keeps generating)."""
     import json
     import socket
@@ -92,8 +93,11 @@ def test_gateway_in_front_of_vllm(served, tmp_path):
     loaded = load_config(overrides=[*info["overrides"], f"serving.gateway.database_url=sqlite:///{tmp_path}/gw.db"])
     token = GatewayDb(f"sqlite:///{tmp_path}/gw.db").create_token("t", "admin")
     msgs = [{"role": "user", "content": "회원 목록 화면을 생성해주세요. 필드: 이름, 이메일"}]
+    # what the gateway adds to a request that sets none of it: serving.decoding's stop strings and grammar
+    served = loaded.config.serving.decoding.request_defaults()
+    assert "structured_outputs" in served and "stop" in served
     direct = OpenAI(base_url=server.base_url, api_key="EMPTY").chat.completions.create(
-        model="screen-xml", messages=msgs, max_tokens=16, temperature=0).choices[0].message.content
+        model="screen-xml", messages=msgs, max_tokens=16, temperature=0, extra_body=served).choices[0].message.content
     with ServeApp(create_app(loaded, upstreams=[server.base_url])) as gw:
         client = OpenAI(base_url=f"{gw.url}/v1", api_key=token)
         whole = client.chat.completions.create(model="champion", messages=msgs, max_tokens=16, temperature=0)
@@ -107,8 +111,9 @@ def test_gateway_in_front_of_vllm(served, tmp_path):
                        json={"model": "champion", "messages": long, "max_tokens": 8})
         assert r.status_code == 400 and "context length" in r.json()["error"]["message"].lower(), r.text
         generated = _vllm_metric(server, "vllm:generation_tokens_total")
-        body = json.dumps({"model": "champion", "messages": msgs, "max_tokens": 900, "stream": True,
-                           "ignore_eos": True, "temperature": 0}).encode()
+        # unconstrained (a grammar that is complete allows nothing but the end, which ignore_eos forbids)
+        body = json.dumps({"model": "champion", "messages": msgs, "max_tokens": 900, "stream": True, "stop": [],
+                           "response_format": {"type": "text"}, "ignore_eos": True, "temperature": 0}).encode()
         s = socket.create_connection(("127.0.0.1", gw.port))
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
