@@ -513,10 +513,10 @@ class DecodingConfig(Strict):
 
     def defaults_for(self, body: dict) -> dict:
         """request_defaults() minus what `body` (an OpenAI chat request) decides itself: its own `stop` keeps its
-        own stop strings, its own `structured_outputs`, `response_format` or guided_* keeps its own constraint."""
-        out = self.request_defaults()
+        own stop strings, its own `structured_outputs`, `response_format` or guided_* keeps its own constraint, and
+        no field the request set is in the result."""
+        out = {k: v for k, v in self.request_defaults().items() if k not in body}
         if "stop" in body:
-            out.pop("stop", None)
             out.pop("include_stop_str_in_output", None)
         if any(k in body for k in OWN_CONSTRAINT):
             out.pop("structured_outputs", None)

@@ -364,8 +364,7 @@ class Gateway:
                        canary=target.canary, route=target.route)
             # the request's own fields first (vLLM echoes the request in its errors: the stored error starts with what the
             # user sent, not with the grammar), then the defaults it did not set
-            upstream_body = {**body, **{k: v for k, v in self.decoding.defaults_for(body).items() if k not in body},
-                             "model": target.upstream_model}
+            upstream_body = {**body, **self.decoding.defaults_for(body), "model": target.upstream_model}
             if row["stream"]:
                 upstream_body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
             opened = await self._unless_disconnected(request, self._open(upstream_body, target, row))
