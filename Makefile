@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs gpu-kit lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate bench-decoding calibrate-gate bench-pii clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run monitoring
+.PHONY: help setup envs gpu-kit gpu-smoke lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate bench-decoding calibrate-gate bench-pii clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run monitoring
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ envs:  ## the virtual environments only: workspace, train, serve (GPU=1: also .v
 
 gpu-kit: envs  ## the wheels the lent GPU machine lacks for cuda_tiny, in .gpu-kit/ (LOCK=1 re-closes requirements/gpu-kit.in first); checks size and consistency
 	@$(PY) -m workspace.gpu_kit $(if $(LOCK),--lock)
+
+gpu-smoke:  ## the cuda_tiny path on one GPU in one command, report in OUT (default .cache/gpu-smoke); DEVICE=cpu: the rehearsal here (docs/gpu-servers.md)
+	@bash benchmarks/gpu_smoke.sh $(or $(OUT),.cache/gpu-smoke) $(or $(DEVICE),cuda) $(ARGS)
 
 lock: envs  ## compile requirements/{train,serve}-gpu.lock from their .in files (uv; Linux x86-64 / Python 3.11); CHECK=1 only checks
 	@$(PY) -m workspace.gpu_lock $(if $(CHECK),--check)
