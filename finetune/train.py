@@ -130,6 +130,8 @@ def render_llamafactory_config(loaded: LoadedConfig, dataset_dir: Path, output_d
     })
     if ft.device == "cpu":
         cfg.update({"use_cpu": True, "bf16": False, "fp16": False})
+        if ft.nnodes > 1:  # several CPU hosts: torch.distributed over gloo (NCCL is CUDA's)
+            cfg["ddp_backend"] = "gloo"
     else:
         # full_determinism: transformers' enable_full_determinism (deterministic CUDA kernels, CUBLAS workspace):
         # the same config, seed and code give the same adapter, at some cost in speed. On the CPU the same thread
@@ -378,7 +380,7 @@ def launch_argv(loaded: LoadedConfig, entry: list[str], environ: Optional[dict] 
     env = os.environ if environ is None else environ
     ft = loaded.config.finetune
     force = str(env.get("FORCE_TORCHRUN", "")).lower() in ("1", "true", "yes")
-    if ft.device != "cuda" or (ft.num_gpus <= 1 and ft.nnodes == 1 and not force):
+    if ft.nnodes == 1 and (ft.device != "cuda" or (ft.num_gpus <= 1 and not force)):
         return ["python", *entry]
     if ft.nnodes > 1:
         missing = [v for v in ("NODE_RANK", "MASTER_ADDR") if not env.get(v)]
@@ -395,6 +397,18 @@ def launch_argv(loaded: LoadedConfig, entry: list[str], environ: Optional[dict] 
         rank, addr, port = "0", "127.0.0.1", str(env.get("MASTER_PORT") or free_port())
     return ["torchrun", "--nnodes", str(ft.nnodes), "--node_rank", rank, "--nproc_per_node", str(max(1, ft.num_gpus)),
             "--master_addr", addr, "--master_port", port, *entry]
+
+
+def host_commands(loaded: LoadedConfig, environ: Optional[dict] = None) -> list[str]:
+    """The command each host of a multi-host run starts, host 0 first: what the finetune stage prints when
+    finetune.nnodes > 1, so the other hosts are started with exactly the same profile and overrides."""
+    env = os.environ if environ is None else environ
+    ft = loaded.config.finetune
+    addr, port = env.get("MASTER_ADDR", "<host 0's address>"), str(env.get("MASTER_PORT") or 29500)
+    sets = [s.removeprefix("--set ") for s in loaded.sources if s.startswith("--set ")]
+    tail = (f" PROFILE={loaded.profile}" if loaded.profile else "") + (f' SET="{" ".join(sets)}"' if sets else "")
+    return [f"NODE_RANK={r} MASTER_ADDR={addr} MASTER_PORT={port} make {'finetune' if r == 0 else 'finetune-worker'}{tail}"
+            for r in range(ft.nnodes)]
 
 
 def train_worker(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, timeout: float | None = None,
@@ -468,6 +482,9 @@ def train(loaded: LoadedConfig, dataset_dir: Path, dataset_hash: str, *, on_entr
     fit_text = preflight(loaded)
     if fit_text:
         print(fit_text)
+    if loaded.config.finetune.nnodes > 1:
+        print(f"[finetune] {loaded.config.finetune.nnodes} hosts; each starts its command (this one is host 0):",
+              *[f"  {c}" for c in host_commands(loaded)], sep="\n", flush=True)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg = render_llamafactory_config(loaded, dataset_dir, output_dir)

@@ -182,7 +182,7 @@ class FinetuneConfig(Strict):
     save_steps: int = Field(50, ge=1)
     logging_steps: int = Field(5, ge=1)
     num_gpus: int = Field(0, ge=0)  # GPUs per node; > 1 launches torchrun (LLaMA-Factory's FORCE_TORCHRUN path)
-    nnodes: int = Field(1, ge=1)  # hosts; each runs `make finetune` with NODE_RANK (and MASTER_ADDR/PORT) set
+    nnodes: int = Field(1, ge=1)  # hosts; each runs `make finetune` with NODE_RANK (and MASTER_ADDR/PORT) set (CPU: gloo)
     deepspeed: Optional[str] = None  # a DeepSpeed JSON, e.g. configs/deepspeed/ds_z2.json (ZeRO-2), ds_z3.json
     gradient_checkpointing: bool = True  # recompute activations (LLaMA-Factory's default; the fit check assumes it)
     gpu_memory_gib: float = Field(0, ge=0)  # per GPU, for the training fit check (0: serving.gpu_memory_gib, or detected)
@@ -206,13 +206,14 @@ class FinetuneConfig(Strict):
         if self.method != "qlora" and self.quantization_bit is not None:
             raise ValueError(f"quantization_bit is only for method 'qlora' (method is {self.method!r}); set it to null")
         if self.device == "cpu":
-            for key, bad in (("num_gpus", self.num_gpus > 1), ("nnodes", self.nnodes > 1),
-                             ("deepspeed", bool(self.deepspeed)), ("liger_kernel", self.liger_kernel)):
+            # several hosts on the CPU train over gloo, one process per host (the two-host test does so)
+            for key, bad in (("num_gpus", self.num_gpus > 1), ("deepspeed", bool(self.deepspeed)),
+                             ("liger_kernel", self.liger_kernel)):
                 if bad:
                     raise ValueError(f"finetune.{key} needs finetune.device: cuda (device is cpu)")
         if self.init_adapter and self.method == "full":
             raise ValueError("finetune.init_adapter continues a LoRA adapter; method 'full' has none (use lora/qlora)")
-        if self.nnodes > 1 and self.num_gpus < 1:
+        if self.nnodes > 1 and self.num_gpus < 1 and self.device == "cuda":
             raise ValueError("finetune.nnodes > 1 needs finetune.num_gpus (GPUs per node) >= 1")
         return self
 

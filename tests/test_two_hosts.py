@@ -1,0 +1,83 @@
+"""Several hosts, executed: a two-host training through LLaMA-Factory, the two hosts played by two process trees on
+this machine, each started with exactly the command the finetune stage prints for it (`make finetune` on host 0,
+`make finetune-worker` on host 1, NODE_RANK/MASTER_ADDR/MASTER_PORT on 127.0.0.1), torch.distributed over gloo on
+the CPU. Each "host" has its own cache and Prefect home (as separate machines would; on one machine they would
+otherwise share the workspace lock); they share the repository's files as hosts share a file system.
+
+DeepSpeed ZeRO-2 is not tried here: the train env's DeepSpeed is installed without its compiled ops
+(DS_BUILD_OPS=0, requirements/train.lock) and its ZeRO optimizers need CUDA (or Intel's oneCCL/IPEX on the CPU, which
+the project does not ship), so `finetune.deepspeed` is refused on the CPU by the config itself (tests/test_gpu_path.py).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from finetune.train import free_port, host_commands, launch_argv, render_llamafactory_config
+from workspace.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sets(tmp: Path) -> list[str]:
+    return ["finetune.nnodes=2", "finetune.max_steps=6", "finetune.save_steps=3", "finetune.logging_steps=1",
+            "finetune.lora_rank=8", "finetune.verify_prompts=2", f"finetune.output_dir={tmp}/adapters",
+            f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts"]
+
+
+def test_the_stage_prints_one_command_per_host_and_renders_gloo(tmp_path):
+    loaded = load_config(overrides=_sets(tmp_path))
+    cmds = host_commands(loaded, {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29600"})
+    assert len(cmds) == 2
+    assert cmds[0].startswith("NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29600 make finetune PROFILE=cpu_tiny SET=")
+    assert cmds[1].startswith("NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29600 make finetune-worker PROFILE=cpu_tiny SET=")
+    assert "finetune.nnodes=2" in cmds[1] and "finetune.max_steps=6" in cmds[1]
+    cfg = render_llamafactory_config(loaded, tmp_path, tmp_path / "o")
+    assert cfg["ddp_backend"] == "gloo" and cfg["use_cpu"] is True
+    argv = launch_argv(loaded, ["-m", "finetune.lf_train", "x.yaml"], {"NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                                                                       "MASTER_PORT": "29601"})
+    assert argv[:11] == ["torchrun", "--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "1", "--master_addr",
+                         "127.0.0.1", "--master_port", "29601"]
+    with pytest.raises(Exception, match="num_gpus needs finetune.device: cuda"):
+        load_config(overrides=["finetune.num_gpus=2"])
+
+
+@pytest.mark.slow
+def test_two_hosts_train_one_adapter_over_gloo(tmp_path):
+    port = str(free_port())
+    loaded = load_config(overrides=_sets(tmp_path))
+    cmds = host_commands(loaded, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+    results: dict[int, subprocess.CompletedProcess] = {}
+
+    def host(rank: int) -> None:
+        own = tmp_path / f"host{rank}"
+        env = {**os.environ, "LLMOPS_CACHE": str(own / "cache"), "PREFECT_HOME": str(own / "prefect"),
+               "PREFECT_LOCAL_STORAGE_PATH": str(own / "prefect" / "storage")}
+        results[rank] = subprocess.run(["bash", "-c", cmds[rank]], cwd=ROOT, env=env, capture_output=True, text=True,
+                                       timeout=900)
+
+    threads = [threading.Thread(target=host, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rank in (0, 1):
+        assert results[rank].returncode == 0, (rank, results[rank].stdout[-3000:], results[rank].stderr[-3000:])
+    # host 0 printed the commands it was started with (the stage's own output)
+    assert cmds[1] in results[0].stdout + results[0].stderr
+    out = next((tmp_path / "adapters").iterdir())
+    rank0, rank1 = (out / "train.log").read_text(errors="replace"), (out / "train.rank1.log").read_text(errors="replace")
+    # the trainer's own words: world size 2, distributed, on both ranks
+    assert re.search(r"Process rank: 0, world size: 2, .*distributed training: True", rank0)
+    assert re.search(r"Process rank: 1, world size: 2, .*distributed training: True", rank1)
+    # both ranks stepped to the end (each rank's progress bar reaches 6/6)
+    assert "6/6 [" in rank0 and "6/6 [" in rank1
+    # one adapter, saved and verified on host 0; host 1 saved none of its own
+    manifest = (out / "manifest.json").read_text()
+    assert (out / "adapter_model.safetensors").exists() and '"loads": true' in manifest
+    assert not (tmp_path / "host1" / "adapters").exists()
