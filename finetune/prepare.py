@@ -496,7 +496,8 @@ def source_keys(loaded: LoadedConfig) -> list[tuple[str, DataSource]]:
 def check_source_path(loaded: LoadedConfig, key: str, src: DataSource) -> Path:
     """The source's file, or a PrepareError naming the key, the file (or --set flag) that set it and the fix."""
     path = resolve(src.path)
-    where = loaded.origin(key.split("[")[0])
+    # the path's own origin when it was set alone (--set data.test_source.path=...), else its section's
+    where = loaded.origin(f"{key}.path") if "[" not in key else loaded.origin(key.split("[")[0])
     suffixes = ".jsonl, .json or .csv"
     if not path.exists():
         raise PrepareError(f"{key}.path = {src.path}: file not found (set in {where}); fix the path there, or "

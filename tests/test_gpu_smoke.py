@@ -62,6 +62,7 @@ def test_a_failing_step_is_reported_and_what_needs_it_is_skipped_by_name(tmp_pat
     steps = {s["step"]: s for s in report["steps"]}
     assert steps["base"]["status"] == "ok"
     assert steps["prepare"]["status"] == "failed" and "missing.jsonl" in steps["prepare"]["note"]
+    assert "set in --set data.test_source.path" in steps["prepare"]["note"]  # the flag that set it, not the file
     assert steps["finetune"]["status"] == "skipped" and "needs" in steps["finetune"]["note"]
     assert steps["evaluate"]["status"] == "skipped"
     assert steps["fit"]["status"] == "ok"  # independent of the failure
