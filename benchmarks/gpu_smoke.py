@@ -31,6 +31,7 @@ if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -322,7 +323,10 @@ def orchestrate(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "state.json").unlink(missing_ok=True)
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    for old in (work / "mlruns", work / "fetched"):  # the smoke's registry is its own, new on every run
+        shutil.rmtree(old, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     # MLFLOW_ALLOW_FILE_STORE: the smoke's registry is a folder (MLflow's file store, in maintenance mode but
     # working), because the SQLite store's SQLAlchemy and Alembic would not fit in what travels
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
