@@ -13,13 +13,15 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import threading
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from finetune.train import free_port, host_commands, launch_argv, render_llamafactory_config
 from workspace.config import load_config
+from workspace.tracking import configure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,20 +54,31 @@ def test_two_hosts_train_one_adapter_over_gloo(tmp_path):
     port = str(free_port())
     loaded = load_config(overrides=_sets(tmp_path))
     cmds = host_commands(loaded, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-    results: dict[int, subprocess.CompletedProcess] = {}
-
-    def host(rank: int) -> None:
+    configure(loaded)  # the shared MLflow store exists before the hosts start (two first opens would race its migration)
+    procs, logs = {}, {}
+    for rank in (0, 1):
         own = tmp_path / f"host{rank}"
+        (own / "prefect" / "storage").mkdir(parents=True)
         env = {**os.environ, "LLMOPS_CACHE": str(own / "cache"), "PREFECT_HOME": str(own / "prefect"),
                "PREFECT_LOCAL_STORAGE_PATH": str(own / "prefect" / "storage")}
-        results[rank] = subprocess.run(["bash", "-c", cmds[rank]], cwd=ROOT, env=env, capture_output=True, text=True,
-                                       timeout=900)
-
-    threads = [threading.Thread(target=host, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        logs[rank] = open(own / "out.log", "w+")
+        procs[rank] = subprocess.Popen(["bash", "-c", cmds[rank]], cwd=ROOT, env=env, stdout=logs[rank],
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 900
+    while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs.values()):  # one host failed: the other would wait forever
+            break
+        time.sleep(2)
+    for p in procs.values():
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(30)
+    out_text = {}
+    for rank in (0, 1):
+        logs[rank].seek(0)
+        out_text[rank] = logs[rank].read()
+        logs[rank].close()
+    results = {r: subprocess.CompletedProcess([], procs[r].returncode, out_text[r], "") for r in (0, 1)}
     for rank in (0, 1):
         assert results[rank].returncode == 0, (rank, results[rank].stdout[-3000:], results[rank].stderr[-3000:])
     # host 0 printed the commands it was started with (the stage's own output)
@@ -75,8 +88,10 @@ def test_two_hosts_train_one_adapter_over_gloo(tmp_path):
     # the trainer's own words: world size 2, distributed, on both ranks
     assert re.search(r"Process rank: 0, world size: 2, .*distributed training: True", rank0)
     assert re.search(r"Process rank: 1, world size: 2, .*distributed training: True", rank1)
-    # both ranks stepped to the end (each rank's progress bar reaches 6/6)
-    assert "6/6 [" in rank0 and "6/6 [" in rank1
+    # both ranks stepped to the end: host 0's progress reaches 6/6 and its trainer state step 6; host 1 evaluated at
+    # steps 3 and 6 (eval_steps = save_steps) and completed (DDP all-reduces every step: one rank cannot run ahead)
+    assert "6/6 [" in rank0 and '"global_step": 6' in (out / "trainer_state.json").read_text()
+    assert rank1.count("***** Running Evaluation *****") >= 2 and "Training completed" in rank1
     # one adapter, saved and verified on host 0; host 1 saved none of its own
     manifest = (out / "manifest.json").read_text()
     assert (out / "adapter_model.safetensors").exists() and '"loads": true' in manifest
