@@ -334,14 +334,19 @@ def orchestrate(args) -> int:
     rows = []
     only = set(args.steps.split(",")) if args.steps else None
     done: set[str] = set()
+    facts = machine_facts(args)
+    t_start = time.time()
     for name, timeout, _ in STEPS:
         if only and name not in only:
             continue
         missing = [n for n in NEEDS.get(name, []) if n not in done and (not only or n in only)]
-        if missing:
-            rows.append({"step": name, "status": "skipped", "seconds": 0.0,
-                         "note": f"needs {', '.join(missing)}, which did not succeed"})
-            print(f"[gpu-smoke] {name}: skipped (needs {', '.join(missing)})", flush=True)
+        left = args.budget_s - (time.time() - t_start)
+        if missing or left < 30:
+            why = (f"needs {', '.join(missing)}, which did not succeed" if missing else
+                   f"the run's budget (--budget-s {args.budget_s}) is spent")
+            rows.append({"step": name, "status": "skipped", "seconds": 0.0, "note": why})
+            print(f"[gpu-smoke] {name}: skipped ({why})", flush=True)
+            write_report(args, out, facts, rows)
             continue
         if name == "base":
             cmd = [sys.executable, "-m", "finetune.base_model", "--profile", profile_for(args.device),
@@ -349,6 +354,7 @@ def orchestrate(args) -> int:
         else:
             cmd = [sys.executable, "-m", "benchmarks.gpu_smoke", "--step", name, *_child_args(args)]
         t = time.time()
+        timeout = int(min(timeout, left))
         print(f"[gpu-smoke] {name} ...", flush=True)
         with open(out / f"{name}.log", "w") as log:
             rc, timed_out = run_bounded(cmd, env, log, timeout)
@@ -367,15 +373,22 @@ def orchestrate(args) -> int:
         if status == "ok":
             done.add(name)
         print(f"[gpu-smoke] {name}: {status} ({seconds} s){' - ' + note if note else ''}", flush=True)
+        write_report(args, out, facts, rows)  # after every step: a run stopped from outside still leaves its report
+    write_report(args, out, facts, rows)
+    print((out / "report.md").read_text())
+    return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
+
+
+def write_report(args, out: Path, facts: dict, rows: list[dict]) -> None:
     state = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else {}
-    report = {"machine": machine_facts(args), "profile": profile_for(args.device), "steps": rows,
+    report = {"machine": facts, "profile": profile_for(args.device), "steps": rows,
               **{k: state.get(k) for k in ("method_check", "verification", "train", "gate", "promoted", "serve",
                                            "agree", "fit")}}
     report["evaluate"] = (state.get("evaluated") or {}).get("metrics")
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "report.md").write_text(markdown(report))
-    print((out / "report.md").read_text())
-    return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
+    for name, text in (("report.json", json.dumps(report, indent=2, default=str)), ("report.md", markdown(report))):
+        tmp = out / (name + ".part")
+        tmp.write_text(text)
+        tmp.replace(out / name)
 
 
 def _child_args(args) -> list[str]:
@@ -426,6 +439,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--work", default="/tmp/gpu-smoke-work", help="the file-backed MLflow store and fetched bundles")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--steps", default="", help="comma-separated subset of " + ",".join(n for n, _, _ in STEPS))
+    ap.add_argument("--budget-s", type=int, default=3600,
+                    help="the whole run's seconds: a step starts only with 30 s left, and gets at most what is left "
+                         "(on the lent GPU machine: 480, inside its 10-minute command limit)")
     ap.add_argument("--fit", default="qwen2.5-7b", help="shapes measured by the fit step: " + ",".join(FIT_PROFILES))
     ap.add_argument("--fit-steps", type=int, default=4)
     ap.add_argument("--fit-timeout", type=int, default=400)

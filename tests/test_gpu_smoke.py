@@ -67,3 +67,13 @@ def test_a_failing_step_is_reported_and_what_needs_it_is_skipped_by_name(tmp_pat
     assert steps["evaluate"]["status"] == "skipped"
     assert steps["fit"]["status"] == "ok"  # independent of the failure
     assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_a_spent_budget_skips_the_rest_by_name_and_still_reports(tmp_path):
+    """On the lent machine the whole call is bounded (--budget-s): a step that would start without 30 s left is
+    skipped with the reason, and the report (rewritten after every step) is there."""
+    proc = _smoke(tmp_path / "out", tmp_path / "work", "--steps", "base,fit", "--budget-s", "20")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(s["step"], s["status"]) for s in report["steps"]] == [("base", "skipped"), ("fit", "skipped")]
+    assert all("--budget-s 20" in s["note"] for s in report["steps"])
