@@ -4,9 +4,9 @@ this machine, each started with exactly the command the finetune stage prints fo
 the CPU. Each "host" has its own cache and Prefect home (as separate machines would; on one machine they would
 otherwise share the workspace lock); they share the repository's files as hosts share a file system.
 
-DeepSpeed ZeRO-2 is not tried here: the train env's DeepSpeed is installed without its compiled ops
-(DS_BUILD_OPS=0, requirements/train.lock) and its ZeRO optimizers need CUDA (or Intel's oneCCL/IPEX on the CPU, which
-the project does not ship), so `finetune.deepspeed` is refused on the CPU by the config itself (tests/test_gpu_path.py).
+DeepSpeed ZeRO-2 is not tried here: DeepSpeed is not in the CPU train env (requirements/train.lock; it is in
+train-gpu.lock, built without its compiled ops), and the config refuses `finetune.deepspeed` with `finetune.device:
+cpu` (tests/test_gpu_path.py). Whether its CPU accelerator would run ZeRO-2 over gloo is untested.
 """
 from __future__ import annotations
 
