@@ -192,6 +192,14 @@ def step_agree(args, state):
     return result
 
 
+def _gpu_fit(args, *argv: str) -> tuple[Optional[dict], str]:
+    """benchmarks.gpu_fit in the train environment: (its JSON line, or None; stderr's tail)."""
+    proc = subprocess.run([str(train_python(args)), "-m", "benchmarks.gpu_fit", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=args.fit_timeout)
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
+    return (json.loads(line) if proc.returncode == 0 and line else None), proc.stderr[-1500:]
+
+
 def step_fit(args, state):
     from finetune.fit import train_fit
     from workspace.config import load_config
@@ -202,15 +210,12 @@ def step_fit(args, state):
         loaded = load_config(None, FIT_PROFILES[shape])
         ft = loaded.config.finetune
         est = train_fit(loaded, model_spec(loaded.config.base_model.hub_id, ROOT), detected_gib=None)
-        cmd = [str(train_python(args)), "-m", "benchmarks.gpu_fit", "--shape", shape, "--batch", str(ft.batch_size),
-               "--cutoff", str(ft.cutoff_len), "--rank", str(ft.lora_rank), "--steps", str(args.fit_steps),
-               *(["--checkpointing"] if ft.gradient_checkpointing else []), "--device", args.device]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.fit_timeout)
-        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
-        if proc.returncode != 0 or not line:
-            rows.append({"shape": shape, "profile": FIT_PROFILES[shape], "error": proc.stderr[-1500:]})
+        m, err = _gpu_fit(args, "--shape", shape, "--batch", str(ft.batch_size), "--cutoff", str(ft.cutoff_len),
+                          "--rank", str(ft.lora_rank), "--steps", str(args.fit_steps),
+                          *(["--checkpointing"] if ft.gradient_checkpointing else []), "--device", args.device)
+        if m is None:
+            rows.append({"shape": shape, "profile": FIT_PROFILES[shape], "error": err})
             continue
-        m = json.loads(line)
         need = est.need_gib if est else None
         m.update(profile=FIT_PROFILES[shape], estimate_gib=need,
                  estimate_off=round((need - m["peak_gib"]) / m["peak_gib"], 3) if need and m.get("peak_gib") else None,
@@ -221,13 +226,11 @@ def step_fit(args, state):
 
 def step_fit_rehearsal(args, state):
     """The fit measurement's code on the CPU with a tiny shape (DEVICE=cpu): the same script, 4-bit on the CPU."""
-    cmd = [str(train_python(args)), "-m", "benchmarks.gpu_fit", "--shape", "tiny", "--batch", "2", "--cutoff", "64",
-           "--rank", "8", "--steps", "2", "--checkpointing", "--device", "cpu"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.fit_timeout)
-    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
-    if proc.returncode != 0 or not line:
-        raise StepFailed(f"benchmarks.gpu_fit failed: {proc.stderr[-1500:]}", {})
-    return {"fit": [json.loads(line)]}
+    m, err = _gpu_fit(args, "--shape", "tiny", "--batch", "2", "--cutoff", "64", "--rank", "8", "--steps", "2",
+                      "--checkpointing", "--device", "cpu")
+    if m is None:
+        raise StepFailed(f"benchmarks.gpu_fit failed: {err}", {})
+    return {"fit": [m]}
 
 
 def train_python(args) -> Path:
