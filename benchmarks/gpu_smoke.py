@@ -8,7 +8,7 @@ Each step is a child process with its own timeout and log (OUT/<step>.log); what
 OUT/state.json. The stages run through their plain `Stage.run` functions (Prefect does not travel to the machine;
 the report says so), on the profile `cuda_tiny` (`cpu_smoke` with DEVICE=cpu: QLoRA 4-bit on the CPU, 40 steps):
 
-    base       build models/base-tiny (the self-built base; nothing is downloaded)
+    base       build models/base-tiny (the self-built base; nothing is downloaded), on the card with DEVICE cuda
     prepare    the prepare stage
     finetune   the finetune stage: QLoRA 4-bit through LLaMA-Factory (the method check reads bnb Linear4bit layers)
     evaluate   the evaluate stage with the in-process scorer on the device (eval.backend=hf)
@@ -16,8 +16,8 @@ the report says so), on the profile `cuda_tiny` (`cpu_smoke` with DEVICE=cpu: QL
     promote    the promote stage into a file-backed MLflow registry (under --work)
     serve      the champion fetched back from the registry, one chat answer in-process on the device with the served
                decoding (the serve check proper needs vLLM, which cannot travel: its wheel alone is over 64 MiB)
-    agree      the same adapter scored on the CPU: KoBEST item by item, the custom metrics within TOLERANCE
     fit        the training fit check measured (benchmarks/gpu_fit.py) beside `make plan`'s estimate (CUDA only)
+    agree      the same adapter scored on the CPU: KoBEST item by item, the custom metrics within TOLERANCE
 
 Writes OUT/report.json and OUT/report.md.
 """
@@ -254,7 +254,7 @@ NEEDS = {"prepare": ["base"], "finetune": ["prepare"], "evaluate": ["finetune"],
 STEPS: list[tuple[str, int, Optional[Callable]]] = [
     ("base", 300, None), ("prepare", 120, step_prepare), ("finetune", 300, step_finetune),
     ("evaluate", 240, step_evaluate), ("gate", 180, step_gate), ("promote", 120, step_promote),
-    ("serve", 120, step_serve), ("agree", 300, step_agree), ("fit", 420, step_fit),
+    ("serve", 120, step_serve), ("fit", 420, step_fit), ("agree", 300, step_agree),
 ]
 
 
@@ -351,9 +351,11 @@ def orchestrate(args) -> int:
             print(f"[gpu-smoke] {name}: skipped ({why})", flush=True)
             write_report(args, out, facts, rows)
             continue
-        if name == "base":
-            cmd = [sys.executable, "-m", "finetune.base_model", "--profile", profile_for(args.device),
-                   *[a for o in args.overrides for a in ("--set", o)]]
+        if name == "base":  # on the card when there is one (seconds, not minutes); the CPU build if that fails
+            build = [sys.executable, "-m", "finetune.base_model", "--profile", profile_for(args.device),
+                     *[a for o in args.overrides for a in ("--set", o)]]
+            cmd = ["bash", "-c", '"$@" --device cuda || { echo "[gpu-smoke] the build on cuda failed: on the CPU";'
+                   ' "$@"; }', "base", *build] if args.device == "cuda" else build
         else:
             cmd = [sys.executable, "-m", "benchmarks.gpu_smoke", "--step", name, *_child_args(args)]
         t = time.time()

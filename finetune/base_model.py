@@ -93,14 +93,14 @@ def _encode(tokenizer, lines: list[str]) -> list[int]:
     return out
 
 
-def perplexity(model, blocks, batch_size: int = 64) -> float:
+def perplexity(model, blocks, batch_size: int = 64, device: str = "cpu") -> float:
     import torch
 
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
-            batch = blocks[i: i + batch_size]
+            batch = blocks[i: i + batch_size].to(device)
             loss = model(input_ids=batch, labels=batch).loss
             total += loss.item() * batch.numel()
             count += batch.numel()
@@ -108,8 +108,12 @@ def perplexity(model, blocks, batch_size: int = 64) -> float:
     return math.exp(total / max(count, 1))
 
 
-def build_base_model(build: BaseModelBuild, out_dir: Path, force: bool = False, quiet: bool = False) -> dict:
-    """Train tokenizer + model into out_dir (atomically). Returns the model card."""
+def build_base_model(build: BaseModelBuild, out_dir: Path, force: bool = False, quiet: bool = False,
+                     device: str = "cpu") -> dict:
+    """Train tokenizer + model into out_dir (atomically). Returns the model card.
+
+    `device` cuda is for the one-call GPU smoke (benchmarks/gpu_smoke.py), where the machine's minutes are few: the
+    same recipe in float32 on the card, a different build bit for bit (the card records where it was built)."""
     lines = read_text(resolve(build.text_dir))
     fingerprint = build_fingerprint(build, lines)
     card_path = out_dir / CARD
@@ -150,9 +154,9 @@ def build_base_model(build: BaseModelBuild, out_dir: Path, force: bool = False, 
         eos_token_id=tokenizer.convert_tokens_to_ids(SPECIAL["im_end"]),
         pad_token_id=tokenizer.convert_tokens_to_ids(SPECIAL["eos"]), bos_token_id=None,
     )
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    ppl_untrained = perplexity(model, held_blocks)
+    ppl_untrained = perplexity(model, held_blocks, device=device)
 
     opt = torch.optim.AdamW(model.parameters(), lr=build.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
 
@@ -171,7 +175,7 @@ def build_base_model(build: BaseModelBuild, out_dir: Path, force: bool = False, 
         task = bar.add_task("pretrain", total=build.steps, loss=float("nan"))
         for step in range(build.steps):
             idx = torch.randint(0, len(train_blocks), (build.batch_size,), generator=gen)
-            batch = train_blocks[idx]
+            batch = train_blocks[idx].to(device)
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -183,7 +187,8 @@ def build_base_model(build: BaseModelBuild, out_dir: Path, force: bool = False, 
             if not quiet and not bar.console.is_terminal and (step + 1) % 50 == 0:  # CI logs: plain lines
                 print(f"[base-model] step {step + 1}/{build.steps} loss {loss.item():.3f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
-    ppl_trained = perplexity(model, held_blocks)
+    ppl_trained = perplexity(model, held_blocks, device=device)
+    model = model.to("cpu")
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
 
@@ -203,6 +208,7 @@ def build_base_model(build: BaseModelBuild, out_dir: Path, force: bool = False, 
         "loss_last": losses[-1],
         "seconds": round(time.time() - t0, 1),
         "torch": torch.__version__,
+        **({"built_on": device} if device != "cpu" else {}),
     }
     tmp = out_dir.with_name(out_dir.name + ".tmp-build")
     if tmp.exists():
@@ -233,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     add_cli_args(ap)
     ap.add_argument("--force", action="store_true", help="rebuild even when the model is current")
     ap.add_argument("--out", default=None, help="output folder (default base_model.path)")
+    ap.add_argument("--device", default="cpu", help="cpu (the default build) or cuda (the GPU smoke's, not the same "
+                    "bits)")
     args = ap.parse_args(argv)
     try:
         loaded = load_from_args(args)
@@ -245,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[base-model] base_model.source is {cfg.base_model.source!r}: nothing to build "
               f"(model: {cfg.base_model.hub_id or cfg.base_model.path})")
         return 0
-    build_base_model(cfg.base_model.build, resolve(args.out or cfg.base_model.path), force=args.force)
+    build_base_model(cfg.base_model.build, resolve(args.out or cfg.base_model.path), force=args.force,
+                     device=args.device)
     return 0
 
 

@@ -30,7 +30,7 @@ def test_the_cpu_rehearsal_runs_every_step_and_reports(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     steps = {s["step"]: s for s in report["steps"]}
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    assert list(steps) == ["base", "prepare", "finetune", "evaluate", "gate", "promote", "serve", "agree", "fit"]
+    assert list(steps) == ["base", "prepare", "finetune", "evaluate", "gate", "promote", "serve", "fit", "agree"]
     assert all(s["status"] == "ok" for s in steps.values()), steps
     for name in steps:
         assert (tmp_path / "out" / f"{name}.log").exists()
