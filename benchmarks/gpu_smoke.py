@@ -88,7 +88,8 @@ def step_finetune(args, state):
                                                         dataset_hash=prepared["content_hash"]))
     m = out.manifest
     return {"tuned": out.model_dump(), "method_check": m.get("method_check"), "verification": m.get("verification"),
-            "train": {k: m.get(k) for k in ("train_loss", "eval_loss", "train_runtime", "train_samples_per_second")}}
+            "train": {k: m.get(k) for k in ("global_step", "final_train_loss", "final_val_loss", "train_runtime_s",
+                                            "tokens_per_s", "stage_wall_s")}}
 
 
 def _test_file(state) -> str:
@@ -422,6 +423,9 @@ def markdown(r: dict) -> str:
     if mc:
         lines += ["", f"Trained model's layers: method {mc.get('method')}, quantized layer type "
                       f"{mc.get('quantized_layer_type')}, verified {mc.get('verified')}, peak CUDA MB {mc.get('cuda_peak_mb')}"]
+    tr = {k: v for k, v in (r.get("train") or {}).items() if v is not None}
+    if tr:
+        lines += ["", "Training: " + ", ".join(f"{k} {v}" for k, v in tr.items())]
     ev = r.get("evaluate") or {}
     for model, metrics in ev.items():
         keys = [k for k in metrics if k.endswith(("xml_valid", "char_ngram_f1")) or k.startswith("eval/kobest/")]
