@@ -188,7 +188,6 @@ def build_base_model(build: BaseModelBuild, out_dir: Path, force: bool = False, 
                 print(f"[base-model] step {step + 1}/{build.steps} loss {loss.item():.3f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
     ppl_trained = perplexity(model, held_blocks, device=device)
-    model = model.to("cpu")
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
 
