@@ -48,6 +48,20 @@ def test_vllms_parser_rejects_a_bad_config(tmp_path):
         validate_with_vllm(path)
 
 
+def test_a_missing_serve_env_is_named_not_called_a_refusal(tmp_path, monkeypatch):
+    """On a machine without the serve env (the lent GPU machine: vLLM cannot travel) the check says what is missing;
+    it used to say "rejected by vLLM's argument parser: " with an empty reason."""
+    import workspace.envrunner as envrunner
+
+    path = tmp_path / "ok.yaml"
+    path.write_text("model: x\n")
+    monkeypatch.setitem(envrunner.VENVS, "serve", tmp_path / "no-such-venv")
+    with pytest.raises(FitError, match=r"could not be checked by vLLM's argument parser: .*no-such-venv/bin/python not "
+                                       r"found: the serve environment is missing.*make setup") as err:
+        validate_with_vllm(path)
+    assert "rejected" not in str(err.value)
+
+
 def gpu(**kw) -> ServingConfig:
     base = dict(engine="vllm", gpus=1, gpu_memory_gib=24, gpu_memory_utilization=0.92, dtype="float16",
                 max_model_len=4096, max_num_seqs=4)
