@@ -223,7 +223,7 @@ def _build_pure(name: str, version: str, dest: Path, why: str) -> None:
         if got.returncode != 0 or len(sdists) != 1:
             raise KitError(f"{name}=={version}: no wheel for Python {PYTHON} (pip download: {why.strip()[-300:]}) "
                            f"and no sdist either: {got.stderr.strip()[-300:]}")
-        sdist_sha = hashlib.sha256(sdists[0].read_bytes()).hexdigest()
+        sdist_sha = _file_sha(sdists[0])
         proc = subprocess.run(_pip() + ["wheel", "--quiet", "--no-deps", "-w", str(Path(tmp) / "out"),
                                         str(sdists[0])], capture_output=True, text=True)
         built = list((Path(tmp) / "out").glob("*.whl"))
@@ -276,10 +276,14 @@ def cut_lm_eval(wheel: Path) -> None:
 CUTS = {"bitsandbytes": cut_bitsandbytes, "lm-eval": cut_lm_eval}
 
 
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _sha(path: Path) -> str:
     """The wheel's sha256, or for a wheel built here from an sdist, the sdist's (see `_build_pure`)."""
     side = path.with_name(path.name + ".sdist-sha256")
-    return side.read_text().strip() if side.exists() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return side.read_text().strip() if side.exists() else _file_sha(path)
 
 
 def lock(out: Path = LOCK) -> list[Entry]:
