@@ -37,7 +37,7 @@ offline.apply()
 from rich.console import Console  # noqa: E402
 
 from serving.bench import BenchError, build_prompts, clamp_prompt, run_step, workload_texts, write_dataset  # noqa: E402
-from serving.gateway.db import GatewayDb  # noqa: E402
+from serving.gateway import GatewayDb  # noqa: E402
 from serving.registry import PromotionError  # noqa: E402
 from serving.serve import champion_server  # noqa: E402
 from benchmarks.report import update_section  # noqa: E402

@@ -37,8 +37,7 @@ from eval.gate import GateFailed  # noqa: E402
 from flows.leaderboard import leaderboard_flow  # noqa: E402
 from flows.loop import loop_flow  # noqa: E402
 from serving.card import gate_rows  # noqa: E402
-from serving.gateway.db import GatewayDb  # noqa: E402
-from serving.gateway.harvest import harvest  # noqa: E402
+from serving.gateway import GatewayDb, harvest_feedback  # noqa: E402
 from serving.registry import champion_info, fetch_version_cached, promote  # noqa: E402
 from benchmarks.report import update_section  # noqa: E402
 from workspace.config import add_cli_args, load_config  # noqa: E402
@@ -48,23 +47,21 @@ from workspace.tracking import configure, stage_run  # noqa: E402
 
 
 def _fill_gateway(db: GatewayDb, items: list[dict], rows: int, votes: int) -> None:
-    """`rows` corrections and `votes` arena votes, cycling over the champion's real answers."""
-    from serving.gateway.db import ArenaMatch, Exchange, Feedback, Usage
-
-    with db.session() as s, s.begin():
-        for i in range(rows):
-            it = items[i % len(items)]
-            rid = f"chatcmpl-bench-{uuid.uuid4().hex[:20]}"
-            s.add(Usage(request_id=rid, token_name="bench", requested_model="champion", alias="champion", version="1",
-                        status=200, prompt=it["messages"][-1]["content"], answer=it["output"]))
-            s.add(Exchange(request_id=rid, token_name="bench", messages=json.dumps(it["messages"], ensure_ascii=False)))
-            s.add(Feedback(request_id=rid, token_name="bench", alias="champion", version="1", rating=-1,
-                           correction=it["reference"]))
-        for i in range(votes):
-            it = items[i % len(items)]
-            s.add(ArenaMatch(token_name="bench", messages=json.dumps(it["messages"], ensure_ascii=False),
-                             model_a="champion", version_a="1", answer_a=it["output"], request_a="a",
-                             model_b="reference", version_b="0", answer_b=it["reference"], request_b="b", winner="B"))
+    """`rows` corrections and `votes` arena votes, cycling over the champion's real answers (through the gateway
+    database's public methods, the ones its routes call)."""
+    for i in range(rows):
+        it = items[i % len(items)]
+        rid = f"chatcmpl-bench-{uuid.uuid4().hex[:20]}"
+        db.add_usage(request_id=rid, token_name="bench", requested_model="champion", alias="champion", version="1",
+                     status=200, prompt=it["messages"][-1]["content"], answer=it["output"])
+        db.add_exchange(rid, "bench", it["messages"])
+        db.set_feedback("bench", rid, alias="champion", version="1", rating=-1, correction=it["reference"], comment=None)
+    for i in range(votes):
+        it = items[i % len(items)]
+        m = db.create_match("bench", it["messages"],
+                            {"model": "champion", "version": "1", "answer": it["output"], "request_id": "a"},
+                            {"model": "reference", "version": "0", "answer": it["reference"], "request_id": "b"})
+        db.vote("bench", m["id"], "B")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. harvest
     t0 = time.monotonic()
-    got = harvest(loaded)
+    got = harvest_feedback(loaded)
     harvest_s = time.monotonic() - t0
     c = got.manifest["counts"]
     lines += ["### Harvest", "",

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional
 
 from workspace.config import DataSource, LoadedConfig
 from workspace.fsutil import recover, staging
+from workspace import harvest_format
 from workspace import pii as pii_module
 from workspace.pii import KINDS, mask_pii
 from workspace.paths import ROOT, resolve
@@ -340,7 +341,7 @@ def inputs_key(loaded: LoadedConfig, tokenizer_fingerprint: str) -> str:
         h.update(src.path.encode())
         h.update(_file_sha(path).encode())
     for folder in feedback_dirs(loaded):
-        for name in FEEDBACK_FILES:
+        for name in harvest_format.DATA_FILES:
             if (folder / name).exists():
                 h.update(f"{folder.name}/{name}".encode())
                 h.update(_file_sha(folder / name).encode())
@@ -348,7 +349,6 @@ def inputs_key(loaded: LoadedConfig, tokenizer_fingerprint: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ harvested feedback
-FEEDBACK_FILES = ("sft.jsonl", "pref.jsonl")
 
 
 def feedback_dirs(loaded: LoadedConfig) -> list[Path]:
@@ -361,9 +361,10 @@ def feedback_dirs(loaded: LoadedConfig) -> list[Path]:
     if not root.is_dir():
         raise PrepareError(f"data.feedback.dir = {fb.dir} (set in {loaded.origin('data.feedback')}): no such folder; "
                            "run `make harvest` first, or set data.feedback.enabled: false")
-    found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "manifest.json").exists())
+    found = harvest_format.finished_harvests(root)
     if not found:
-        raise PrepareError(f"data.feedback.dir = {fb.dir}: no finished harvest in it (a folder with manifest.json); "
+        raise PrepareError(f"data.feedback.dir = {fb.dir}: no finished harvest in it (a folder with "
+                           f"{harvest_format.MANIFEST}); "
                            "run `make harvest` first, or set data.feedback.enabled: false")
     return found[-1:] if fb.harvests == "latest" else found
 
@@ -460,14 +461,14 @@ def _load_feedback(loaded: LoadedConfig, counter: TokenCounter, splits: dict[str
     pairs: list[_Pair] = []
     pair_seen: set[str] = set()
     for folder in feedback_dirs(loaded):
-        for name in FEEDBACK_FILES:
+        for name in harvest_format.DATA_FILES:
             path = folder / name
             if not path.exists() or path.stat().st_size == 0:
                 continue
             key = f"data.feedback[{folder.name}].{name.split('.')[0]}"
-            count = SourceCount(_display(path), key, "train", "openai" if name == "sft.jsonl" else "ranking")
+            count = SourceCount(_display(path), key, "train", "openai" if name == harvest_format.SFT_FILE else "ranking")
             counts.append(count)
-            if name == "pref.jsonl":
+            if name == harvest_format.PREF_FILE:
                 pairs += _load_pairs(path, count, counter, cutoff, quarantine, pii, held_out, pair_seen)
                 continue
             src = DataSource(path=str(path), format="openai", weight=fb.sft_weight)

@@ -19,7 +19,7 @@ from workspace import offline
 
 offline.apply()
 
-from serving.gateway.db import GatewayDb, GatewayDbError, database_url, parse_lifetime  # noqa: E402
+from serving.gateway import GatewayDb, GatewayDbError, database_url, parse_lifetime  # noqa: E402
 from serving.serve import with_serve_key  # noqa: E402
 from workspace.config import ConfigError, add_cli_args, load_config  # noqa: E402
 from workspace.processes import port_is_free  # noqa: E402

@@ -24,8 +24,7 @@ offline.apply()
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from serving.gateway.db import GatewayDbError  # noqa: E402
-from serving.gateway.harvest import Harvest, HarvestError, harvest, parse_since  # noqa: E402
+from serving.gateway import GatewayDbError, Harvest, HarvestError, harvest_feedback, parse_since  # noqa: E402
 from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config  # noqa: E402
 
 
@@ -44,7 +43,7 @@ def harvest_table(h: Harvest) -> Table:
 
 def run_harvest(loaded: LoadedConfig, since: Optional[str] = None, since_version: Optional[str] = None,
                 console: Optional[Console] = None) -> Harvest:
-    h = harvest(loaded, since=parse_since(since), since_version=since_version)
+    h = harvest_feedback(loaded, since=parse_since(since), since_version=since_version)
     (console or Console()).print(harvest_table(h))
     return h
 

@@ -38,7 +38,7 @@ from flows.harvest import harvest_table  # noqa: E402
 from flows.pipeline import console_for_logs, evaluate_candidate, gate_candidate, promote_candidate  # noqa: E402
 from flows.runner import StageRunner  # noqa: E402
 from flows.summary import run_summarised, run_url  # noqa: E402
-from serving.gateway.harvest import harvest, parse_since, since_of_version  # noqa: E402
+from serving.gateway import harvest_feedback, parse_since, since_of_version  # noqa: E402
 from serving.registry import champion_info  # noqa: E402
 from workspace.config import LoadedConfig, load_config  # noqa: E402
 from workspace.locks import workspace_lock  # noqa: E402
@@ -73,7 +73,7 @@ def loop_flow(config: Optional[str] = None, profile: Optional[str] = None, overr
         start = parse_since(since or user.config.loop.since)
         if start is None and champ is not None:
             start = since_of_version(user, champ["version"])  # what people said about the current champion
-        got = harvest(user, since=start)
+        got = harvest_feedback(user, since=start)
         console.print(harvest_table(got))
         n = len(got.sft) + len(got.pairs)
         if n < user.config.loop.min_items:

@@ -94,7 +94,7 @@ def arena_tally(loaded: LoadedConfig, version: Optional[str], reference_version:
         return None
     tally = {"wins": 0, "losses": 0, "ties": 0}
     if version and reference_version:
-        from serving.gateway.db import GatewayDb, database_url
+        from serving.gateway import GatewayDb, database_url
 
         tally = GatewayDb(database_url(loaded)).arena_tally(version, reference_version)
     return {"version": version, "reference_version": reference_version, **tally}

@@ -109,7 +109,7 @@ def promote_version_flow(config: str | None = None, profile: str | None = None, 
 
 def canary_table(loaded, version: str, champion: str | None) -> Table:
     """What the gateway saw of the version so far: requests, errors, latency, ratings, and arena votes."""
-    from serving.gateway.db import GatewayDb, database_url
+    from serving.gateway import GatewayDb, database_url
 
     db = GatewayDb(database_url(loaded))
     t = Table(title=f"gateway evidence: v{version}" + (f" vs champion v{champion}" if champion else ""))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.gateway.app import LATENCY_BUCKETS
+from serving.gateway import LATENCY_BUCKETS
 from workspace.config import LoadedConfig
 
 RULES, TESTS, CONFIG = "rules.yml", "rules_test.yml", "prometheus.yml"
@@ -176,7 +176,7 @@ def _secret(path: Path, value: str) -> None:
 def write_credentials(loaded: LoadedConfig, folder: Path, token_name: str = "prometheus") -> None:
     """The files the scrape jobs read: a fresh admin token of the gateway (`token_name`; an older one of that name is
     revoked first) and the key vLLM checks (serving.api_key_env's value, or the workspace's own serve key)."""
-    from serving.gateway.db import GatewayDb, database_url
+    from serving.gateway import GatewayDb, database_url
     from serving.serve import SERVE_KEY_FILE
     from workspace.endpoint import INTERNAL_KEY_ENV, internal_key_overrides
 

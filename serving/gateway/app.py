@@ -47,6 +47,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
 
+from serving.gateway import LATENCY_BUCKETS
 from serving.gateway.db import GatewayDb, database_url
 from serving.gateway.routing import Catalog, GatewayError, ReplicaPool, Target
 from serving.supervisor import REPLICAS_FILE, read_replicas
@@ -56,7 +57,6 @@ STATIC = Path(__file__).parent / "static"
 # what a voter may not set in the arena (a pinned seed or temperature 0 makes a match replayable through the chat)
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "n", "frequency_penalty", "presence_penalty",
                  "repetition_penalty", "logit_bias", "logprobs", "top_logprobs")
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`make harvest`: what people said about answers in the gateway, exported as data the prepare stage reads.
+"""`make harvest`: what people said about answers in the gateway, exported as data the prepare stage reads (the
+folder's format is workspace/harvest_format.py, which the prepare stage reads with the same names).
 
 From the gateway's database (feedback and arena votes, already PII-masked when stored, masked again here):
 - `sft.jsonl` (OpenAI messages): an answer rated up, and a corrected answer, each with the context it was given in;
@@ -23,6 +24,7 @@ from typing import Optional
 
 from serving.gateway.db import GatewayDb, database_url
 from workspace.config import LoadedConfig
+from workspace.harvest_format import MANIFEST, PREF_FILE, SFT_FILE, finished_harvests
 from workspace.fsutil import staging
 from workspace.paths import resolve
 from workspace.pii import mask_pii
@@ -147,16 +149,16 @@ def harvest(loaded: LoadedConfig, *, since: Optional[dt.datetime] = None, since_
     db = db or GatewayDb(database_url(loaded))
     sft, pairs, facts = collect(db, since)
     root = out_root or resolve(loaded.config.data.feedback.dir)
-    files = {"sft.jsonl": _jsonl(sft), "pref.jsonl": _jsonl(pairs)}
+    files = {SFT_FILE: _jsonl(sft), PREF_FILE: _jsonl(pairs)}
     digests = {k: hashlib.sha256(v.encode()).hexdigest() for k, v in files.items()}
     manifest = {"created_at": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds"),
                 "since": since.isoformat() if since else None, "since_version": since_version,
                 "database": db._safe(db.url), **facts, "files": digests}
     if not sft and not pairs:
         return Harvest(None, manifest, reason="no rated, corrected or voted answers in that range")
-    for old in sorted(root.glob("*/manifest.json")) if root.exists() else []:
-        if json.loads(old.read_text(encoding="utf-8")).get("files") == digests:
-            return Harvest(old.parent, manifest, sft, pairs, reason=f"the same rows were harvested already ({old.parent.name})")
+    for old in finished_harvests(root):
+        if json.loads((old / MANIFEST).read_text(encoding="utf-8")).get("files") == digests:
+            return Harvest(old, manifest, sft, pairs, reason=f"the same rows were harvested already ({old.name})")
     day = (today or dt.date.today()).isoformat()
     name, n = day, 1
     while (root / name).exists():
@@ -166,5 +168,5 @@ def harvest(loaded: LoadedConfig, *, since: Optional[dt.datetime] = None, since_
     with staging(root / name) as tmp:
         for fname, text in files.items():
             (tmp / fname).write_text(text, encoding="utf-8")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     return Harvest(root / name, manifest, sft, pairs)
