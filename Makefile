@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 DEPLOYMENT ?= pipeline/default
 PARAMS ?=
 
-.PHONY: help setup envs gpu-kit gpu-smoke lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate bench-decoding calibrate-gate bench-pii clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run monitoring
+.PHONY: help setup envs gpu-kit gpu-smoke lock plan base-model rebuild-base-model data doctor test test-fast bench-model-key bench-plan bench-tests pipeline prepare finetune finetune-worker eval gate promote card harvest loop leaderboard rollback serve gateway token rag ask bench bench-prepare bench-finetune bench-eval bench-loop bench-rag bench-serve bench-gateway bench-pipeline bench-gate bench-decoding calibrate-gate bench-pii clean-models ui prefect-ui prefect-up prefect-down prefect-status deploy-run monitoring rehearse-team
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -145,6 +145,9 @@ bench-serve: setup  ## load benchmark of the champion: vLLM vs `transformers ser
 
 bench-gateway: setup  ## the gateway in front of the champion: overhead vs direct (c 1/5/10), SOAK=300 s soak, failover, KPIs
 	@$(PY) -m benchmarks.gateway $(CFG_ARGS) $(if $(SOAK),--soak-s $(SOAK))
+
+rehearse-team: setup  ## docs/team-service.md's one-host layout, every command run together on its ports (PostgreSQL, Redis, MLflow server, 2 vLLM replicas, gateway, Prometheus, Prefect), backups restored (needs make pipeline's champion; ~5 min)
+	@$(PY) -m benchmarks.team_host $(CFG_ARGS)
 
 bench-prepare: setup  ## 100k rows through the prepare stage (target < 60 s)
 	@$(PY) -m benchmarks.prepare

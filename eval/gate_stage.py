@@ -49,6 +49,9 @@ class GateInputs(StageData):
     # gateway's database; purpose: champion (promotion) or candidate (registration for the canary, `make loop`)
     arena: Optional[dict] = None
     purpose: str = "champion"
+    # the version @champion names now, for what a refusal says is still served (not part of the decision: the
+    # reference is; when the candidate is the champion's own run, the reference is what it was compared with then)
+    champion_version: Optional[str] = None
 
 
 class GateOutputs(StageData):
@@ -155,7 +158,8 @@ def refusal_text(decision: GateDecision, gate_md: Path, report_md: Path, items: 
     value = "-" if first.value is None else f"{first.value:.4f}"
     threshold = "-" if first.threshold is None else f"{first.threshold:.4f}"
     name = loaded.config.tracking.registered_model
-    served = (f"{name}@champion is still v{inputs.reference.version} and keeps serving" if inputs.reference
+    champion = inputs.champion_version or (inputs.reference.version if inputs.reference else None)
+    served = (f"{name}@champion is still v{champion} and keeps serving" if champion
               else f"{name} has no champion yet, so `make serve` has nothing to serve")
     what = "registered as candidate" if inputs.purpose == "candidate" else "promoted"
     seed = loaded.config.project.seed

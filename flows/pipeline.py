@@ -51,7 +51,7 @@ from flows.runner import KNOWN_ERRORS, StageRunner  # noqa: E402
 from flows.summary import run_summarised, run_url  # noqa: E402
 from rag.rag_stage import RAG, RagOutputs  # noqa: E402
 from serving.promote_stage import PROMOTE, PromoteInputs, PromoteOutputs  # noqa: E402
-from serving.registry import gate_reference, version_of_run  # noqa: E402
+from serving.registry import champion_info, gate_reference, version_of_run  # noqa: E402
 from serving.serve_check_stage import SERVE_CHECK, ServeCheckInputs  # noqa: E402
 from serving.slo_stage import SLO, SloInputs, slo_rows  # noqa: E402
 from workspace.config import LoadedConfig, add_cli_args, load_config  # noqa: E402
@@ -108,12 +108,13 @@ def gate_candidate(runner: StageRunner, loaded: LoadedConfig, prepared: PrepareO
     configure(loaded)
     name = loaded.config.tracking.registered_model
     ref = gate_reference(name, tuned.run_key)
+    champ = champion_info(name)
     arena = arena_tally(loaded, version_of_run(name, tuned.run_key), ref["version"] if ref else None)
     return runner.run(GATE, GateInputs(adapter_dir=tuned.adapter_dir, run_key=tuned.run_key,
                                        verification=tuned.manifest.get("verification") or {},
                                        test_file=test_file(prepared), reference=Reference(**ref) if ref else None,
                                        extra_rules=slo_rows(slo, loaded.config.gate.slo) if slo else [], arena=arena,
-                                       purpose=purpose))
+                                       purpose=purpose, champion_version=champ["version"] if champ else None))
 
 
 def promote_candidate(runner: StageRunner, gate: GateOutputs, alias: str = "champion") -> PromoteOutputs:

@@ -6,6 +6,7 @@ starts faster and never change a result."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -93,65 +94,27 @@ def promote_random_adapter():
 
 
 # ------------------------------------------------------------------------------------------------ PostgreSQL
-def _postgres_bin() -> Path:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not found:
-        pytest.fail("no PostgreSQL server binaries: `make setup` installs Debian's postgresql "
-                    "(sudo apt-get install -y --no-install-recommends postgresql)")
-    return found[-1].parent
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A throwaway PostgreSQL server on a loopback port: initdb into a temporary folder (trust auth, no fsync), run as
-    the `postgres` user when the tests run as root (PostgreSQL refuses root), stopped and removed after the session.
-    No system service is involved. Yields the port."""
-    import subprocess
+    """A throwaway PostgreSQL server on a loopback port (workspace/pgserver.py: initdb into a temporary folder, trust
+    auth, no fsync, as the `postgres` user when the tests run as root), stopped and removed after the session. No
+    system service is involved. Yields the port."""
+    from workspace.pgserver import throwaway_postgres
+    from workspace.processes import ProcessError
 
-    from workspace.processes import ManagedProcess, free_port
-
-    bin_dir = _postgres_bin()
-    root = Path(tempfile.mkdtemp(prefix="llmops-pg-"))  # not under pytest's 0700 folders: the postgres user reads it
-    data = root / "data"
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(root, "postgres", "postgres")
-    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-                    "--no-sync"], check=True, capture_output=True, timeout=120)
-    port = free_port("127.0.0.1")
-
-    def ready() -> bool:
-        import psycopg
-
+    with contextlib.ExitStack() as stack:
         try:
-            psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", connect_timeout=2).close()
-            return True
-        except psycopg.OperationalError:
-            return False
-
-    server = ManagedProcess([*as_user, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root),
-                             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
-                            log_path=root / "server.log", healthy=ready, what="PostgreSQL")
-    server.start(timeout=60)
-    try:
+            port = stack.enter_context(throwaway_postgres())
+        except ProcessError as exc:
+            pytest.fail(str(exc))
         yield port
-    finally:  # a fast shutdown (clients are disconnected), then the process group if anything is left
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-                       capture_output=True, timeout=60)
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def postgres_database(port: int) -> str:
     """A new empty database on the throwaway server; its SQLAlchemy URL (psycopg 3)."""
-    import uuid
+    from workspace.pgserver import create_database
 
-    import psycopg
-
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}"
+    return create_database(port)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -212,3 +212,25 @@ def test_decide_refuses_a_rule_set_with_no_rule(tmp_path):
     cm, rm, c, r = setup(tmp_path, [0.5] * 40, [0.5] * 40)
     with pytest.raises(GateError, match="no rule would pass every candidate|gate.rules is empty"):
         decide(cfg, cm, rm, c, r, VERIFIED, "base")
+
+
+def test_a_refusal_names_what_is_still_served(tmp_path):
+    """The refusal says which version keeps serving: the champion, also when the candidate is the champion's own run
+    gated again (its reference is then what it was compared with when promoted, or the base model)."""
+    from eval.gate_stage import GateInputs, Reference, refusal_text
+
+    loaded = load_config()
+    cm, rm, c, r = setup(tmp_path, [1.0, 0.0] * 20, [0.0, 1.0] * 18 + [0.0] * 4)
+    d = decide(loaded.config.gate, cm, rm, c, r, VERIFIED, "base")
+    assert not d.passed
+
+    def text(**kw) -> str:
+        inputs = GateInputs(adapter_dir="a", run_key="k", verification=VERIFIED, test_file="t", **kw)
+        return refusal_text(d, tmp_path / "gate.md", tmp_path / "report.md", c, inputs, loaded)
+
+    name = loaded.config.tracking.registered_model
+    assert f"{name} has no champion yet" in text()
+    assert f"{name}@champion is still v1 and keeps serving" in text(champion_version="1")  # reference: the base
+    ref = Reference(version="2", run_key="r", artifact_uri=f"models:/{name}/2")
+    assert f"{name}@champion is still v2 " in text(reference=ref)
+    assert f"{name}@champion is still v3 " in text(reference=ref, champion_version="3")

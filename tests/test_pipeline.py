@@ -161,8 +161,9 @@ def _registry_state(ws, name: str) -> dict:
 
 
 # The fixture's own candidate (finetune and evaluation are cache hits) under a gate it cannot pass: the improvement
-# rule asks for +0.9 char_ngram_f1 over the base (the default recipe measures about +0.44). Training a weaker
-# candidate instead cost 2.5 minutes of the suite and tested the same refusal.
+# rule asks for +0.9 char_ngram_f1 over its reference (the champion's own run is compared with what it was compared
+# with when promoted: the base, about +0.44). Training a weaker candidate instead cost 2.5 minutes of the suite and
+# tested the same refusal.
 UNREACHABLE = ("--set", "gate.rules=[{name: char-ngram-f1-improves, kind: improvement, "
                "metric: eval/custom/screens/char_ngram_f1, min_effect: 0.9}]", "--no-serve-check")
 
@@ -193,15 +194,19 @@ def test_a_refused_candidate_leaves_the_registry_as_it_was(ws):
 @pytest.mark.slow
 def test_a_floors_only_pass_never_replaces_a_fully_gated_champion(ws):
     """A floors-only gate (cpu_smoke's mode) pointed at a registered model whose champion passed the full gate: the
-    gate passes, the promotion is refused, and the registry is as it was. The candidate is the fixture's (cached):
-    the floors-only check comes before "already the champion", so even the champion's own run is refused here."""
+    gate passes, the promotion is refused, and the registry is as it was. The candidate is a new registration of the
+    fixture's run (training and evaluation are cache hits): served as a LoRA instead of merged weights, which the
+    registry would hold as a new version (an unchanged run that already is the champion registers nothing)."""
     before = _registry_state(ws, "e2e-assistant")
-    proc, _ = ws["run"]("--no-serve-check", "--set", "gate.floors_only=true",
+    proc, _ = ws["run"]("--no-serve-check", "--set", "serving.adapter_mode=lora", "--set", "gate.floors_only=true",
                         "--set", "gate.rules=[{name: changed, kind: adapter_changes_outputs}]")
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gate: PASS" in proc.stdout, proc.stdout[-3000:]  # the gate passed: the refusal is the promotion's
     assert "floors-only" in proc.stderr and "never replaces it" in proc.stderr
     assert _registry_state(ws, "e2e-assistant") == before
+    _, parents = _parents(ws)
+    tags = parents[-1].data.tags
+    assert tags["stage.finetune"] == "cached" and tags["stage.evaluate"] == "cached" and tags["stage.promote"] == "failed"
 
 
 @pytest.mark.slow
