@@ -3,7 +3,7 @@ base model they name, alone) is evaluated on the custom suite by the in-process 
 keys) twice: with the configured serving.decoding, and with one setting taken away (`--without grammar`, the
 default; or `stop`, or `penalty`). xml_valid and the gate's target metric side by side, per adapter, and the minimum.
 
-    .venv/bin/python -m benchmarks.decoding models/adapters/screen-xml-* [--without grammar] [--no-write]
+    .venv/bin/python -m llmops bench decoding models/adapters/screen-xml-* [--without grammar] [--no-write]
 
 For the adapters `make bench-gate` trains (the recipe on each seed and base build): a decoding change is measured on
 the same adapters, without training them again. An adapter's base is the one its adapter_config.json names; its seed
@@ -14,19 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
-from workspace import offline
-
-offline.apply()
-
-from benchmarks.report import update_section  # noqa: E402
-from eval.evaluate import evaluate  # noqa: E402
-from finetune.prepare import prepare_dataset  # noqa: E402
-from workspace.config import add_cli_args, load_from_args  # noqa: E402
-from workspace.model_ref import ModelRef  # noqa: E402
-from workspace.paths import ROOT  # noqa: E402
+from benchmarks.report import update_section
+from eval.evaluate import evaluate
+from finetune.prepare import prepare_dataset
+from workspace.config import add_cli_args, load_from_args
+from workspace.model_ref import ModelRef
+from workspace.paths import ROOT
 
 XML = "eval/custom/screens/xml_valid"
 WITHOUT = {"grammar": ["serving.decoding.grammar=null"], "stop": ["serving.decoding.stop=[]"],
@@ -93,6 +88,3 @@ def main(argv: list[str] | None = None) -> int:
         update_section("decoding", f"Decoding: with and without the {args.without}, on trained adapters", command, body)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Benchmark of the evaluation stage on the default profile: quality (base vs finetuned candidate, KoBEST and the
 custom metrics) and speed (items/s of each scorer: in-process hf vs the vLLM server with concurrency).
 
-    .venv/bin/python -m benchmarks.eval        (make bench-eval; needs `make finetune` first)
+    .venv/bin/python -m llmops bench eval        (make bench-eval; needs `make finetune` first)
 
 Writes docs/BENCHMARKS.md (section eval). Lives in flows/ because it wires stages (prepare, finetune, evaluate).
 """
@@ -12,18 +12,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from workspace import offline
-
-offline.apply()
-
-from eval.evaluate import evaluate  # noqa: E402
-from finetune.finetune_stage import FINETUNE  # noqa: E402
-from finetune.prepare import prepare_dataset  # noqa: E402
-from benchmarks.report import update_section  # noqa: E402
-from workspace.config import add_cli_args, load_from_args  # noqa: E402
-from workspace.model_ref import base_model  # noqa: E402
-from serving.bench import merged_model  # noqa: E402
-from workspace.vllm_server import VllmServer  # noqa: E402
+from eval.evaluate import evaluate
+from finetune.finetune_stage import FINETUNE
+from finetune.prepare import prepare_dataset
+from benchmarks.report import update_section
+from workspace.config import add_cli_args, load_from_args
+from workspace.model_ref import base_model
+from serving.bench import merged_model
+from workspace.vllm_server import VllmServer
 
 SHOWN = ["kobest/boolq/acc", "kobest/copa/acc", "kobest/wic/acc", "kobest/hellaswag/acc", "kobest/sentineg/acc",
          "custom/screens/xml_valid", "custom/screens/xml_structure", "custom/screens/field_f1",
@@ -83,11 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         body = "\n".join(lines)
         print(body)
         if not args.no_write:
-            update_section("eval", "Evaluation: base vs candidate, and scorer speed", "make bench-eval  (python -m benchmarks.eval)", body)
+            update_section("eval", "Evaluation: base vs candidate, and scorer speed", "make bench-eval  (python -m llmops bench eval)", body)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,7 +3,7 @@
 the training process, validation losses, the quantized layers the trained model really held, and the workspace's
 overhead against plain `llamafactory-cli train` on the same rendered YAML.
 
-    .venv/bin/python -m benchmarks.finetune [--set finetune.max_steps=300]      (make bench-finetune)
+    .venv/bin/python -m llmops bench finetune [--set finetune.max_steps=300]      (make bench-finetune)
 
 Target (issue: finetune stage): the stage under 5 minutes on 2 cores. Writes docs/BENCHMARKS.md.
 """
@@ -16,16 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from workspace import offline
-
-offline.apply()
-
-from finetune.prepare import prepare_dataset  # noqa: E402
-from finetune.finetune_stage import run_finetune  # noqa: E402
-from finetune.train import dump_rendered, plain_config  # noqa: E402
-from benchmarks.report import update_section  # noqa: E402
-from workspace.config import add_cli_args, load_config, load_from_args  # noqa: E402
-from workspace.envrunner import run_in_env  # noqa: E402
+from finetune.prepare import prepare_dataset
+from finetune.finetune_stage import run_finetune
+from finetune.train import dump_rendered, plain_config
+from benchmarks.report import update_section
+from workspace.config import add_cli_args, load_config, load_from_args
+from workspace.envrunner import run_in_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,11 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not args.no_write:
             update_section("finetune", "Finetune stage: QLoRA 4-bit beside LoRA on the embedded base model",
-                           "make bench-finetune  (python -m benchmarks.finetune)", body)
+                           "make bench-finetune  (python -m llmops bench finetune)", body)
         return 0 if stage_s < 300 else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

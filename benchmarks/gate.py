@@ -1,9 +1,9 @@
 """The default recipe's margin and the gate's error rates, measured (make bench-gate), and min_effect for a team's own
 recipe (make calibrate-gate):
 
-    .venv/bin/python -m benchmarks.gate [--seeds 42,...,49] [--base-seeds 1234,1235] [--trials 500] [--repeats 2]
+    .venv/bin/python -m llmops bench gate [--seeds 42,...,49] [--base-seeds 1234,1235] [--trials 500] [--repeats 2]
                                          [--reference-recipe finetune.max_steps=100] [--no-write]
-    .venv/bin/python -m benchmarks.gate --calibrate [--seeds 42,...,47]      # make calibrate-gate
+    .venv/bin/python -m llmops bench gate --calibrate [--seeds 42,...,47]      # make calibrate-gate
 
 1. The recipe on every seed and base build. The configured recipe is trained with each seed on each base-model build
    (the base built with another `base_model.build.seed` stands in for another machine: the self-built base is not
@@ -43,19 +43,15 @@ from pathlib import Path
 
 import numpy as np
 
-from workspace import offline
-
-offline.apply()
-
-from eval.evaluate import EvalResult, evaluate  # noqa: E402
-from eval.gate import decide, improvement_result, item_scores, paired_scores  # noqa: E402
-from finetune.base_model import build_base_model  # noqa: E402
-from finetune.finetune_stage import run_finetune  # noqa: E402
-from finetune.prepare import prepare_dataset  # noqa: E402
-from benchmarks.report import update_section  # noqa: E402
-from workspace.config import GateRule, LoadedConfig, add_cli_args, load_config, load_from_args  # noqa: E402
-from workspace.model_ref import base_model  # noqa: E402
-from workspace.paths import ROOT, resolve  # noqa: E402
+from eval.evaluate import EvalResult, evaluate
+from eval.gate import decide, improvement_result, item_scores, paired_scores
+from finetune.base_model import build_base_model
+from finetune.finetune_stage import run_finetune
+from finetune.prepare import prepare_dataset
+from benchmarks.report import update_section
+from workspace.config import GateRule, LoadedConfig, add_cli_args, load_config, load_from_args
+from workspace.model_ref import base_model
+from workspace.paths import ROOT, resolve
 
 EFFECTS = [0.0, 0.02, 0.05, 0.10]
 PENALTIES = [0.0, 0.1, 0.2, 0.3, 0.5]  # serving.decoding.frequency_penalty values of the decoding sweep
@@ -490,6 +486,3 @@ def _log_mlflow(loaded, body, png, cal, passed, runs, min_xml, sim, sizes, n_eva
         mlflow.log_text(body, "bench_gate/report.md")
         mlflow.log_artifact(str(png), "bench_gate")
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,14 +11,9 @@ section gateway). Four parts, one run:
 4. the service plan's KPIs for this profile from the above (TTFT p50 at ~2k context and 5 sessions, requests/min
    at 5 sessions, 5xx rate, availability in the soak).
 
-    .venv/bin/python -m benchmarks.gateway [--soak-s 300] [--failover-s 60]
+    .venv/bin/python -m llmops bench gateway [--soak-s 300] [--failover-s 60]
 """
 from __future__ import annotations
-
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
-
-    guard_this_process()
 
 import argparse
 import asyncio
@@ -30,23 +25,19 @@ import sys
 import time
 from pathlib import Path
 
-from workspace import offline
+from rich.console import Console
 
-offline.apply()
-
-from rich.console import Console  # noqa: E402
-
-from serving.bench import BenchError, build_prompts, clamp_prompt, run_step, workload_texts, write_dataset  # noqa: E402
-from serving.gateway import GatewayDb  # noqa: E402
-from serving.registry import PromotionError  # noqa: E402
-from serving.serve import champion_server  # noqa: E402
-from benchmarks.report import update_section  # noqa: E402
-from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config  # noqa: E402
-from workspace.endpoint import Endpoint  # noqa: E402
-from workspace.paths import CACHE, resolve  # noqa: E402
-from workspace.processes import ManagedProcess, free_port  # noqa: E402
-from workspace.tracking import configure  # noqa: E402
-from workspace.vllm_server import ServerError  # noqa: E402
+from serving.bench import BenchError, build_prompts, clamp_prompt, run_step, workload_texts, write_dataset
+from serving.gateway import GatewayDb
+from serving.registry import PromotionError
+from serving.serve import champion_server
+from benchmarks.report import update_section
+from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config
+from workspace.endpoint import Endpoint
+from workspace.paths import CACHE, resolve
+from workspace.processes import ManagedProcess, free_port
+from workspace.tracking import configure
+from workspace.vllm_server import ServerError
 
 TOKEN_ENV = "LLMOPS_BENCH_GATEWAY_TOKEN"
 
@@ -60,7 +51,7 @@ class GatewayProcess(ManagedProcess):
 
     def __init__(self, config_args: list[str], port: int, log_path: Path):
         self.port = port
-        argv = [sys.executable, "-m", "flows.gateway", *config_args, "--port", str(port)]
+        argv = [sys.executable, "-m", "llmops", "gateway", *config_args, "--port", str(port)]
         super().__init__(argv, log_path=log_path, health_url=f"http://127.0.0.1:{port}/healthz",
                          env={**os.environ, "LLMOPS_CACHE": str(CACHE)})
 
@@ -276,12 +267,12 @@ def report(res: dict, cfg) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(ap)
     ap.add_argument("--soak-s", type=float, default=300)
     ap.add_argument("--failover-s", type=float, default=60)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     console = Console()
     config_args = (["--config", args.config] if args.config else []) + (["--profile", args.profile] if args.profile else []) \
         + [x for o in args.overrides for x in ("--set", o)]
@@ -298,6 +289,3 @@ def main() -> int:
     update_section("gateway", "Gateway: overhead vs direct, soak, failover, service-plan KPIs", cmd, md)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """`make gpu-smoke`: the cuda_tiny path on one GPU in one command, with a report even when a step fails.
 
     bash benchmarks/gpu_smoke.sh OUT              # on the lent GPU machine: the envs from .gpu-kit/, then this:
-    .venv/bin/python -m benchmarks.gpu_smoke --out OUT [--device cuda|cpu] [--fit qwen2.5-7b,qwen2.5-14b]
+    .venv/bin/python -m llmops bench gpu-smoke --out OUT [--device cuda|cpu] [--fit qwen2.5-7b,qwen2.5-14b]
     make gpu-smoke DEVICE=cpu OUT=/tmp/smoke      # the rehearsal here: every step that can run without CUDA
 
 Each step is a child process with its own timeout and log (OUT/<step>.log); what a step hands the next is kept in
@@ -23,11 +23,6 @@ Writes OUT/report.json and OUT/report.md.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
-
-    guard_this_process()
-
 import argparse
 import json
 import os
@@ -40,11 +35,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
-from workspace import offline
-
-offline.apply()
-
-from workspace.paths import ROOT, VENVS  # noqa: E402
+from workspace.paths import ROOT, VENVS
 
 # The custom metrics may differ between the GPU (bf16) and the CPU (float32) by this much, absolute, as a mean over
 # items. Greedy decoding picks the most likely token; bf16 keeps 8 bits of mantissa, so where two tokens are within
@@ -363,12 +354,12 @@ def orchestrate(args) -> int:
             write_report(args, out, facts, rows)
             continue
         if name == "base":  # on the card when there is one (seconds, not minutes); the CPU build if that fails
-            build = [sys.executable, "-m", "finetune.base_model", "--profile", profile_for(args.device),
+            build = [sys.executable, "-m", "llmops", "base-model", "--profile", profile_for(args.device),
                      *[a for o in args.overrides for a in ("--set", o)]]
             cmd = ["bash", "-c", '"$@" --device cuda || { echo "[gpu-smoke] the build on cuda failed: on the CPU";'
                    ' "$@"; }', "base", *build] if args.device == "cuda" else build
         else:
-            cmd = [sys.executable, "-m", "benchmarks.gpu_smoke", "--step", name, *_child_args(args)]
+            cmd = [sys.executable, "-m", "llmops", "bench", "gpu-smoke", "--step", name, *_child_args(args)]
         t = time.time()
         timeout = int(min(timeout, left))
         print(f"[gpu-smoke] {name} ...", flush=True)
@@ -479,6 +470,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run_step(args, args.step)
     return orchestrate(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -34,4 +34,4 @@ WRAP
   echo "[gpu-smoke] environments from the kit in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/setup.log"
 fi
 [ -x .venv/bin/python ] || { echo "[gpu-smoke] .venv is missing: run make setup"; exit 2; }
-exec .venv/bin/python -m benchmarks.gpu_smoke --out "$OUT" --device "$DEVICE" "$@"
+exec .venv/bin/python -m llmops bench gpu-smoke --out "$OUT" --device "$DEVICE" "$@"

@@ -10,14 +10,9 @@
 Everything runs in a temporary registry, gateway database and data folder: the user's registry is only read (its
 champion is copied in as v1). Writes docs/BENCHMARKS.md (section loop).
 
-    .venv/bin/python -m benchmarks.loop [--rows 10000] [--pairs 120] [--steps 100]
+    .venv/bin/python -m llmops bench loop [--rows 10000] [--pairs 120] [--steps 100]
 """
 from __future__ import annotations
-
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
-
-    guard_this_process()
 
 import argparse
 import json
@@ -28,22 +23,18 @@ import time
 import uuid
 from pathlib import Path
 
-from workspace import offline
-
-offline.apply()
-
-from eval.evaluate import evaluate  # noqa: E402
-from eval.gate import GateFailed  # noqa: E402
-from flows.leaderboard import leaderboard_flow  # noqa: E402
-from flows.loop import loop_flow  # noqa: E402
-from serving.card import gate_rows  # noqa: E402
-from serving.gateway import GatewayDb, harvest_feedback  # noqa: E402
-from serving.registry import champion_info, fetch_version_cached, promote  # noqa: E402
-from benchmarks.report import update_section  # noqa: E402
-from workspace.config import add_cli_args, load_config  # noqa: E402
-from workspace.model_ref import base_model  # noqa: E402
-from workspace.paths import resolve  # noqa: E402
-from workspace.tracking import configure, stage_run  # noqa: E402
+from eval.evaluate import evaluate
+from eval.gate import GateFailed
+from flows.leaderboard import leaderboard_flow
+from flows.loop import loop_flow
+from serving.card import gate_rows
+from serving.gateway import GatewayDb, harvest_feedback
+from serving.registry import champion_info, fetch_version_cached, promote
+from benchmarks.report import update_section
+from workspace.config import add_cli_args, load_config
+from workspace.model_ref import base_model
+from workspace.paths import resolve
+from workspace.tracking import configure, stage_run
 
 
 def _fill_gateway(db: GatewayDb, items: list[dict], rows: int, votes: int) -> None:
@@ -213,6 +204,3 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

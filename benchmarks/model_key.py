@@ -6,7 +6,7 @@ headers, sizes, sampled blocks; first call, then the memoised second call in the
 every byte (what the workspace did before, once per stage). Also checks that the key changes when the weights
 are rewritten with other values of the same shape. Writes docs/BENCHMARKS.md (section model-key).
 
-    .venv/bin/python -m benchmarks.model_key [--gib 4.2]
+    .venv/bin/python -m llmops bench model-key [--gib 4.2]
 """
 from __future__ import annotations
 
@@ -127,6 +127,3 @@ def main(argv: list[str] | None = None) -> int:
         update_section("model-key", "Model reference: the cache key of a large base model", "make bench-model-key", body)
     return 0 if float(first_s) < 1 and other_key != key else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

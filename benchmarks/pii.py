@@ -7,7 +7,7 @@ separators, full-width digits); the target for them is under 100 ms each. The de
 characters) are the most work per character the masker can be given: they are linear too, and reported as they are.
 Also checks that a 4x longer text takes about 4x (not 16x) as long. Writes docs/BENCHMARKS.md (section pii).
 
-    .venv/bin/python -m benchmarks.pii [--size 1000000] [--no-write]
+    .venv/bin/python -m llmops bench pii [--size 1000000] [--no-write]
 """
 from __future__ import annotations
 
@@ -89,6 +89,3 @@ def main(argv: list[str] | None = None) -> int:
         update_section("pii", "PII masking speed (1 MB texts)", "make bench-pii", body)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,11 +1,11 @@
 """`make bench-pipeline`: the pipeline's own time on the profile, from nothing and then cached.
 
-Runs `python -m flows.pipeline` twice, as a fresh clone would after `make setup` (environments and base model
+Runs `python -m llmops pipeline` twice, as a fresh clone would after `make setup` (environments and base model
 present): the MLflow store, processed data, adapters, Qdrant folder and Prefect results all start empty (in a
 temporary folder, so the workspace's own state is untouched). Writes the per-stage seconds of both runs to
 docs/BENCHMARKS.md (section pipeline). Targets (issue: pipeline): first run < 15 min, second < 10% of the first.
 
-    .venv/bin/python -m benchmarks.pipeline [--profile cpu_smoke]
+    .venv/bin/python -m llmops bench pipeline [--profile cpu_smoke]
 """
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ def cached_sentence(summary: dict) -> str:
     return f"in the second run these stages were NOT cached: {listed}."
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(ap)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     iso = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts",
            f"data.output_dir={tmp}/processed", f"finetune.output_dir={tmp}/adapters", f"rag.qdrant.path={tmp}/qdrant"]
-    argv = [sys.executable, "-m", "flows.pipeline", "--config", args.config or "configs/pipeline.yaml",
+    argv = [sys.executable, "-m", "llmops", "pipeline", "--config", args.config or "configs/pipeline.yaml",
             *(["--profile", args.profile] if args.profile else []), *[a for o in list(args.overrides) + iso for a in ("--set", o)]]
     env = offline.subprocess_env(extra={"PREFECT_HOME": str(tmp / "prefect"), "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "storage")})
     runs = []
@@ -79,6 +79,3 @@ def main() -> int:
     print(json.dumps({"first_s": round(runs[0][1], 1), "second_s": round(runs[1][1], 1), "ratio": round(ratio, 4)}))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,11 +2,10 @@
 resolving both CUDA locks for Linux x86-64 / Python 3.11 (uv, no install), `make plan --no-hardware-check` for every
 GPU profile (both engines' parsers, one start each), and each profile's training and serving fit per GPU.
 
-    .venv/bin/python -m benchmarks.plan
+    .venv/bin/python -m llmops bench plan
 """
 from __future__ import annotations
 
-import sys
 import time
 
 from finetune.fit import train_fit
@@ -18,7 +17,7 @@ from workspace.config import load_config
 from workspace.paths import PROFILES
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     checks = [lock.check_lock(v) for v in lock.VARIANTS]
     lock_s = time.perf_counter() - t0
@@ -57,6 +56,3 @@ def main() -> int:
     print(body)
     return 0 if all(r.ok for r in checks) and all(p.ok for p in plans) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Benchmark of the prepare stage: 100,000 generated alpaca rows (with a sprinkle of PII, duplicates and bad
 rows) through validation, cleaning, masking, token counting, dedup, split and the atomic write.
 
-    .venv/bin/python -m benchmarks.prepare [--rows 100000]      (make bench-prepare)
+    .venv/bin/python -m llmops bench prepare [--rows 100000]      (make bench-prepare)
 
 Target (issue: dataset preparation): under 60 s on the 2-core machine. Writes docs/BENCHMARKS.md.
 """
@@ -16,14 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from workspace import offline
-
-offline.apply()
-
-from datagen.screens import generate  # noqa: E402
-from finetune.prepare import prepare_dataset  # noqa: E402
-from benchmarks.report import update_section  # noqa: E402
-from workspace.config import load_config  # noqa: E402
+from datagen.screens import generate
+from finetune.prepare import prepare_dataset
+from benchmarks.report import update_section
+from workspace.config import load_config
 
 
 def write_rows(path: Path, n: int, seed: int = 0) -> dict:
@@ -84,11 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             f"the length histogram and the atomic write (peak RSS of the whole process, before the run {rss0 / 1024:.0f} MB)."
         )
         if not args.no_write:
-            update_section("prepare", "Dataset preparation throughput", f"make bench-prepare  (python -m benchmarks.prepare --rows {args.rows})", body)
+            update_section("prepare", "Dataset preparation throughput", f"make bench-prepare  (python -m llmops bench prepare --rows {args.rows})", body)
         return 0 if seconds < 60 else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,7 +2,7 @@
 corpus and for a synthetic corpus of N chunks, and query latency p50/p95 per mode; retrieval quality of all three
 modes on the shipped QA set.
 
-    .venv/bin/python -m benchmarks.rag [--synthetic-chunks 10000]      (make bench-rag)
+    .venv/bin/python -m llmops bench rag [--synthetic-chunks 10000]      (make bench-rag)
 
 Writes docs/BENCHMARKS.md.
 """
@@ -15,14 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from workspace import offline
-
-offline.apply()
-
-from rag.index import DenseEmbedder, SparseEncoder, build_index, open_client, retrieval_metrics  # noqa: E402
-from benchmarks.report import update_section  # noqa: E402
-from workspace.config import load_config  # noqa: E402
-from workspace.paths import DATA_RAW  # noqa: E402
+from rag.index import DenseEmbedder, SparseEncoder, build_index, open_client, retrieval_metrics
+from benchmarks.report import update_section
+from workspace.config import load_config
+from workspace.paths import DATA_RAW
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(body)
         if not args.no_write:
             update_section("rag", "RAG: indexing speed and retrieval quality",
-                           f"make bench-rag  (python -m benchmarks.rag --synthetic-chunks {args.synthetic_chunks})", body)
+                           f"make bench-rag  (python -m llmops bench rag --synthetic-chunks {args.synthetic_chunks})", body)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

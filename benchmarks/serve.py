@@ -5,7 +5,7 @@ two servers. Results: a table, docs/BENCHMARKS.md (section serve), plots and an 
 version's run (metrics `serve/<step>/<metric>` and `baseline/<step>/<metric>`), the SLO verdict of
 `gate.slo`, and vLLM's /metrics cross-checked against the client.
 
-    .venv/bin/python -m benchmarks.serve [--set serving.bench.concurrency=[1,5]] [--set serving.bench.baseline=none]
+    .venv/bin/python -m llmops bench serve [--set serving.bench.concurrency=[1,5]] [--set serving.bench.baseline=none]
 """
 from __future__ import annotations
 
@@ -17,27 +17,23 @@ import sys
 import time
 from pathlib import Path
 
-from workspace import offline
+from rich.console import Console
+from rich.table import Table
 
-offline.apply()
-
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from serving.bench import (BenchError, StepResult, TransformersServer, as_dict, build_prompts, clamp_prompt,  # noqa: E402
+from serving.bench import (BenchError, StepResult, TransformersServer, as_dict, build_prompts, clamp_prompt,
                            merged_model, plot, run_step, slo_rules, workload_texts, write_dataset)
-from serving.registry import PromotionError  # noqa: E402
-from serving.serve import champion_model_name, champion_server  # noqa: E402
-from workspace.endpoint import EndpointError  # noqa: E402
-from workspace.vllm_server import ServerError, VllmServer, free_port  # noqa: E402
-from benchmarks.report import update_section  # noqa: E402
-from workspace.config import ConfigError, LoadedConfig, SloConfig, add_cli_args, load_config  # noqa: E402
-from workspace.device import resolve_dtype, serving_device  # noqa: E402
-from workspace.locks import LockBusy  # noqa: E402
-from workspace.paths import CACHE, ROOT, resolve  # noqa: E402
+from serving.registry import PromotionError
+from serving.serve import champion_model_name, champion_server
+from workspace.endpoint import EndpointError
+from workspace.vllm_server import ServerError, VllmServer, free_port
+from benchmarks.report import update_section
+from workspace.config import ConfigError, LoadedConfig, SloConfig, add_cli_args, load_config
+from workspace.device import resolve_dtype, serving_device
+from workspace.locks import LockBusy
+from workspace.paths import CACHE, ROOT, resolve
 
 DOCS = ROOT / "docs"
-from workspace.tracking import configure, run_tags  # noqa: E402
+from workspace.tracking import configure, run_tags
 
 
 def _fmt(v: float, nd: int = 0) -> str:
@@ -221,8 +217,8 @@ def report(results: list[StepResult], slo_rows: list[dict], slo_step: StepResult
           "end-to-end latency and throughput are not); vLLM's TTFT agrees with its own /metrics."
           + lora_cost(results) + "\n"
           + f"\nSLO of this profile (gate.slo) on step {slo_step.step}:\n" + slo_md(slo_rows) + "\n"
-          + (f"\nThe service plan's KPIs (the schema defaults: TTFT p50 < 1.5 s at 2k, >= 30 requests/min at 5 "
-             f"sessions, < 1% errors) on the same step:\n" + slo_md(plan_rows) + "\n" if plan_rows else ""))
+          + ("\nThe service plan's KPIs (the schema defaults: TTFT p50 < 1.5 s at 2k, >= 30 requests/min at 5 "
+             "sessions, < 1% errors) on the same step:\n" + slo_md(plan_rows) + "\n" if plan_rows else ""))
     return t, md
 
 
@@ -254,11 +250,11 @@ def render_saved(loaded: LoadedConfig, path: Path) -> int:
     return 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(ap)
     ap.add_argument("--render", default=None, help="re-render docs/BENCHMARKS.md from a saved serve_bench.json (no run)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     try:
         if args.render:
             return render_saved(load_config(args.config, args.profile, args.overrides), Path(args.render))
@@ -269,6 +265,3 @@ def main() -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

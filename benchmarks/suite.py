@@ -5,7 +5,7 @@ view (setup check and import contracts included), reads pytest's own summary (pa
 the random seed, and writes docs/BENCHMARKS.md (section tests). A lane that fails writes nothing and exits 1.
 Tests themselves never assert times; this is where the times live.
 
-    .venv/bin/python -m benchmarks.suite [--full]
+    .venv/bin/python -m llmops bench suite [--full]
 """
 from __future__ import annotations
 
@@ -62,6 +62,3 @@ def main(argv: list[str] | None = None) -> int:
                    body)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,14 +21,9 @@ Needs a champion in the configured registry (`make pipeline` first) and the pack
 (postgresql, redis-server, prometheus). Runs in a temporary folder (LLMOPS_CACHE and PREFECT_HOME point there): the
 user's registry is only read. Writes docs/BENCHMARKS.md (section team-host). About 5 minutes on 2 cores.
 
-    .venv/bin/python -m benchmarks.team_host [--keep] [--no-write]
+    .venv/bin/python -m llmops bench team-host [--keep] [--no-write]
 """
 from __future__ import annotations
-
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
-
-    guard_this_process()
 
 import argparse
 import contextlib
@@ -43,18 +38,16 @@ from pathlib import Path
 
 from workspace import offline
 
-offline.apply()
+import httpx
 
-import httpx  # noqa: E402
-
-from benchmarks.report import update_section  # noqa: E402
-from serving.gateway import GatewayDb  # noqa: E402
-from serving.registry import champion_info, fetch_version_cached, promote  # noqa: E402
-from workspace.config import add_cli_args, load_config  # noqa: E402
-from workspace.paths import ROOT, VENVS  # noqa: E402
-from workspace.pgserver import create_database, postgres_bin, throwaway_postgres  # noqa: E402
-from workspace.processes import ManagedProcess, port_is_free  # noqa: E402
-from workspace.tracking import configure, stage_run  # noqa: E402
+from benchmarks.report import update_section
+from serving.gateway import GatewayDb
+from serving.registry import champion_info, fetch_version_cached, promote
+from workspace.config import add_cli_args, load_config
+from workspace.paths import ROOT, VENVS
+from workspace.pgserver import create_database, postgres_bin, throwaway_postgres
+from workspace.processes import ManagedProcess, port_is_free
+from workspace.tracking import configure, stage_run
 
 PORTS = {"PostgreSQL": 5432, "Redis": 6379, "MLflow server": 5000, "Prefect server": 4200, "vLLM replica 1": 8000,
          "vLLM replica 2": 8001, "gateway": 8080, "Prometheus": 9090}  # docs/team-service.md's table
@@ -146,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             artifacts = work / "mlflow-artifacts"
             mlflow_cmd = [str(VENVS["workspace"] / "bin" / "mlflow"), "server", "--backend-store-uri", mlflow_db,
                           "--serve-artifacts", "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
-                          "--port", "5000", "--workers", "1"]
+                          "--port", "5000", "--workers", "1", "--expose-prometheus", str(work / "mlflow-metrics")]
             with reh.step("MLflow server", "mlflow server --backend-store-uri postgresql+psycopg://.../mlflow "
-                          "--serve-artifacts --artifacts-destination DIR --host 127.0.0.1 --port 5000", "5000") as r:
+                          "--serve-artifacts --artifacts-destination DIR --host 127.0.0.1 --port 5000 "
+                          "--expose-prometheus DIR", "5000") as r:
                 server = reh.background("mlflow-server", mlflow_cmd, "http://127.0.0.1:5000/health", timeout=180)
                 stack.callback(server.stop)
                 r["text"] = f"up (PID {server.pid}), backend store on PostgreSQL"
@@ -226,14 +220,15 @@ def main(argv: list[str] | None = None) -> int:
                 stack.callback(prom.stop)
                 exprs = ["gateway:requests_per_minute:rate5m", "gateway:ttft_seconds:p50_5m"]
                 deadline, seen, up = time.monotonic() + 150, {}, {}
-                while time.monotonic() < deadline and (len(seen) < len(exprs) or len(up) < 3):
-                    client.chat.completions.create(model="champion", max_tokens=8,
-                                                   messages=[{"role": "user", "content": PROMPT}])
+                while time.monotonic() < deadline and (len(seen) < len(exprs) or len(up) < 4):
+                    stream = client.chat.completions.create(model="champion", max_tokens=8, stream=True,
+                                                            messages=[{"role": "user", "content": PROMPT}])
+                    "".join(c.choices[0].delta.content or "" for c in stream if c.choices)  # TTFT: streamed only
                     time.sleep(3)
                     up = {f"{s['metric']['job']}@{s['metric']['instance']}": s["value"][1]
-                          for s in _query(9090, 'up{job=~"gateway|vllm"}') if s["value"][1] == "1"}
+                          for s in _query(9090, 'up{job=~"gateway|vllm|mlflow"}') if s["value"][1] == "1"}
                     seen = {e: _query(9090, e) for e in exprs if _query(9090, e)}
-                if len(seen) < len(exprs) or len(up) < 3:
+                if len(seen) < len(exprs) or len(up) < 4:
                     raise RuntimeError(f"targets up: {sorted(up)}; rules with data: {sorted(seen)}; "
                                        f"log {prom.log_path}")
                 per_replica = {s["metric"]["instance"]: float(s["value"][1])
@@ -303,6 +298,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[team-host] FAILED: {failed}", file=sys.stderr)
     return 0 if ok else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,3 +7,8 @@
   gate.py           the rules and the paired bootstrap
 Imports workspace/ only; never another stage package.
 """
+from workspace import offline
+
+# DeepEval reads DEEPEVAL_TELEMETRY_OPT_OUT when it is imported: switched off here, before any module of this package
+# (judge.py, metrics.py, rag_quality.py import deepeval) can import it, also from a notebook or a test
+offline.telemetry_off()

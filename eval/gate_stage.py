@@ -169,7 +169,7 @@ def refusal_text(decision: GateDecision, gate_md: Path, report_md: Path, items: 
     lines += [f"  also failed: '{r.name}' on {r.metric}" for r in failed[1:4]]
     lines += [f"  gate table: {gate_md}", f"  evaluation report: {report_md}", "  next:"]
     metric = first.metric if first.metric.startswith("eval/custom/") else "eval/custom/screens/xml_valid"
-    lines.append(f"    - read the worst items:  .venv/bin/python -m eval.inspect_items {items} --metric {metric}")
+    lines.append(f"    - read the worst items:  .venv/bin/python -m llmops inspect-items {items} --metric {metric}")
     lines.append(f"    - retrain with another seed or setting:  make pipeline SET=\"project.seed={seed + 1}\"  "
                  "(or SET=\"finetune.max_steps=... finetune.learning_rate=...\"; make calibrate-gate measures a recipe)")
     lines.append("    - the gate alone, against the current champion (or the base), after any change:  make gate")

@@ -1,7 +1,7 @@
 """Print the evaluated items that scored lowest on one metric: what a person reads after the gate refused a
 candidate (the refusal prints this command with the candidate's items file).
 
-    .venv/bin/python -m eval.inspect_items <items.jsonl> --metric xml_valid [--limit 5]
+    .venv/bin/python -m llmops inspect-items <items.jsonl> --metric xml_valid [--limit 5]
 """
 from __future__ import annotations
 
@@ -48,7 +48,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"output:    {out[:600]}{' ...' if len(out) > 600 else ''}")
         print(f"reference: {r.get('reference', '')[:300]}\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,16 +14,12 @@ import copy
 import json
 from typing import Optional
 
-from workspace import offline
+from deepeval.metrics import GEval
+from deepeval.models import DeepEvalBaseLLM
+from deepeval.test_case import LLMTestCase, SingleTurnParams
+
+from workspace.config import JudgeConfig
 from workspace.endpoint import Endpoint, EndpointError
-
-offline.telemetry_off()  # DEEPEVAL_TELEMETRY_OPT_OUT must be set before deepeval is imported
-
-from deepeval.metrics import GEval  # noqa: E402
-from deepeval.models import DeepEvalBaseLLM  # noqa: E402
-from deepeval.test_case import LLMTestCase, SingleTurnParams  # noqa: E402
-
-from workspace.config import JudgeConfig  # noqa: E402
 
 
 class JudgeUnavailable(RuntimeError):

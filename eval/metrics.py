@@ -13,12 +13,8 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from typing import Optional
 
-from workspace import offline
-
-offline.telemetry_off()  # DEEPEVAL_TELEMETRY_OPT_OUT must be set before deepeval is imported
-
-from deepeval.metrics import BaseMetric  # noqa: E402
-from deepeval.test_case import LLMTestCase  # noqa: E402
+from deepeval.metrics import BaseMetric
+from deepeval.test_case import LLMTestCase
 
 FIELD_TAGS = ("Column", "Field")
 

@@ -12,19 +12,15 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from workspace import offline
+from deepeval.test_case import LLMTestCase
 
-offline.telemetry_off()  # DEEPEVAL_TELEMETRY_OPT_OUT must be set before deepeval is imported
-
-from deepeval.test_case import LLMTestCase  # noqa: E402
-
-from eval.generate import generate_hf, generate_openai  # noqa: E402
-from eval.judge import check_judge  # noqa: E402
-from eval.metrics import _RuleMetric  # noqa: E402
-from workspace.config import EvalConfig  # noqa: E402
-from workspace.device import resolve_dtype  # noqa: E402
-from workspace.endpoint import Endpoint  # noqa: E402
-from workspace.model_ref import ModelRef  # noqa: E402
+from eval.generate import generate_hf, generate_openai
+from eval.judge import check_judge
+from eval.metrics import _RuleMetric
+from workspace.config import EvalConfig
+from workspace.device import resolve_dtype
+from workspace.endpoint import Endpoint
+from workspace.model_ref import ModelRef
 
 CITATION = re.compile(r"\[([^\[\]]+)\]")
 

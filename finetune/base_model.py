@@ -2,7 +2,7 @@
 Qwen2-architecture causal LM, pretrained on the shipped Korean/English text (data/raw/pretrain).
 
 Called by `make base-model` (and `make setup` when the model is missing):
-    python -m finetune.base_model [--config configs/pipeline.yaml] [--set base_model.build.steps=300] [--force]
+    python -m llmops base-model [--config configs/pipeline.yaml] [--set base_model.build.steps=300] [--force]
 Deterministic for a seed; skipped when models/base-tiny already holds a build of the same inputs. The
 model card (base_model_card.json) records the held-out perplexity of the trained model and of the same
 architecture untrained, so anyone can see it is a real base model, not a random one.
@@ -255,7 +255,3 @@ def main(argv: list[str] | None = None) -> int:
     build_base_model(cfg.base_model.build, resolve(args.out or cfg.base_model.path), force=args.force,
                      device=args.device)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
 """A local Prefect server + process worker for the deployments in prefect.yaml (`make prefect-up`, `make deploy-run`).
 
-    .venv/bin/python -m flows.deploy up        # server on 127.0.0.1:4200, work pool, deployments, worker (background)
-    .venv/bin/python -m flows.deploy run pipeline/default --param profile=cpu_smoke --param 'overrides=["finetune.lora_rank=16"]'
-    .venv/bin/python -m flows.deploy status
-    .venv/bin/python -m flows.deploy down      # stops the worker and the server, by the PIDs this module recorded
+    .venv/bin/python -m llmops deploy up        # server on 127.0.0.1:4200, work pool, deployments, worker (background)
+    .venv/bin/python -m llmops deploy run pipeline/default --param profile=cpu_smoke --param 'overrides=["finetune.lora_rank=16"]'
+    .venv/bin/python -m llmops deploy status
+    .venv/bin/python -m llmops deploy down      # stops the worker and the server, by the PIDs this module recorded
 
 The server keeps its database under PREFECT_HOME (.prefect/ in the workspace); the worker runs each flow run as
 a subprocess with this workspace as its working directory. A team's Prefect server is the same prefect.yaml
@@ -23,12 +23,10 @@ from typing import Optional
 
 from workspace import offline
 
-offline.apply()
+import httpx
 
-import httpx  # noqa: E402
-
-from workspace.paths import ROOT  # noqa: E402
-from workspace.processes import ManagedProcess, ProcessError, recorded_pid, stop_recorded  # noqa: E402
+from workspace.paths import ROOT
+from workspace.processes import ManagedProcess, ProcessError, recorded_pid, stop_recorded
 
 POOL = "local-process"
 
@@ -195,6 +193,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,31 +2,20 @@
 items (eval/evaluate_stage.py), after the rag stage when RAG is enabled (its checked contexts feed the RAG answer
 quality). Needs a finished finetune run (`make finetune`).
 
-    .venv/bin/python -m flows.evaluate [--set eval.backend=vllm] [--set eval.custom_limit=50]
+    .venv/bin/python -m llmops evaluate [--set eval.backend=vllm] [--set eval.custom_limit=50]
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
+from prefect import flow
 
-    guard_this_process()
-
-import sys
-
-from workspace import offline
-
-offline.apply()
-
-from prefect import flow  # noqa: E402
-
-from finetune.finetune_stage import FINETUNE  # noqa: E402
-from finetune.prepare_stage import PREPARE  # noqa: E402
-from flows._cli import run_flow_cli  # noqa: E402
-from flows.champion import resolve_init_adapter  # noqa: E402
-from flows.pipeline import evaluate_candidate  # noqa: E402
-from flows.runner import StageRunner  # noqa: E402
-from workspace.config import load_config  # noqa: E402
-from workspace.locks import workspace_lock  # noqa: E402
+from finetune.finetune_stage import FINETUNE
+from finetune.prepare_stage import PREPARE
+from flows._cli import run_flow_cli
+from flows.champion import resolve_init_adapter
+from flows.pipeline import evaluate_candidate
+from flows.runner import StageRunner
+from workspace.config import load_config
+from workspace.locks import workspace_lock
 
 
 @flow(name="evaluate")  # not log_prints: lm-eval prints task internals
@@ -41,5 +30,5 @@ def evaluate_flow(config: str | None = None, profile: str | None = None, overrid
         return evaluated.model_dump()
 
 
-if __name__ == "__main__":
-    sys.exit(run_flow_cli(__doc__, evaluate_flow))
+def main(argv: list[str] | None = None) -> int:
+    return run_flow_cli(__doc__, evaluate_flow, argv=argv)

@@ -2,34 +2,24 @@
 with LLaMA-Factory in the train env -> adapter verification -> manifest (finetune/finetune_stage.py), recorded in
 an MLflow stage run with live metrics and the loss curve.
 
-    .venv/bin/python -m flows.finetune [--profile cpu_tiny] [--set finetune.lora_rank=16] [--set finetune.max_steps=50]
-    NODE_RANK=1 MASTER_ADDR=... .venv/bin/python -m flows.finetune --worker --profile ... --set finetune.nnodes=2
+    .venv/bin/python -m llmops finetune [--profile cpu_tiny] [--set finetune.lora_rank=16] [--set finetune.max_steps=50]
+    NODE_RANK=1 MASTER_ADDR=... .venv/bin/python -m llmops finetune --worker --profile ... --set finetune.nnodes=2
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
-
-    guard_this_process()
-
 import os
-import sys
 from pathlib import Path
 
-from workspace import offline
+from prefect import flow
 
-offline.apply()
-
-from prefect import flow  # noqa: E402
-
-from finetune.finetune_stage import FINETUNE, FinetuneInputs  # noqa: E402
-from finetune.prepare_stage import PREPARE  # noqa: E402
-from finetune.train import train_worker  # noqa: E402
-from flows._cli import run_flow_cli  # noqa: E402
-from flows.champion import resolve_init_adapter  # noqa: E402
-from flows.runner import StageRunner  # noqa: E402
-from workspace.config import load_config  # noqa: E402
-from workspace.locks import workspace_lock  # noqa: E402
+from finetune.finetune_stage import FINETUNE, FinetuneInputs
+from finetune.prepare_stage import PREPARE
+from finetune.train import train_worker
+from flows._cli import run_flow_cli
+from flows.champion import resolve_init_adapter
+from flows.runner import StageRunner
+from workspace.config import load_config
+from workspace.locks import workspace_lock
 
 
 @flow(name="finetune", log_prints=True)
@@ -47,6 +37,6 @@ def finetune_flow(config: str | None = None, profile: str | None = None, overrid
                                                    force=force)).model_dump()
 
 
-if __name__ == "__main__":
-    sys.exit(run_flow_cli(__doc__, finetune_flow, extra=lambda ap: ap.add_argument(
-        "--worker", action="store_true", help="a NODE_RANK > 0 host of a multi-host run: train only (rank 0 records)")))
+def main(argv: list[str] | None = None) -> int:
+    return run_flow_cli(__doc__, finetune_flow, argv=argv, extra=lambda ap: ap.add_argument(
+        "--worker", action="store_true", help="a NODE_RANK > 0 host of a multi-host run: train only (rank 0 records)"))

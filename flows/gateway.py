@@ -2,28 +2,19 @@
 front of the replicas `make serve` runs; `make token NAME=alice ROLE=user|admin` creates an API token and prints it
 once (only its SHA-256 digest is stored).
 
-    .venv/bin/python -m flows.gateway [--port 8080]
-    .venv/bin/python -m flows.gateway --token NAME [--role user|admin]
+    .venv/bin/python -m llmops gateway [--port 8080]
+    .venv/bin/python -m llmops gateway --token NAME [--role user|admin]
 """
 from __future__ import annotations
-
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
-
-    guard_this_process()
 
 import argparse
 import sys
 
-from workspace import offline
-
-offline.apply()
-
-from serving.gateway import GatewayDb, GatewayDbError, database_url, parse_lifetime  # noqa: E402
-from serving.serve import with_serve_key  # noqa: E402
-from workspace.config import ConfigError, add_cli_args, load_config  # noqa: E402
-from workspace.processes import port_is_free  # noqa: E402
-from workspace.tracking import configure  # noqa: E402
+from serving.gateway import GatewayDb, GatewayDbError, database_url, parse_lifetime
+from serving.serve import with_serve_key
+from workspace.config import ConfigError, add_cli_args, load_config
+from workspace.processes import port_is_free
+from workspace.tracking import configure
 
 
 def usage_text(host: str, port: int, model: str = "champion") -> str:
@@ -87,6 +78,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[error] {exc}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

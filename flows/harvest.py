@@ -1,31 +1,22 @@
 """`make harvest [SINCE=2026-11-01 | SINCE_VERSION=3]`: the gateway's ratings, corrections and arena votes as data
 the prepare stage reads (serving/gateway/harvest.py), under data.feedback.dir (data/raw/feedback/<date>/).
 
-    .venv/bin/python -m flows.harvest [--since DATE | --since-version N]
+    .venv/bin/python -m llmops harvest [--since DATE | --since-version N]
 
 With neither, everything collected so far (the prepare stage removes rows that were harvested before).
 Turn the harvest into training data with `data.feedback.enabled: true` (`make loop` does it for its own run).
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
-
-    guard_this_process()
-
 import argparse
 import sys
 from typing import Optional
 
-from workspace import offline
+from rich.console import Console
+from rich.table import Table
 
-offline.apply()
-
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from serving.gateway import GatewayDbError, Harvest, HarvestError, harvest_feedback, parse_since  # noqa: E402
-from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config  # noqa: E402
+from serving.gateway import GatewayDbError, Harvest, HarvestError, harvest_feedback, parse_since
+from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config
 
 
 def harvest_table(h: Harvest) -> Table:
@@ -62,6 +53,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,42 +5,32 @@ serving numbers where `make bench-serve` measured the version. Evaluations are c
 bytes, the items, the settings), so adding one model evaluates only that one. Writes leaderboard.md/.json/.png under
 <data.output_dir>/leaderboard/ and logs them with per-model metrics in an MLflow run `leaderboard`.
 
-    .venv/bin/python -m flows.leaderboard [--profile cpu_smoke]
+    .venv/bin/python -m llmops leaderboard [--profile cpu_smoke]
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
-
-    guard_this_process()
-
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from workspace import offline
+from prefect import flow
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-offline.apply()
-
-from prefect import flow  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.markdown import Markdown  # noqa: E402
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
-
-from eval.evaluate import evaluate  # noqa: E402
-from eval.leaderboard import Row, scores, write  # noqa: E402
-from finetune.prepare_stage import PREPARE  # noqa: E402
-from flows._cli import run_flow_cli  # noqa: E402
-from flows.pipeline import test_file  # noqa: E402
-from flows.runner import StageRunner  # noqa: E402
-from serving.registry import fetch_version_cached, list_versions  # noqa: E402
-from workspace.config import LoadedConfig, load_config  # noqa: E402
-from workspace.locks import workspace_lock  # noqa: E402
-from workspace.model_ref import ModelNotFound, ModelRef, base_model  # noqa: E402
-from workspace.paths import CACHE, resolve  # noqa: E402
-from workspace.tracking import configure, stage_run  # noqa: E402
+from eval.evaluate import evaluate
+from eval.leaderboard import Row, scores, write
+from finetune.prepare_stage import PREPARE
+from flows._cli import run_flow_cli
+from flows.pipeline import test_file
+from flows.runner import StageRunner
+from serving.registry import fetch_version_cached, list_versions
+from workspace.config import LoadedConfig, load_config
+from workspace.locks import workspace_lock
+from workspace.model_ref import ModelNotFound, ModelRef, base_model
+from workspace.paths import CACHE, resolve
+from workspace.tracking import configure, stage_run
 
 
 def candidates(loaded: LoadedConfig) -> list[tuple[ModelRef, str, str, Optional[str]]]:
@@ -138,5 +128,5 @@ def leaderboard_flow(config: Optional[str] = None, profile: Optional[str] = None
             "models": [r.name for r in rows], "evaluated_now": [r.name for r in rows if not r.cached]}
 
 
-if __name__ == "__main__":
-    sys.exit(run_flow_cli(__doc__, leaderboard_flow))
+def main(argv: list[str] | None = None) -> int:
+    return run_flow_cli(__doc__, leaderboard_flow, argv=argv)

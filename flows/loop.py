@@ -11,38 +11,28 @@ pending until the candidate has arena votes; and a pass registers it as `candida
 gateway's canary (`serving.gateway.canary`, alias candidate) and arena then serve it. Promotion stays a decision:
 `make promote VERSION=n` gates it again with its arena votes and prints what the canary saw.
 
-    .venv/bin/python -m flows.loop [--since 2026-11-01] [--profile cpu_smoke] [--set loop.stage=sft]
+    .venv/bin/python -m llmops loop [--since 2026-11-01] [--profile cpu_smoke] [--set loop.stage=sft]
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
-
-    guard_this_process()
-
-import sys
 import time
 from typing import Optional
 
-from workspace import offline
+from prefect import flow
 
-offline.apply()
-
-from prefect import flow  # noqa: E402
-
-from finetune.finetune_stage import FINETUNE, FinetuneInputs  # noqa: E402
-from finetune.prepare_stage import PREPARE, PrepareInputs  # noqa: E402
-from flows._cli import run_flow_cli  # noqa: E402
-from flows.champion import resolve_init_adapter  # noqa: E402
-from flows.harvest import harvest_table  # noqa: E402
-from flows.pipeline import console_for_logs, evaluate_candidate, gate_candidate, promote_candidate  # noqa: E402
-from flows.runner import StageRunner  # noqa: E402
-from flows.summary import run_summarised, run_url  # noqa: E402
-from serving.gateway import harvest_feedback, parse_since, since_of_version  # noqa: E402
-from serving.registry import champion_info  # noqa: E402
-from workspace.config import LoadedConfig, load_config  # noqa: E402
-from workspace.locks import workspace_lock  # noqa: E402
-from workspace.tracking import configure, pipeline_run  # noqa: E402
+from finetune.finetune_stage import FINETUNE, FinetuneInputs
+from finetune.prepare_stage import PREPARE, PrepareInputs
+from flows._cli import run_flow_cli
+from flows.champion import resolve_init_adapter
+from flows.harvest import harvest_table
+from flows.pipeline import console_for_logs, evaluate_candidate, gate_candidate, promote_candidate
+from flows.runner import StageRunner
+from flows.summary import run_summarised, run_url
+from serving.gateway import harvest_feedback, parse_since, since_of_version
+from serving.registry import champion_info
+from workspace.config import LoadedConfig, load_config
+from workspace.locks import workspace_lock
+from workspace.tracking import configure, pipeline_run
 
 
 def loop_overrides(loaded: LoadedConfig, has_champion: bool) -> list[str]:
@@ -114,5 +104,5 @@ def _options(ap) -> None:
     ap.add_argument("--since", default=None, help="harvest from this ISO date (default: since the champion was registered)")
 
 
-if __name__ == "__main__":
-    sys.exit(run_flow_cli(__doc__, loop_flow, _options))
+def main(argv: list[str] | None = None) -> int:
+    return run_flow_cli(__doc__, loop_flow, _options, argv=argv)

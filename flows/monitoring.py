@@ -3,7 +3,7 @@
 admin token of the gateway named `prometheus`, and vLLM's key), checks them with promtool when it is installed
 (`make setup` installs Debian's prometheus), and prints the command that starts Prometheus.
 
-    .venv/bin/python -m flows.monitoring [--profile l4x1_qwen7b_qlora] [--out DIR]
+    .venv/bin/python -m llmops monitoring [--profile l4x1_qwen7b_qlora] [--out DIR]
 """
 from __future__ import annotations
 
@@ -46,6 +46,3 @@ def main(argv: list[str] | None = None) -> int:
           "e.g. gateway:ttft_seconds:p50_5m)")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
     prepare -> finetune -> rag -> evaluate -> slo -> gate -> promote -> serve check
 
-    .venv/bin/python -m flows.pipeline [--profile cpu_tiny] [--set finetune.lora_rank=16] [--force] [--no-serve-check]
+    .venv/bin/python -m llmops pipeline [--profile cpu_tiny] [--set finetune.lora_rank=16] [--force] [--no-serve-check]
 
 This file only wires: the order, what each stage hands the next, the parent run and the summary. Every stage is
 a workspace/stage.py contract in its own package; each is a Prefect task cached under the stage's own key
@@ -18,11 +18,6 @@ Exit codes: 0 done, 2 an error (named), 3 the gate refused the candidate.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
-
-    guard_this_process()
-
 import argparse
 import json
 import sys
@@ -30,34 +25,27 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from prefect import flow
+from rich.console import Console
+
+from eval.evaluate_stage import EVALUATE, EvaluateInputs, EvaluateOutputs
+from eval.gate import GateFailed
+from eval.gate_stage import GATE, GateInputs, GateOutputs, Reference
+from finetune.finetune_stage import FINETUNE, FinetuneInputs, FinetuneOutputs
+from finetune.prepare_stage import PREPARE, PrepareInputs, PrepareOutputs
+from flows.champion import resolve_init_adapter
+from flows.runner import KNOWN_ERRORS, StageRunner
+from flows.summary import run_summarised, run_url
+from rag.rag_stage import RAG, RagOutputs
+from serving.promote_stage import PROMOTE, PromoteInputs, PromoteOutputs
+from serving.registry import champion_info, gate_reference, version_of_run
+from serving.serve_check_stage import SERVE_CHECK, ServeCheckInputs
+from serving.slo_stage import SLO, SloInputs, slo_rows
 from workspace import offline
-
-offline.apply()
-
-from flows.deploy import use_local_server_if_up  # noqa: E402
-
-_API = use_local_server_if_up()  # a server from `make prefect-up`: runs show in its UI; else a temporary local API
-
-from prefect import flow  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-from eval.evaluate_stage import EVALUATE, EvaluateInputs, EvaluateOutputs  # noqa: E402
-from eval.gate import GateFailed  # noqa: E402
-from eval.gate_stage import GATE, GateInputs, GateOutputs, Reference  # noqa: E402
-from finetune.finetune_stage import FINETUNE, FinetuneInputs, FinetuneOutputs  # noqa: E402
-from finetune.prepare_stage import PREPARE, PrepareInputs, PrepareOutputs  # noqa: E402
-from flows.champion import resolve_init_adapter  # noqa: E402
-from flows.runner import KNOWN_ERRORS, StageRunner  # noqa: E402
-from flows.summary import run_summarised, run_url  # noqa: E402
-from rag.rag_stage import RAG, RagOutputs  # noqa: E402
-from serving.promote_stage import PROMOTE, PromoteInputs, PromoteOutputs  # noqa: E402
-from serving.registry import champion_info, gate_reference, version_of_run  # noqa: E402
-from serving.serve_check_stage import SERVE_CHECK, ServeCheckInputs  # noqa: E402
-from serving.slo_stage import SLO, SloInputs, slo_rows  # noqa: E402
-from workspace.config import LoadedConfig, add_cli_args, load_config  # noqa: E402
-from workspace.device import require_cuda  # noqa: E402
-from workspace.locks import workspace_lock  # noqa: E402
-from workspace.tracking import configure, pipeline_run  # noqa: E402
+from workspace.config import LoadedConfig, add_cli_args, load_config
+from workspace.device import require_cuda
+from workspace.locks import workspace_lock
+from workspace.tracking import configure, pipeline_run
 
 
 # ------------------------------------------------------------------------------ the stages, in order
@@ -178,6 +166,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """`make plan PROFILE=<name>`: a preflight that runs nothing expensive and says, per stage, whether the profile
 will work on this machine, before hours of work.
 
-    .venv/bin/python -m flows.plan --profile cuda_tiny [--no-hardware-check] [--profile another ...]
+    .venv/bin/python -m llmops plan --profile cuda_tiny [--no-hardware-check] [--profile another ...]
 
 For each profile it writes under .cache/plan/<profile>/ and prints:
   - the resolved configuration (config.yaml, with its hash);
@@ -307,6 +307,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     console.print(f"[green]plan: {', '.join(p.profile for p in plans)} ready[/]")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

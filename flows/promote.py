@@ -11,44 +11,33 @@ canary and arena): it is gated against the champion on the same items, with the 
 a `preference` rule is configured, the canary's usage and votes are printed, and a pass moves `champion` to it
 (`previous` to the old champion) and appends the decision to its model card.
 
-    .venv/bin/python -m flows.promote [--gate-only] [--rollback] [--version N] [--card N]
+    .venv/bin/python -m llmops promote [--gate-only] [--rollback] [--version N] [--card N]
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
+import json
+from pathlib import Path
 
-    guard_this_process()
+import mlflow
+from prefect import flow
+from rich.console import Console
+from rich.table import Table
 
-import sys
+from eval.gate_stage import GATE, GateInputs, Reference
 
-from workspace import offline
-
-offline.apply()
-
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import mlflow  # noqa: E402
-from prefect import flow  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from eval.gate_stage import GATE, GateInputs, Reference  # noqa: E402
-
-from finetune.finetune_stage import FINETUNE  # noqa: E402
-from finetune.prepare_stage import PREPARE  # noqa: E402
-from flows._cli import run_flow_cli  # noqa: E402
-from flows.champion import resolve_init_adapter  # noqa: E402
-from flows.pipeline import arena_tally, evaluate_candidate, gate_candidate, promote_candidate, test_file  # noqa: E402
-from flows.runner import StageRunner  # noqa: E402
-from serving.card import CARD, model_card, with_promotion  # noqa: E402
-from serving.promote_stage import floors_only_over_full  # noqa: E402
-from serving.registry import (MAX_DESCRIPTION, PromotionError, champion_info, fetch_version_cached,  # noqa: E402
+from finetune.finetune_stage import FINETUNE
+from finetune.prepare_stage import PREPARE
+from flows._cli import run_flow_cli
+from flows.champion import resolve_init_adapter
+from flows.pipeline import arena_tally, evaluate_candidate, gate_candidate, promote_candidate, test_file
+from flows.runner import StageRunner
+from serving.card import CARD, model_card, with_promotion
+from serving.promote_stage import floors_only_over_full
+from serving.registry import (MAX_DESCRIPTION, PromotionError, champion_info, fetch_version_cached,
                               promote_version, rollback, version_info)
-from workspace.config import load_config  # noqa: E402
-from workspace.locks import workspace_lock  # noqa: E402
-from workspace.tracking import configure  # noqa: E402
+from workspace.config import load_config
+from workspace.locks import workspace_lock
+from workspace.tracking import configure
 
 
 @flow(name="promote")
@@ -165,6 +154,3 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_flow_cli(__doc__, dispatch, _options, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,30 +3,19 @@ retrieval for dense, sparse and hybrid search (rag/rag_stage.py); the hybrid hit
 `gate.rag_min_hit_at_5`. `make ask Q="..."` retrieves and answers with the served model (`make serve`), citing
 document ids, through the shared endpoint client (the API key from `serving.api_key_env`).
 
-    .venv/bin/python -m flows.rag [--set rag.mode=dense]
-    .venv/bin/python -m flows.rag --ask "해오름 지사는 어느 도시에 있습니까?" [--endpoint http://127.0.0.1:8000/v1]
+    .venv/bin/python -m llmops rag [--set rag.mode=dense]
+    .venv/bin/python -m llmops rag --ask "해오름 지사는 어느 도시에 있습니까?" [--endpoint http://127.0.0.1:8000/v1]
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
+from prefect import flow
 
-    guard_this_process()
-
-import sys
-
-from workspace import offline
-
-offline.apply()
-
-from prefect import flow  # noqa: E402
-
-from flows._cli import run_flow_cli  # noqa: E402
-from flows.runner import StageRunner  # noqa: E402
-from rag.rag_stage import RAG, ask  # noqa: E402
-from serving.serve import champion_endpoint, with_serve_key  # noqa: E402
-from workspace.config import load_config  # noqa: E402
-from workspace.locks import workspace_lock  # noqa: E402
+from flows._cli import run_flow_cli
+from flows.runner import StageRunner
+from rag.rag_stage import RAG, ask
+from serving.serve import champion_endpoint, with_serve_key
+from workspace.config import load_config
+from workspace.locks import workspace_lock
 
 
 @flow(name="rag")
@@ -62,6 +51,3 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_flow_cli(__doc__, dispatch, _options, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,14 +2,9 @@
 processes on PORT, PORT+1, ... (serving/supervisor.py keeps the replicas file the gateway follows and, in merged
 mode, replaces the replicas when the champion moves).
 
-    .venv/bin/python -m flows.serve [--port 8000]
+    .venv/bin/python -m llmops serve [--port 8000]
 """
 from __future__ import annotations
-
-if __name__ == "__main__":  # a command: re-run under workspace/guard.py first (nothing it starts outlives it)
-    from workspace.processes import guard_this_process
-
-    guard_this_process()
 
 import argparse
 import shutil
@@ -18,19 +13,15 @@ import sys
 import time
 from typing import Optional
 
-from workspace import offline
-
-offline.apply()
-
-from serving.registry import CHAMPION, PromotionError, alias_version  # noqa: E402
-from serving.serve import champion_server, usage, with_serve_key  # noqa: E402
-from serving.supervisor import REPLICAS_FILE, Supervisor  # noqa: E402
-from workspace.config import ConfigError, adapter_mode, add_cli_args, load_config  # noqa: E402
-from workspace.paths import CACHE  # noqa: E402
-from workspace.processes import free_port  # noqa: E402
-from workspace.endpoint import EndpointError  # noqa: E402
-from workspace.tracking import configure  # noqa: E402
-from workspace.vllm_server import ServerError  # noqa: E402
+from serving.registry import CHAMPION, PromotionError, alias_version
+from serving.serve import champion_server, usage, with_serve_key
+from serving.supervisor import REPLICAS_FILE, Supervisor
+from workspace.config import ConfigError, adapter_mode, add_cli_args, load_config
+from workspace.paths import CACHE
+from workspace.processes import free_port
+from workspace.endpoint import EndpointError
+from workspace.tracking import configure
+from workspace.vllm_server import ServerError
 
 
 def launcher(loaded, port: Optional[int]):
@@ -64,11 +55,11 @@ def launcher(loaded, port: Optional[int]):
     return launch
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(ap)
     ap.add_argument("--port", type=int, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     try:
         loaded = load_config(args.config, args.profile, args.overrides)
         loaded = with_serve_key(loaded, args.config, args.profile, args.overrides)
@@ -102,6 +93,3 @@ def main() -> int:
     finally:
         sup.stop()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -62,7 +62,8 @@ def rules(loaded: LoadedConfig) -> dict:
          "annotations": {"summary": f"under {_fmt(slo.min_requests_per_min)} requests/min with {slo.concurrency} or "
                                     "more in flight (gate.slo.min_requests_per_min, gate.slo.concurrency)"}},
         {"alert": "TargetDown", "expr": "up == 0", "for": "2m", "labels": {"severity": "critical"},
-         "annotations": {"summary": "a scrape target is down (gateway, a vLLM replica or Prometheus)"}},
+         "annotations": {"summary": "a scrape target is down (gateway, a vLLM replica, the MLflow server or "
+                                                   "Prometheus)"}},
         {"alert": "AvailabilityLow", "expr": f"job:up:avg1h < {_fmt(slo.availability)}", "labels": {"severity": "critical"},
          "annotations": {"summary": f"a job was up less than {_fmt(slo.availability * 100)}% of the last hour "
                                     "(gate.slo.availability)"}},
@@ -87,8 +88,22 @@ def scrape_config(loaded: LoadedConfig, folder: Path) -> dict:
             {"job_name": "vllm", "metrics_path": "/metrics", **bearer(SERVE_KEY),
              "static_configs": [{"targets": vllm}]},
             {"job_name": "prometheus", "static_configs": [{"targets": ["127.0.0.1:9090"]}]},
+            *_mlflow_job(loaded.config.tracking.uri),
         ],
     }
+
+
+def _mlflow_job(uri: str) -> list[dict]:
+    """A scrape job for the MLflow tracking server when tracking.uri names one (http/https): the server exposes
+    /metrics when it runs with `--expose-prometheus DIR` (docs/team-service.md's command). A local store: none."""
+    from urllib.parse import urlparse
+
+    u = urlparse(uri)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return []
+    port = u.port or (443 if u.scheme == "https" else 80)
+    return [{"job_name": "mlflow", "metrics_path": "/metrics", "scheme": u.scheme,
+             "static_configs": [{"targets": [f"{u.hostname}:{port}"]}]}]
 
 
 def _bucket_series(alias: str, low: float, high: float, per_min: int, minutes: int) -> list[dict]:

@@ -103,7 +103,7 @@ def test_the_judge_sends_the_key(keyed):
 
 
 def test_make_ask_sends_the_key(keyed):
-    proc = subprocess.run([sys.executable, "-m", "flows.rag", "--ask", "가온 지사는 어디에 있나요?", "--endpoint",
+    proc = subprocess.run([sys.executable, "-m", "llmops", "rag", "--ask", "가온 지사는 어디에 있나요?", "--endpoint",
                            keyed["server"].base_url, "--model", "base", "--set", "rag.qdrant.location=memory",
                            *[a for o in OVR for a in ("--set", o)]],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)

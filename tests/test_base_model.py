@@ -107,10 +107,10 @@ def test_force_never_rebuilds_the_base_model():
 
     for target in ("prepare", "pipeline", "finetune", "test"):
         out = subprocess.run(["make", "-n", target, "FORCE=1"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
-        build = [line for line in out.splitlines() if "finetune.base_model" in line]
+        build = [line for line in out.splitlines() if "-m llmops base-model" in line]
         assert build and not any("--force" in line for line in build), (target, build)
     out = subprocess.run(["make", "-n", "rebuild-base-model"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
-    assert any("finetune.base_model" in line and "--force" in line for line in out.splitlines())
+    assert any("-m llmops base-model" in line and "--force" in line for line in out.splitlines())
 
 
 def test_the_fingerprint_covers_the_weights_not_the_build_record(tmp_path):
@@ -146,7 +146,8 @@ def test_every_make_target_is_defined_once_and_runs_its_own_command():
     assert len(targets) == len(set(targets)), sorted(t for t in targets if targets.count(t) > 1)
     run = lambda *a: subprocess.run(["make", "-n", *a], cwd=ROOT, capture_output=True, text=True, timeout=60)  # noqa: E731
     assert "warning" not in run("help").stderr
-    for target, module in (("ui", "workspace.ui"), ("prefect-ui", "flows.deploy server"), ("gateway", "flows.gateway"),
-                           ("serve", "flows.serve"), ("bench-gateway", "benchmarks.gateway")):
+    for target, module in (("ui", "-m llmops ui"), ("prefect-ui", "-m llmops deploy server"),
+                           ("gateway", "-m llmops gateway"), ("serve", "-m llmops serve"),
+                           ("bench-gateway", "-m llmops bench gateway")):
         assert any(module in line for line in run(target).stdout.splitlines()), target  # under `make test` too
     assert "--token \"alice\" --role admin" in run("token", "NAME=alice", "ROLE=admin").stdout

@@ -32,7 +32,7 @@ def test_calibrate_gate_prints_the_evidence_and_a_config_line(tmp_path):
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
             "finetune.max_steps=3", "finetune.save_steps=3", "finetune.verify_prompts=2", "eval.limit=4",
             "eval.custom_limit=6", "eval.max_new_tokens=24", "eval.kobest_tasks=[kobest_boolq]"]
-    argv = [sys.executable, "-m", "benchmarks.gate", "--calibrate", "--seeds", "1,2",
+    argv = [sys.executable, "-m", "llmops", "bench", "gate", "--calibrate", "--seeds", "1,2",
             *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.run(argv, cwd=ROOT, env=offline.subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -166,13 +166,13 @@ def test_a_killed_command_takes_prefects_temporary_server_with_it(tmp_path):
 
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
     env.pop("LLMOPS_GUARD_PID", None)
-    guard = subprocess.Popen([sys.executable, "-m", "flows.prepare", "--force", "--set", f"data.output_dir={tmp_path}"],
+    guard = subprocess.Popen([sys.executable, "-m", "llmops", "prepare", "--force", "--set", f"data.output_dir={tmp_path}"],
                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline, flow, server = time.monotonic() + 120, None, None
         while time.monotonic() < deadline and server is None:
             kids = _children(guard.pid)
-            flow = next((k for k in kids if "flows.prepare" in _cmdline(k)), None)
+            flow = next((k for k in kids if "llmops prepare" in _cmdline(k)), None)
             server = next((k for k in _children(flow) if "uvicorn" in _cmdline(k)), None) if flow else None
             assert guard.poll() is None, "the command ended before its Prefect server was seen"
             time.sleep(0.1)

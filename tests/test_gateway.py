@@ -335,7 +335,7 @@ def test_token_names_are_checked_reusable_after_revocation_and_the_database_is_p
     assert mode == 0o600, oct(mode)
     # make token REVOKE=NAME, as a command, on a database of its own
     url = f"sqlite:///{tmp_path}/cmd.db"
-    run = [sys.executable, "-m", "flows.gateway", "--set", f"serving.gateway.database_url={url}"]
+    run = [sys.executable, "-m", "llmops", "gateway", "--set", f"serving.gateway.database_url={url}"]
     made = subprocess.run(run + ["--token", "gina"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     gone = subprocess.run(run + ["--revoke", "gina"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     again = subprocess.run(run + ["--revoke", "nobody"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -378,7 +378,7 @@ def test_tokens_can_expire_and_an_older_database_gains_the_column(served, regist
         db.create_token("temp3", "user", dt.timedelta(0))
     # make token NAME=... EXPIRES=30d
     url = f"sqlite:///{tmp_path}/cmd.db"
-    made = subprocess.run([sys.executable, "-m", "flows.gateway", "--set", f"serving.gateway.database_url={url}",
+    made = subprocess.run([sys.executable, "-m", "llmops", "gateway", "--set", f"serving.gateway.database_url={url}",
                            "--token", "hana", "--expires", "30d"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0 and "valid for 30d" in made.stdout, made.stderr
     # a database made before tokens could expire (no expires_at column): opened, it gains the column, old tokens work

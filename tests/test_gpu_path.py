@@ -272,7 +272,7 @@ def test_rendered_gpu_config_carries_deepspeed_precision_and_checkpointing(tmp_p
 
 # ------------------------------------------------------------------------------------------- make plan
 def _plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.plan", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "llmops", "plan", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
 
 

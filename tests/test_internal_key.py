@@ -75,7 +75,7 @@ def test_make_gateway_as_a_command_serves_and_sends_the_shared_key(tmp_path):
     token = GatewayDb(database_url(loaded)).create_token("cmd", "user")
     port = free_port("127.0.0.1")
     with Upstream() as up:
-        argv = [sys.executable, "-m", "flows.gateway", "--port", str(port),
+        argv = [sys.executable, "-m", "llmops", "gateway", "--port", str(port),
                 *[a for s in sets + [f"serving.gateway.upstreams=['{up.base_url}']"] for a in ("--set", s)]]
         env = {k: v for k, v in os.environ.items() if k != INTERNAL_KEY_ENV}
         # a session of its own, as a terminal gives a command: Ctrl-C below reaches its whole process group

@@ -25,8 +25,8 @@ RULES = ('[{"name": "adapter-changes-outputs", "kind": "adapter_changes_outputs"
          '{"name": "people-prefer-it", "kind": "preference", "min_votes": 6, "confidence": 0.9}]')
 
 
-def _cmd(module: str, sets: list[str], *extra: str, env: dict, timeout: float = 1200) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", module, "--profile", "cpu_smoke", *[a for s in sets for a in ("--set", s)], *extra]
+def _cmd(command: str, sets: list[str], *extra: str, env: dict, timeout: float = 1200) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "llmops", command, "--profile", "cpu_smoke", *[a for s in sets for a in ("--set", s)], *extra]
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -98,7 +98,7 @@ def test_feedback_to_dpo_candidate_to_champion(tmp_path, promote_random_adapter,
         assert manifest["counts"]["sft_rows"] == 4 and manifest["versions"] == {"1": 10, "2": 6}
 
         t0 = time.monotonic()
-        loop = _cmd("flows.loop", sets, env=env)
+        loop = _cmd("loop", sets, env=env)
         loop_s = time.monotonic() - t0
         assert loop.returncode == 0, loop.stdout[-4000:] + loop.stderr[-3000:]
         out = " ".join(loop.stdout.split())  # (rich wraps long lines at the log width)
@@ -134,12 +134,12 @@ def test_feedback_to_dpo_candidate_to_champion(tmp_path, promote_random_adapter,
         assert pref["passed"] and pref["detail"].startswith("pending: 0 of 6")
 
         # promotion is a decision: without votes on v3 the preference rule refuses it (exit 3)
-        refused = _cmd("flows.promote", sets, "--version", "3", env=env, timeout=900)
+        refused = _cmd("promote", sets, "--version", "3", env=env, timeout=900)
         assert refused.returncode == 3, refused.stdout[-3000:] + refused.stderr[-2000:]
         assert "too few votes" in refused.stderr + refused.stdout
         time.sleep(0.5)  # the gateway re-reads the aliases (candidate is v3 now)
         vote_for(gw.url, "3", 6, "재고 화면을 만들어 주세요")
-        promoted = _cmd("flows.promote", sets, "--version", "3", env=env, timeout=900)
+        promoted = _cmd("promote", sets, "--version", "3", env=env, timeout=900)
         assert promoted.returncode == 0, promoted.stdout[-3000:] + promoted.stderr[-2000:]
         assert "gateway evidence: v3 vs champion v1" in promoted.stdout
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
@@ -152,14 +152,14 @@ def test_feedback_to_dpo_candidate_to_champion(tmp_path, promote_random_adapter,
     assert "win rate 1.000 (6 won, 0 lost, 0 tied; v3 vs v1)" in card
 
     # the leaderboard: the base model and the three versions on identical items, each with a card
-    board = _cmd("flows.leaderboard", sets, env=env, timeout=900)
+    board = _cmd("leaderboard", sets, env=env, timeout=900)
     assert board.returncode == 0, board.stdout[-3000:] + board.stderr[-2000:]
     md = (tmp_path / "processed" / "leaderboard" / "leaderboard.md").read_text(encoding="utf-8")
     table = [line for line in md.splitlines() if line.startswith("| ") and "|---" not in line]
     assert [line.split(" | ")[0] for line in table[1:5]] == ["| base", "| v1", "| v2", "| v3"]
     assert "COPA acc" in table[0] and "COPA F1" in table[0] and "char_ngram_f1" in table[0]
     assert (tmp_path / "processed" / "leaderboard" / "leaderboard.png").stat().st_size > 10_000
-    again = _cmd("flows.leaderboard", sets, env=env, timeout=600)  # everything cached: nothing is evaluated again
+    again = _cmd("leaderboard", sets, env=env, timeout=600)  # everything cached: nothing is evaluated again
     assert again.returncode == 0 and "(0 evaluated now, the rest cached)" in again.stdout
     for v in ("1", "2"):  # registered without a card (the fixture's bundles): one is made from their files
         assert promote_main(args + ["--card", v]) == 0 and f"# Model card: {NAME} v{v}" in capsys.readouterr().out

@@ -53,6 +53,24 @@ def test_the_scrape_config_and_the_alert_tests_pass_promtool_for_every_profile(p
     assert f"< {slo.availability:g}" in text
 
 
+def test_a_tracking_server_is_scraped_and_a_local_store_is_not(tmp_path):
+    """tracking.uri naming an MLflow server (run with --expose-prometheus, docs/team-service.md): a job `mlflow` on its
+    host and port, credentials in the URL left out; promtool accepts it. A local store: no such job."""
+    from serving.monitoring import scrape_config
+
+    local = scrape_config(load_config(), tmp_path)
+    assert "mlflow" not in {j["job_name"] for j in local["scrape_configs"]}
+    loaded = load_config(overrides=["tracking.uri=https://team:secret@mlflow.internal:5443"])
+    job = next(j for j in scrape_config(loaded, tmp_path)["scrape_configs"] if j["job_name"] == "mlflow")
+    assert job["static_configs"] == [{"targets": ["mlflow.internal:5443"]}] and job["scheme"] == "https"
+    assert "secret" not in yaml.safe_dump(job)
+    write(loaded, tmp_path)
+    for name in (GATEWAY_TOKEN, SERVE_KEY):
+        (tmp_path / name).write_text("secret\n")
+    checked = run("check", "config", CONFIG, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_a_wrong_threshold_fails_the_alert_tests(tmp_path):
     write(load_config(), tmp_path)
     rules_file = tmp_path / RULES

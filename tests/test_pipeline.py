@@ -33,7 +33,7 @@ def ws(tmp_path_factory):
     env = offline.subprocess_env(extra={"PREFECT_HOME": str(tmp / "prefect"), "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "storage")})
 
     def run(*extra: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
-        argv = [sys.executable, "-m", "flows.pipeline",  # no --profile: configs/pipeline.yaml's own, as make pipeline
+        argv = [sys.executable, "-m", "llmops", "pipeline",  # no --profile: configs/pipeline.yaml's own, as make pipeline
                 *[a for o in overrides for a in ("--set", o)], *extra]
         t0 = time.monotonic()
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -179,14 +179,14 @@ def test_a_refused_candidate_leaves_the_registry_as_it_was(ws):
     err = proc.stderr.split("[gate] gate failed:", 1)[1]  # the workspace's message (Prefect's own log line is a repr)
     assert "nothing was promoted; e2e-assistant@champion is still v1 and keeps serving" in err
     assert "rule 'char-ngram-f1-improves'" in err and "gate table:" in err and "evaluation report:" in err
-    assert "python -m eval.inspect_items" in err and 'SET="project.seed=' in err and "make gate" in err
+    assert "python -m llmops inspect-items" in err and 'SET="project.seed=' in err and "make gate" in err
     assert "\\n" not in err  # one line per item, not an escaped repr of the message
     assert _registry_state(ws, "e2e-assistant") == before
     _, parents = _parents(ws)
     tags = parents[-1].data.tags
     assert tags["stage.finetune"] == "cached" and tags["stage.evaluate"] == "cached" and tags["stage.gate"] == "failed"
-    items = re.search(r"inspect_items (\S+) --metric (\S+)", err)
-    shown = subprocess.run([sys.executable, "-m", "eval.inspect_items", items.group(1), "--metric", items.group(2)],
+    items = re.search(r"inspect-items (\S+) --metric (\S+)", err)
+    shown = subprocess.run([sys.executable, "-m", "llmops", "inspect-items", items.group(1), "--metric", items.group(2)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "prompt:" in shown.stdout and "reference:" in shown.stdout, shown.stderr
 
@@ -252,7 +252,7 @@ def test_pipeline_deployment_runs_through_a_local_server_and_worker(ws):
     """prefect.yaml -> `prefect deploy` on a process work pool -> worker -> `prefect deployment run ... --watch`."""
     port = free_port()
     env = {**ws["env"], "PREFECT_HOME": str(ws["tmp"] / "prefect-server")}
-    deploy = [sys.executable, "-m", "flows.deploy"]
+    deploy = [sys.executable, "-m", "llmops", "deploy"]
     try:
         up = subprocess.run([*deploy, "up", "--port", str(port)], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
@@ -281,7 +281,7 @@ def test_pipeline_deployment_runs_through_a_local_server_and_worker(ws):
 # ------------------------------------------------------------------------------------ serving SLO and load bench
 def _promote_gate_only(ws, *sets: str) -> subprocess.CompletedProcess:
     # the fixture's default-profile candidate (finished, so `make promote` finds it), served and load-tested briefly
-    argv = [sys.executable, "-m", "flows.promote", "--gate-only",
+    argv = [sys.executable, "-m", "llmops", "promote", "--gate-only",
             *[a for o in ws["overrides"] + ["tracking.registered_model=e2e-slo", "gate.slo.required=true",
                                             "gate.slo.requests=10", "gate.slo.prompt_tokens=1024", *sets]
               for a in ("--set", o)]]

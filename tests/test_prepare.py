@@ -413,7 +413,7 @@ def test_a_directory_as_a_source_ends_with_one_line_and_exit_2(tmp_path):
     folder.mkdir()
     jsonl(folder / "a.jsonl", [good_alpaca(1)])
     flag = f"data.sources=[{{path: '{folder}'}}]"
-    proc = subprocess.run([sys.executable, "-m", "flows.prepare", "--set", flag, "--set", f"data.output_dir={tmp_path / 'p'}"],
+    proc = subprocess.run([sys.executable, "-m", "llmops", "prepare", "--set", flag, "--set", f"data.output_dir={tmp_path / 'p'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]

@@ -124,7 +124,7 @@ def checks(base_model: str, envs: tuple[str, ...] = ("workspace", "train", "serv
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
@@ -152,7 +152,3 @@ def main() -> int:
         return 1
     console.print("[green]all three environments are healthy[/]")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

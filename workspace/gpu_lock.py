@@ -12,8 +12,8 @@ package metadata, for the platform they will be installed on:
 old lock is caught (`--check`), and `--check` also re-resolves every lock for the target platform: a pin that
 vanished from the index, a conflict, or a dependency the lock forgot fails it, without installing anything.
 
-    python -m workspace.gpu_lock            # (re)write requirements/train-gpu.lock and serve-gpu.lock
-    python -m workspace.gpu_lock --check    # stale or unresolvable lock -> exit 1, naming the lock and the package
+    python -m llmops gpu-lock            # (re)write requirements/train-gpu.lock and serve-gpu.lock
+    python -m llmops gpu-lock --check    # stale or unresolvable lock -> exit 1, naming the lock and the package
 """
 from __future__ import annotations
 
@@ -177,7 +177,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[lock] {variant}: {exc}", file=sys.stderr)
             rc = 1
     return rc
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""The offline and telemetry environment variables, applied once, by the entry points (flows/*, make targets).
+"""The offline and telemetry environment variables, applied once, by the one command line (llmops/cli.py, which
+every make target runs).
 
 `apply(hub_enabled)` sets them in this process before deepeval, mlflow, prefect or transformers are imported;
 `subprocess_env()` returns a copy of os.environ with them, for commands run in the train/serve envs.

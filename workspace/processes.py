@@ -32,10 +32,10 @@ def guarded(argv: Sequence[str], parent: Optional[int] = None) -> list[str]:
 
 
 def guard_this_process() -> None:
-    """Called first by the workspace's commands (flows/*): re-run this very command line under the guard, once, so
-    what it starts that the workspace does not manage itself (Prefect's temporary API server, a uvicorn process)
-    also dies when the command is killed, by SIGKILL too. The guard takes this PID (exec) and stays the child of
-    whoever started the command (make, a shell, a test). LLMOPS_NO_GUARD=1 turns it off."""
+    """Called first by the workspace's one command line (llmops/cli.py): re-run this very command line under the
+    guard, once, so what it starts that the workspace does not manage itself (Prefect's temporary API server, a
+    uvicorn process) also dies when the command is killed, by SIGKILL too. The guard takes this PID (exec) and stays
+    the child of whoever started the command (make, a shell, a test). LLMOPS_NO_GUARD=1 turns it off."""
     if os.environ.get("LLMOPS_GUARD_PID") == str(os.getppid()) or os.environ.get("LLMOPS_NO_GUARD") == "1":
         return
     sys.stdout.flush()

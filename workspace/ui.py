@@ -1,6 +1,6 @@
 """`make ui`: the MLflow UI on the configured store, on 127.0.0.1 with one worker, until Ctrl-C.
 
-    .venv/bin/python -m workspace.ui [--port 5000] [--config ...]
+    .venv/bin/python -m llmops ui [--port 5000] [--config ...]
 
 Compare pipeline runs: open the experiment, tick two `pipeline-*` parent runs, Compare (their params are the
 flattened config, their metrics the candidate's scores, the gate and the registry version).
@@ -16,11 +16,11 @@ from workspace.config import ConfigError, add_cli_args, load_config
 from workspace.tracking import artifact_location, tracking_uri
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(ap)
     ap.add_argument("--port", type=int, default=5000)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.profile, args.overrides).config.tracking
     except ConfigError as exc:
@@ -39,7 +39,3 @@ def main() -> int:
     from workspace.processes import guarded
 
     os.execv(sys.executable, guarded(argv, parent=os.getppid()))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
