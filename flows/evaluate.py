@@ -12,7 +12,7 @@ from finetune.finetune_stage import FINETUNE
 from finetune.prepare_stage import PREPARE
 from flows._cli import run_flow_cli
 from flows.champion import resolve_init_adapter
-from flows.pipeline import evaluate_candidate
+from flows.segments import evaluate_candidate
 from flows.runner import StageRunner
 from workspace.config import load_config
 from workspace.locks import workspace_lock

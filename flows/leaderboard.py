@@ -23,7 +23,7 @@ from eval.evaluate import evaluate
 from eval.leaderboard import Row, scores, write
 from finetune.prepare_stage import PREPARE
 from flows._cli import run_flow_cli
-from flows.pipeline import test_file
+from flows.segments import test_file
 from flows.runner import StageRunner
 from serving.registry import fetch_version_cached, list_versions
 from workspace.config import LoadedConfig, load_config

@@ -25,7 +25,7 @@ from finetune.prepare_stage import PREPARE, PrepareInputs
 from flows._cli import run_flow_cli
 from flows.champion import resolve_init_adapter
 from flows.harvest import harvest_table
-from flows.pipeline import console_for_logs, evaluate_candidate, gate_candidate, promote_candidate
+from flows.segments import console_for_logs, evaluate_candidate, gate_candidate, promote_candidate
 from flows.runner import StageRunner
 from flows.summary import run_summarised, run_url
 from serving.gateway import harvest_feedback, parse_since, since_of_version

@@ -29,7 +29,7 @@ from finetune.finetune_stage import FINETUNE
 from finetune.prepare_stage import PREPARE
 from flows._cli import run_flow_cli
 from flows.champion import resolve_init_adapter
-from flows.pipeline import arena_tally, evaluate_candidate, gate_candidate, promote_candidate, test_file
+from flows.segments import arena_tally, evaluate_candidate, gate_candidate, promote_candidate, test_file
 from flows.runner import StageRunner
 from serving.card import CARD, model_card, with_promotion
 from serving.promote_stage import floors_only_over_full
