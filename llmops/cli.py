@@ -11,9 +11,8 @@ Before the command's module is imported, it does what every command needs, once:
    (otherwise Prefect starts a temporary local API for the run).
 Then the rest of the command line goes to the command module's own `main(argv)`.
 
-Written with argparse rather than click or typer: the dispatch is one table and the commands keep their own
-parsers; and the lent GPU machine's kit (benchmarks/gpu_smoke.sh runs `llmops bench gpu-smoke` there) carries
-neither click nor typer.
+Written with argparse rather than click or typer: the dispatch is one table, and each command keeps its own
+argparse parser (its --help, its errors), which a click or typer group would only pass the arguments through to.
 """
 from __future__ import annotations
 
