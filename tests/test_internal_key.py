@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from serving.gateway.app import Gateway
+from serving.gateway.core import Gateway
 from workspace.config import load_config
 from workspace.endpoint import INTERNAL_KEY_ENV, internal_key_overrides
 from workspace.vllm_server import VllmServer
