@@ -23,7 +23,5 @@ def resolve_init_adapter(loaded: LoadedConfig) -> LoadedConfig:
                             f"{name} has no champion yet: promote one first, or unset it")
     adapter = fetch_version_cached(name, champ["version"]) / "adapter"
     print(f"[finetune] starting from the champion's adapter: {name} v{champ['version']} ({adapter})")
-    new = loaded.config.model_copy(update={"finetune": ft.model_copy(update={"init_adapter": str(adapter)})})
-    return type(loaded)(config=new, profile=loaded.profile,
-                        sources=loaded.sources + (f"finetune.init_adapter: champion = v{champ['version']}",),
-                        origins=loaded.origins)
+    return loaded.with_values(f"finetune.init_adapter: champion = v{champ['version']}",
+                              {"finetune.init_adapter": str(adapter)})

@@ -35,19 +35,31 @@ from workspace.locks import workspace_lock
 from workspace.tracking import configure, pipeline_run
 
 
-def loop_overrides(loaded: LoadedConfig, has_champion: bool) -> list[str]:
-    """What the loop sets for its own run, on top of the user's config."""
+def loop_settings(loaded: LoadedConfig, has_champion: bool) -> dict[str, object]:
+    """What the loop sets for its own run, on top of the user's config (typed values, laid over it by
+    LoadedConfig.with_values)."""
     lp = loaded.config.loop
-    out = [f"finetune.stage={lp.stage}", "data.feedback.enabled=true"]
+    out: dict[str, object] = {"finetune.stage": lp.stage, "data.feedback.enabled": True}
     if lp.learning_rate is not None:
-        out.append(f"finetune.learning_rate={lp.learning_rate:g}")
+        out["finetune.learning_rate"] = lp.learning_rate
     if lp.max_steps is not None:
-        out.append(f"finetune.max_steps={lp.max_steps}")
+        out["finetune.max_steps"] = lp.max_steps
     if lp.pref_ftx is not None and lp.stage == "dpo":
-        out.append(f"finetune.pref_ftx={lp.pref_ftx:g}")
+        out["finetune.pref_ftx"] = lp.pref_ftx
     if lp.from_champion and has_champion:
-        out.append("finetune.init_adapter=champion")
+        out["finetune.init_adapter"] = "champion"
     return out
+
+
+def _shown(values: dict[str, object]) -> str:
+    """key=value as a person would write it after --set (true, 1, 5e-05)."""
+    def one(v: object) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, float) and v.is_integer():
+            return str(int(v))
+        return str(v)
+    return " ".join(f"{k}={one(v)}" for k, v in values.items())
 
 
 @flow(name="loop")
@@ -70,9 +82,9 @@ def loop_flow(config: Optional[str] = None, profile: Optional[str] = None, overr
             console.print(f"[loop] {n} harvested rows and pairs < loop.min_items {user.config.loop.min_items}: nothing "
                           "to learn from yet; collect ratings, corrections and arena votes in the gateway")
             return {"stopped": "too little feedback", "harvest": got.manifest}
-        extra = loop_overrides(user, champ is not None)
-        console.print(f"[loop] this run's settings on top of the config: {' '.join(extra)}")
-        loaded = resolve_init_adapter(load_config(config, profile, (overrides or []) + extra))
+        extra = loop_settings(user, champ is not None)
+        console.print(f"[loop] this run's settings on top of the config: {_shown(extra)}")
+        loaded = resolve_init_adapter(user.with_values("the loop's settings (loop.*)", extra))
         runner = StageRunner(loaded, console, force)
         with pipeline_run(loaded, name=f"loop-{loaded.hash[:8]}") as parent:
             console.print(f"[bold]loop[/] profile {loaded.profile}, config {loaded.hash[:12]}, MLflow run "

@@ -141,3 +141,34 @@ def test_booleans_for_numbers_and_zero_steps_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
     assert load_config(overrides=["finetune.max_steps=-1", "finetune.bf16=true"]).config.finetune.max_steps == -1
+
+
+@pytest.mark.parametrize("profile", ["cpu_tiny", "cpu_smoke", "rtx3090x2_qwen14b_qlora", "a100x1_qwen32b_qlora"])
+def test_with_values_of_nothing_is_the_same_config(profile):
+    loaded = load_config(profile=profile)
+    again = loaded.with_values("nothing", {})
+    assert again.hash == loaded.hash and again.config == loaded.config
+    assert again.sources == loaded.sources + ("nothing",)
+
+
+def test_with_values_lays_typed_values_over_and_names_their_source():
+    loaded = load_config(overrides=["finetune.lora_rank=16"])
+    run = loaded.with_values("the loop's settings", {"finetune.learning_rate": 1.2345678e-5, "data.feedback.enabled": True,
+                                                    "finetune.stage": "dpo"})
+    cfg = run.config
+    assert cfg.finetune.learning_rate == 1.2345678e-5  # as given: no float formatted into --set text and back
+    assert cfg.finetune.stage == "dpo" and cfg.data.feedback.enabled is True
+    assert cfg.finetune.lora_rank == 16 and run.origin("finetune.lora_rank") == "--set finetune.lora_rank=16"
+    assert run.origin("finetune.stage") == "the loop's settings"
+    assert loaded.config.finetune.stage == "sft"  # the original is untouched
+
+
+def test_with_values_validates_again_across_sections_and_keys():
+    loaded = load_config()
+    with pytest.raises(ConfigError, match="the loop's settings: .*set data.feedback.enabled: true"):
+        loaded.with_values("the loop's settings", {"finetune.stage": "dpo"})  # DPO without the harvested pairs
+    with pytest.raises(ConfigError, match="the loop's settings: unknown key 'finetune.learning_rat'.*Did you mean "
+                                          "'learning_rate'"):
+        loaded.with_values("the loop's settings", {"finetune.learning_rat": 1e-4})
+    with pytest.raises(ConfigError, match="the loop's settings: finetune.max_steps: 0 steps trains nothing"):
+        loaded.with_values("the loop's settings", {"finetune.max_steps": 0})

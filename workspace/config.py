@@ -691,6 +691,22 @@ class LoadedConfig:
         messages; the schema default when none did."""
         return _origin_of(key, self.origins, "the built-in default (workspace/config.py)")
 
+    def with_values(self, source: str, values: dict[str, Any]) -> "LoadedConfig":
+        """This config with typed `values` ({"finetune.stage": "dpo", ...}) laid over it as one more source named
+        `source` (a flow's own settings for its run): validated again as a whole, so a rule across sections still
+        holds, and each key's origin names `source`. No round trip through `--set` text (which would have to format
+        floats and lists back into YAML)."""
+        origins = dict(self.origins)
+        raw = self.config.model_dump(mode="python")
+        for key, value in values.items():
+            raw = _merge(raw, _nested(key.split("."), value), source, origins)
+        try:
+            cfg = PipelineConfig.model_validate(raw)
+        except ValidationError as exc:
+            lines = [_describe(e, origins, source) for e in exc.errors()]
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        return LoadedConfig(config=cfg, profile=self.profile, sources=self.sources + (source,), origins=origins)
+
 
 def config_hash(cfg: PipelineConfig) -> str:
     canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
