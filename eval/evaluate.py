@@ -20,7 +20,7 @@ from workspace.config import LoadedConfig, adapter_mode
 from workspace.device import require_cuda, resolve_dtype
 from workspace.endpoint import Endpoint
 from workspace.fsutil import swap_in
-from workspace.model_ref import ModelRef
+from workspace.model_ref import ModelRef, adapter_rank
 from workspace.paths import CONFIGS, resolve
 
 from eval.kobest import EvalError, local_files, run_kobest
@@ -172,7 +172,7 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
         loras = {name: model.adapter} if model.adapter and not merged else {}
         info_mode = "merged" if merged else ("lora" if loras else "base")
         server = VllmServer(merged or model.base, loaded.config.serving, lora_modules=loras,
-                            max_lora_rank=max(loaded.config.finetune.lora_rank, 8), served_model_name="base",
+                            max_lora_rank=max(adapter_rank(model.adapter) if loras else 8, 8), served_model_name="base",
                             hub_enabled=loaded.config.hub.enabled,
                             log_path=(out_root or resolve(loaded.config.data.output_dir) / "evals") / f"vllm-{model.name}.log")
         server.start()

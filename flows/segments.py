@@ -19,6 +19,7 @@ from serving.promote_stage import PROMOTE, PromoteInputs, PromoteOutputs
 from serving.registry import champion_info, gate_reference, version_of_run
 from serving.slo_stage import SLO, SloInputs, slo_rows
 from workspace.config import LoadedConfig
+from workspace.paths import resolve
 from workspace.tracking import configure
 
 
@@ -52,7 +53,9 @@ def gate_candidate(runner: StageRunner, loaded: LoadedConfig, prepared: PrepareO
                    tuned: FinetuneOutputs, purpose: str = "champion") -> GateOutputs:
     """The serving SLOs (when required), then the gate against the reference the registry names. `purpose`:
     champion (promotion) or candidate (the loop's registration)."""
-    slo = runner.run(SLO, SloInputs(adapter_dir=tuned.adapter_dir, run_key=tuned.run_key))
+    slo = runner.run(SLO, SloInputs(adapter_dir=tuned.adapter_dir, run_key=tuned.run_key,
+                                    requests_file=test_file(prepared),
+                                    passages_file=str(resolve(loaded.config.rag.corpus))))
     configure(loaded)
     name = loaded.config.tracking.registered_model
     ref = gate_reference(name, tuned.run_key)

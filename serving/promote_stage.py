@@ -18,7 +18,7 @@ from serving.config import FitError, fit_report, model_spec, render_vllm_config,
 from serving.card import CARD, model_card
 from serving.registry import CANDIDATE, PromotionError, alias_version, build_bundle, champion_info, promote, version_info
 from workspace.config import LoadedConfig, adapter_mode
-from workspace.model_ref import ModelNotFound, base_model
+from workspace.model_ref import ModelNotFound, adapter_rank, base_model
 from workspace.stage import Stage, StageData, digest
 from workspace.tracking import configure, stage_run
 
@@ -62,7 +62,8 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
         cfg = loaded.config
         return digest(inputs.run_key, inputs.passed, inputs.reference_version, cfg.tracking.registered_model,
                       cfg.serving.model_dump(mode="json", exclude={"bench", "gateway", "replicas"}), adapter_mode(cfg)[0],
-                      cfg.finetune.lora_rank, PROMOTE_VERSION, *([inputs.alias] if inputs.alias != "champion" else []))
+                      PROMOTE_VERSION, *([inputs.alias] if inputs.alias != "champion" else []))
+        # (the adapter's rank, which the rendered vLLM config covers, is part of what run_key identifies)
 
     def outputs_present(self, loaded: LoadedConfig, outputs: PromoteOutputs) -> bool:
         configure(loaded)
@@ -113,7 +114,7 @@ class PromoteStage(Stage[PromoteInputs, PromoteOutputs]):
             check_conf = {**serving, "model": str(merged)}
         else:
             serving = render_vllm_config(cfg.serving, base, lora_modules={cfg.serving.served_model_name: "adapter"},
-                                         max_lora_rank=cfg.finetune.lora_rank)
+                                         max_lora_rank=adapter_rank(adapter))
             check_conf = {**serving, "lora-modules": [f"{cfg.serving.served_model_name}={adapter}"]}
         fit = fit_report(model_spec(base), cfg.serving)
         if not fit.fits:

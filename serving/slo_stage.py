@@ -18,18 +18,22 @@ from rich.console import Console
 from serving.bench import BenchError, StepResult, as_dict, slo_benchmark, slo_rules, workload_texts
 from workspace.config import LoadedConfig, adapter_mode
 from workspace.endpoint import EndpointError
-from workspace.model_ref import ModelNotFound, base_model
-from workspace.paths import resolve
-from workspace.stage import Stage, StageData, digest
+from workspace.model_ref import ModelNotFound, adapter_rank, base_model
+from workspace.stage import Stage, StageData, digest, file_digest
 from workspace.tracking import stage_run
 from workspace.vllm_server import ServerError
 
-SLO_VERSION = "3"  # 2: the merged weights measured in merged mode; 3: keyed on the workload, not the thresholds
+SLO_VERSION = "4"  # 2: the merged weights measured in merged mode; 3: keyed on the workload, not the thresholds;
+# 4: the workload files are inputs (the prepared test split, the corpus), the LoRA rank the adapter's own
 
 
 class SloInputs(StageData):
     adapter_dir: str
     run_key: str
+    # the workload, from the stages before (the flow names them): the requests' questions (the prepared test
+    # split's user turns) and the passages that pad each prompt to gate.slo.prompt_tokens (the RAG corpus)
+    requests_file: Optional[str] = None
+    passages_file: Optional[str] = None
 
 
 class SloOutputs(StageData):
@@ -69,7 +73,8 @@ class SloStage(Stage[SloInputs, SloOutputs]):
                       adapter_mode(cfg)[0],
                       cfg.gate.slo.model_dump(mode="json", exclude={"required", "ttft_p50_ms", "min_requests_per_min",
                                                                      "max_error_rate"}),
-                      cfg.finetune.lora_rank, SLO_VERSION)
+                      *(file_digest(Path(f)) if f else None for f in (inputs.requests_file, inputs.passages_file)),
+                      SLO_VERSION)
 
     def run(self, loaded: LoadedConfig, inputs: SloInputs, console: Optional[Console] = None) -> SloOutputs:
         import mlflow
@@ -83,13 +88,13 @@ class SloStage(Stage[SloInputs, SloOutputs]):
         merged = (json.loads(manifest.read_text()).get("merged_model") if manifest.exists() else None) \
             if adapter_mode(cfg)[0] == "merged" else None
         model, adapter = (merged, None) if merged else (base, inputs.adapter_dir)
-        texts = workload_texts(resolve(cfg.data.test_source.path) if cfg.data.test_source else None, resolve(cfg.rag.corpus))
+        texts = workload_texts(*(Path(f) if f else None for f in (inputs.requests_file, inputs.passages_file)))
         (console or Console()).print(f"[slo] serving the candidate and sending {slo.requests} requests, {slo.concurrency} "
                                      f"at a time, ~{slo.prompt_tokens} prompt tokens ...")
         with stage_run(loaded, "slo-check") as run:
             result: dict = {}
             try:
-                step = slo_benchmark(cfg.serving, slo, model, adapter, cfg.finetune.lora_rank, texts, work)
+                step = slo_benchmark(cfg.serving, slo, model, adapter, adapter_rank(inputs.adapter_dir), texts, work)
                 rows, name, metrics = slo_rules(step, slo), step.step, step.metrics()
                 result = {k: (None if isinstance(v, float) and v != v else v) for k, v in as_dict(step).items()}
             except (BenchError, ServerError) as exc:

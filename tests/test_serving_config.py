@@ -120,3 +120,20 @@ def test_adapter_mode_auto_chooses_by_the_number_of_served_versions_and_says_why
         load_config(overrides=['serving.gateway.routes=[{"name": "x", "model": "candidate", "regex": "("}]'])
     with pytest.raises(ConfigError, match="limits_storage"):
         load_config(overrides=["serving.gateway.limits_storage=memcached://x"])
+
+
+def test_the_lora_rank_served_is_the_adapters_own(random_adapter, tmp_path):
+    """vLLM's --max-lora-rank covers the adapter it serves: read from the adapter (PEFT's `r`), not from
+    finetune.lora_rank, which an adapter continued from the champion's need not match (the default config says 64,
+    the adapter is rank 8)."""
+    from workspace.model_ref import ModelNotFound, adapter_rank
+
+    assert load_config().config.finetune.lora_rank == 64 and adapter_rank(random_adapter) == 8
+    with pytest.raises(ModelNotFound, match="adapter_config.json does not exist: .* is not a LoRA adapter folder"):
+        adapter_rank(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"r": "8"}')
+    with pytest.raises(ModelNotFound, match="r = '8' is not a positive integer rank"):
+        adapter_rank(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(ModelNotFound, match="no LoRA rank `r`"):
+        adapter_rank(tmp_path)

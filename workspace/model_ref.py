@@ -113,6 +113,23 @@ class ModelRef:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def adapter_rank(adapter: str | Path) -> int:
+    """The LoRA rank `r` a PEFT adapter folder was trained with (its adapter_config.json): what vLLM's
+    --max-lora-rank must cover. Read from the adapter, not from finetune.lora_rank: an adapter continued from the
+    champion's (finetune.init_adapter) keeps the champion's rank whatever the config says now."""
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))["r"]
+    except FileNotFoundError:
+        raise ModelNotFound(f"{path} does not exist: {adapter} is not a LoRA adapter folder (a finished finetune "
+                            "run's, or a registered version's adapter/)") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ModelNotFound(f"{path}: no LoRA rank `r` in it (PEFT writes one); the folder is not a LoRA adapter") from None
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ModelNotFound(f"{path}: r = {r!r} is not a positive integer rank")
+    return r
+
+
 def base_model(loaded: LoadedConfig, name: str = "base") -> ModelRef:
     """The configured base model. Raises ModelNotFound naming the key and the fix when a local folder is missing."""
     bm = loaded.config.base_model

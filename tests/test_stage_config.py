@@ -1,0 +1,73 @@
+"""Which config sections each stage package reads (issue 27: a stage owns its section and gets what it needs from
+another stage as an explicit input). Read from the source: an attribute `<...>.config.<section>` or
+`cfg.<section>` in finetune/, eval/, serving/ and rag/.
+
+Every read of another stage's section is listed below with the reason it is still there; a new one fails this
+test, and so does an entry that no longer happens (the list shrinks with the code, it cannot go stale). The
+workspace-wide sections (profile, project, tracking, hub) are everyone's.
+"""
+from __future__ import annotations
+
+import ast
+from workspace.config import PipelineConfig
+from workspace.paths import ROOT
+
+OWN = {"finetune": {"base_model", "data", "finetune"}, "eval": {"eval", "gate", "leaderboard"},
+       "serving": {"serving"}, "rag": {"rag"}}
+SHARED = {"profile", "project", "tracking", "hub"}
+SECTIONS = set(PipelineConfig.model_fields)
+
+# (module, section): why it still reads it
+DECLARED = {
+    ("eval/evaluate.py", "serving"): "the evaluation decodes as served (serving.decoding) and starts the served "
+                                     "engine for the vllm backend (serving.*)",
+    ("eval/evaluate_stage.py", "serving"): "RAG answers decode as served (serving.decoding)",
+    ("eval/gate_stage.py", "serving"): "the gate's key includes the served decoding (what was evaluated)",
+    ("eval/evaluate.py", "data"): "data.output_dir: the folder every stage writes its artifacts under",
+    ("rag/rag_stage.py", "data"): "data.output_dir: the folder every stage writes its artifacts under",
+    ("serving/gateway/harvest.py", "data"): "data.feedback.dir: the harvest writes where the prepare stage reads",
+    ("rag/rag_stage.py", "gate"): "gate.rag_min_hit_at_5: the index's floor, enforced where the index is built",
+    ("rag/rag_stage.py", "serving"): "`make ask` answers decode as served (serving.decoding)",
+    ("serving/monitoring.py", "gate"): "gate.slo: the alerting rules watch the objectives the gate measured",
+    ("serving/slo_stage.py", "gate"): "gate.slo: the objectives and workload of the SLO step",
+    ("finetune/fit.py", "serving"): "serving.gpu_memory_gib: the card's memory when finetune.gpu_memory_gib is 0",
+}
+
+
+def _reads(source: str):
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in SECTIONS:
+            v = node.value
+            if (isinstance(v, ast.Attribute) and v.attr == "config") or (isinstance(v, ast.Name) and v.id == "cfg"):
+                yield node.attr, node.lineno
+
+
+def cross_reads() -> dict[tuple[str, str], list[int]]:
+    out: dict[tuple[str, str], list[int]] = {}
+    for pkg, own in OWN.items():
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            for section, line in _reads(f.read_text(encoding="utf-8")):
+                if section not in own | SHARED:
+                    out.setdefault((str(f.relative_to(ROOT)), section), []).append(line)
+    return out
+
+
+def test_the_reader_sees_a_cross_read():
+    planted = "def f(loaded, cfg):\n    return loaded.config.finetune.lora_rank, cfg.rag.corpus, cfg.x.rag\n"
+    assert sorted(s for s, _ in _reads(planted)) == ["finetune", "rag"]
+
+
+def test_stages_read_only_their_own_sections_and_the_declared_inputs():
+    found = cross_reads()
+    new = {k: v for k, v in found.items() if k not in DECLARED}
+    assert not new, ("a stage reads another stage's config section: pass what it needs as an explicit input "
+                     "(the stage's Inputs, or an argument the flow fills), or declare it here with the reason: "
+                     + "; ".join(f"{m}:{lines} reads {s}" for (m, s), lines in sorted(new.items())))
+    gone = sorted(set(DECLARED) - set(found))
+    assert not gone, f"declared but no longer read (drop them from DECLARED): {gone}"
+
+
+def test_no_stage_names_the_whole_config_model():
+    for pkg in OWN:
+        for f in (ROOT / pkg).rglob("*.py"):
+            assert "PipelineConfig" not in f.read_text(encoding="utf-8"), f"{f.relative_to(ROOT)} names PipelineConfig"
