@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from workspace.config import LoadedConfig, adapter_mode
+from workspace.config.load import LoadedConfig
+from workspace.config.pipeline import adapter_mode
 from workspace.device import require_cuda, resolve_dtype
 from workspace.endpoint import Endpoint
 from workspace.fsutil import swap_in

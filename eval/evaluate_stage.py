@@ -19,7 +19,7 @@ from eval.evaluate import SUITES, EvalResult, cache_key, compare_report, evaluat
 from eval.judge import JudgeUnavailable
 from eval.kobest import EvalError
 from eval.rag_quality import score_rag_answers
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 from workspace.endpoint import EndpointError
 from workspace.model_ref import ModelNotFound, ModelRef, base_model
 from workspace.stage import Stage, StageData, digest, file_digest

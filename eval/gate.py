@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from workspace.config import GateConfig, GateRule
+from workspace.config.evaluation import GateConfig, GateRule
 
 
 FLOORS_ONLY_NOTE = ("**Floors only** (gate.floors_only): no statistical rule on the target metric decided this "

@@ -20,7 +20,7 @@ from eval.evaluate import compare_report, evaluate
 from eval.gate import GateDecision, GateError, GateFailed, decide, with_rules, write_decision
 from eval.judge import JudgeUnavailable
 from eval.kobest import EvalError
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 from workspace.model_ref import ModelNotFound, base_model
 from workspace.stage import Stage, StageData, digest
 from workspace.tracking import stage_run

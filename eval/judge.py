@@ -18,7 +18,7 @@ from deepeval.metrics import GEval
 from deepeval.models import DeepEvalBaseLLM
 from deepeval.test_case import LLMTestCase, SingleTurnParams
 
-from workspace.config import JudgeConfig
+from workspace.config.evaluation import JudgeConfig
 from workspace.endpoint import Endpoint, EndpointError
 
 

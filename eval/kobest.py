@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from workspace.config import EvalConfig
+from workspace.config.evaluation import EvalConfig
 from workspace.device import resolve_dtype, torch_device
 from workspace.endpoint import Endpoint, EndpointError
 from workspace.paths import CONFIGS, resolve

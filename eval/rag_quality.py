@@ -17,7 +17,7 @@ from deepeval.test_case import LLMTestCase
 from eval.generate import generate_hf, generate_openai
 from eval.judge import check_judge
 from eval.metrics import _RuleMetric
-from workspace.config import EvalConfig
+from workspace.config.evaluation import EvalConfig
 from workspace.device import resolve_dtype
 from workspace.endpoint import Endpoint
 from workspace.model_ref import ModelRef

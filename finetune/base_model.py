@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from workspace import offline
-from workspace.config import BaseModelBuild, ConfigError, add_cli_args, load_from_args
+from workspace.config.data import BaseModelBuild
+from workspace.config.load import ConfigError, add_cli_args, load_from_args
 from workspace.paths import resolve
 
 CARD = "base_model_card.json"

@@ -18,7 +18,8 @@ from finetune.train import (
     MANIFEST, METHOD_REPORT, RENDERED, TRAIN_LOG, TRAINER_LOG, FinetuneError, FinetuneResult, finished_run, loss_curve_png,
     merge_adapter, plain_config, render_llamafactory_config, run_key, train, verify_adapter, write_manifest,
 )
-from workspace.config import LoadedConfig, adapter_mode
+from workspace.config.load import LoadedConfig
+from workspace.config.pipeline import adapter_mode
 from workspace.model_ref import ModelNotFound
 from workspace.stage import Stage, StageData
 from workspace.tracking import stage_run

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 from workspace.model_spec import ModelSpec, model_spec
 from workspace.paths import ROOT, resolve
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from workspace.config import DataSource, LoadedConfig
+from workspace.config.data import DataSource
+from workspace.config.load import LoadedConfig
 from workspace.fsutil import recover, staging
 from workspace import harvest_format
 from workspace import pii as pii_module

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.prepare import PrepareError, PreparedDataset, TokenCounter, inputs_key, log_to_mlflow, prepare_dataset, tokenizer_path
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 from workspace.model_ref import ModelNotFound
 from workspace.stage import Stage, StageData
 from workspace.tracking import stage_run

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import yaml
 
 from finetune.fit import TrainFitError, train_fit
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 from workspace.device import detect, require_cuda, resolve_dtype, train_env
 from workspace.envrunner import EnvCommandError, run_in_env
 from workspace.model_ref import ModelNotFound, base_model

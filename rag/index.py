@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from workspace.config import RagConfig
+from workspace.config.rag import RagConfig
 from workspace.paths import resolve
 
 SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|(?<=다\.)\s*|\n{2,}")

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from rag.answer import build_prompt
 from rag.index import DenseEmbedder, RagError, SparseEncoder, build_and_open, retrieval_metrics, search
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 from workspace.paths import resolve
 from workspace.stage import Stage, StageData, digest, file_digest
 from workspace.tracking import stage_run

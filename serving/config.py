@@ -18,7 +18,7 @@ from typing import Optional
 
 import yaml
 
-from workspace.config import ServingConfig
+from workspace.config.serving import ServingConfig
 from workspace.model_spec import BYTES, KNOWN_MODELS, FitError, ModelSpec, model_spec, spec_from_folder  # noqa: F401
 from workspace.envrunner import EnvCommandError, EnvMissingError, run_in_env
 

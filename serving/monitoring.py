@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from serving.gateway import LATENCY_BUCKETS
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 
 RULES, TESTS, CONFIG = "rules.yml", "rules_test.yml", "prometheus.yml"
 GATEWAY_TOKEN, SERVE_KEY = "gateway_token", "serve_key"  # credential files beside prometheus.yml (0600)

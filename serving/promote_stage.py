@@ -17,7 +17,8 @@ from rich.console import Console
 from serving.config import FitError, fit_report, model_spec, render_vllm_config, validate_with_vllm, write_vllm_config
 from serving.card import CARD, model_card
 from serving.registry import CANDIDATE, PromotionError, alias_version, build_bundle, champion_info, promote, version_info
-from workspace.config import LoadedConfig, adapter_mode
+from workspace.config.load import LoadedConfig
+from workspace.config.pipeline import adapter_mode
 from workspace.model_ref import ModelNotFound, adapter_rank, base_model
 from workspace.stage import Stage, StageData, digest
 from workspace.tracking import configure, stage_run

@@ -11,7 +11,7 @@ from typing import Optional
 import yaml
 
 from serving.registry import fetch_champion
-from workspace.config import LoadedConfig, load_config
+from workspace.config.load import LoadedConfig, load_config
 from workspace.endpoint import INTERNAL_KEY_ENV, Endpoint, internal_key_overrides
 from workspace.paths import CACHE
 from workspace.processes import free_port

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from serving.registry import PromotionError, champion_info
 from serving.serve import smoke_test
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 from workspace.endpoint import EndpointError
 from workspace.paths import CACHE
 from workspace.stage import Stage, StageData, digest

@@ -16,7 +16,8 @@ from typing import Optional
 from rich.console import Console
 
 from serving.bench import BenchError, StepResult, as_dict, slo_benchmark, slo_rules, workload_texts
-from workspace.config import LoadedConfig, adapter_mode
+from workspace.config.load import LoadedConfig
+from workspace.config.pipeline import adapter_mode
 from workspace.endpoint import EndpointError
 from workspace.model_ref import ModelNotFound, adapter_rank, base_model
 from workspace.stage import Stage, StageData, digest, file_digest

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from workspace.config import LoadedConfig, adapter_mode
+from workspace.config.load import LoadedConfig
+from workspace.config.pipeline import adapter_mode
 from workspace.paths import CACHE
 
 REPLICAS_FILE = CACHE / "serve" / "replicas.json"

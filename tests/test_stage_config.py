@@ -4,7 +4,8 @@ another stage as an explicit input). Read from the source: an attribute `<...>.c
 
 Every read of another stage's section is listed below with the reason it is still there; a new one fails this
 test, and so does an entry that no longer happens (the list shrinks with the code, it cannot go stale). The
-workspace-wide sections (profile, project, tracking, hub) are everyone's.
+workspace-wide sections (profile, project, tracking, hub) are everyone's. Which section *models* a stage package may
+import (workspace/config/<its sections>.py) is import-linter's part (pyproject.toml, the four config contracts).
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.gateway.core import STATIC, BodyLimit, Gateway, Principal, _error, _no_conversation, _since
 from serving.gateway.routing import GatewayError
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 
 # the scheme (documented in /openapi.json); auto_error off: a missing token is the gateway's own OpenAI-shaped 401
 bearer = HTTPBearer(auto_error=False, description="a gateway API token: `make token NAME=you ROLE=user`")

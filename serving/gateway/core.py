@@ -51,7 +51,7 @@ from serving.gateway import LATENCY_BUCKETS
 from serving.gateway.db import GatewayDb, database_url
 from serving.gateway.routing import Catalog, GatewayError, ReplicaPool, Target
 from serving.supervisor import REPLICAS_FILE, read_replicas
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 
 STATIC = Path(__file__).parent / "static"
 # what a voter may not set in the arena (a pinned seed or temperature 0 makes a match replayable through the chat)

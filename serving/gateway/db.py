@@ -27,7 +27,7 @@ from sqlalchemy import (Boolean, event, DateTime, Float, ForeignKey, Integer, St
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker, validates
 
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 from workspace.paths import CACHE
 from workspace.pii import mask_pii
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from serving.gateway.db import GatewayDb, database_url
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 from workspace.harvest_format import MANIFEST, PREF_FILE, SFT_FILE, finished_harvests
 from workspace.fsutil import staging
 from workspace.paths import resolve

@@ -24,7 +24,7 @@ from typing import Optional
 
 import httpx
 
-from workspace.config import LoadedConfig
+from workspace.config.load import LoadedConfig
 from workspace.paths import CACHE
 from workspace.tracking import tracking_uri
 
