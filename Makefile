@@ -53,9 +53,12 @@ test: setup  ## the architecture's import contracts, then every test (real engin
 	@$(VENV)/bin/lint-imports --no-cache
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup  ## the inner loop: the import contracts and every test that launches no LLaMA-Factory or vLLM
+# test-fast runs on two pytest-xdist workers that steal work: these tests wait on subprocesses and sockets more than
+# they compute (150 s against 224 s in one process on 2 cores; 4 workers: 169 s). `make test` stays in one process:
+# its engine tests are CPU-bound, and two workers on two cores made the suite slower (docs/BENCHMARKS.md, tests).
+test-fast: setup  ## the inner loop: the import contracts and every test that launches no LLaMA-Factory or vLLM (2 workers)
 	@$(VENV)/bin/lint-imports --no-cache
-	@$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not slow" -n 2 --dist worksteal $(PYTEST_ARGS)
 
 pipeline: setup  ## the whole job (one Prefect flow): prepare -> finetune -> eval -> gate -> promote -> rag -> serve check; cached stages are skipped
 	@$(PY) -m llmops pipeline $(CFG_ARGS) $(if $(FORCE),--force)
