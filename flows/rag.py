@@ -32,7 +32,8 @@ def ask_flow(config: str | None = None, profile: str | None = None, overrides: l
     loaded = load_config(config, profile, overrides or [])
     if endpoint is None:  # make serve's endpoint: its key (the workspace's own when none is configured)
         loaded = with_serve_key(loaded, config, profile, overrides)
-    res = ask(loaded, ask_question, champion_endpoint(loaded, endpoint, model))
+    res = ask(loaded, ask_question, champion_endpoint(loaded, endpoint, model),
+              sampling=loaded.config.serving.decoding.request_defaults())  # as a request through the gateway
     print(res["answer"])
     print(f"\nsources: {', '.join(res['sources'])}   citations: {res['citations']}")
 

@@ -116,8 +116,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def ask(loaded: LoadedConfig, question: str, endpoint) -> dict:
-    """`make ask`: retrieve from the (incrementally updated) index and answer with the served model."""
+def ask(loaded: LoadedConfig, question: str, endpoint, sampling: dict) -> dict:
+    """`make ask`: retrieve from the (incrementally updated) index and answer with the served model. `sampling`: what
+    a request must carry to decode as served (serving.decoding's request defaults: the stop strings, which vLLM has
+    no server default for, and the grammar), passed in by the flow."""
     from rag.answer import answer
 
     cfg = loaded.config
@@ -127,8 +129,7 @@ def ask(loaded: LoadedConfig, question: str, endpoint) -> dict:
         hits = search(client, stats.collection, question, cfg.rag.mode, cfg.rag.top_k, embedder, sparse)
     finally:
         client.close()
-    # the stop strings a request through the gateway gets (vLLM has no server default for them)
-    return answer(question, hits, endpoint, sampling=cfg.serving.decoding.request_defaults())
+    return answer(question, hits, endpoint, sampling=sampling)
 
 
 RAG = RagStage()

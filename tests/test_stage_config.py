@@ -28,7 +28,6 @@ DECLARED = {
     ("rag/rag_stage.py", "data"): "data.output_dir: the folder every stage writes its artifacts under",
     ("serving/gateway/harvest.py", "data"): "data.feedback.dir: the harvest writes where the prepare stage reads",
     ("rag/rag_stage.py", "gate"): "gate.rag_min_hit_at_5: the index's floor, enforced where the index is built",
-    ("rag/rag_stage.py", "serving"): "`make ask` answers decode as served (serving.decoding)",
     ("serving/monitoring.py", "gate"): "gate.slo: the alerting rules watch the objectives the gate measured",
     ("serving/slo_stage.py", "gate"): "gate.slo: the objectives and workload of the SLO step",
     ("finetune/fit.py", "serving"): "serving.gpu_memory_gib: the card's memory when finetune.gpu_memory_gib is 0",
