@@ -173,7 +173,7 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
         loras = {name: model.adapter} if model.adapter and not merged else {}
         info_mode = "merged" if merged else ("lora" if loras else "base")
         server = VllmServer(merged or model.base, loaded.config.serving, lora_modules=loras,
-                            max_lora_rank=max(adapter_rank(model.adapter) if loras else 8, 8), served_model_name="base",
+                            max_lora_rank=max(adapter_rank(model.adapter), 8) if loras else 8, served_model_name="base",
                             hub_enabled=loaded.config.hub.enabled,
                             log_path=(out_root or resolve(loaded.config.data.output_dir) / "evals") / f"vllm-{model.name}.log")
         server.start()

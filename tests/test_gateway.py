@@ -186,6 +186,14 @@ def test_make_token_prints_a_working_token_once(served, registry, capsys):
     assert chat(gw.url, token).status_code == 401
 
 
+def test_a_since_that_is_not_a_date_is_a_400_naming_it(served, registry):
+    gw, _ = served
+    for path in ("/admin/usage", "/admin/usage.csv", "/admin/feedback", "/admin/arena"):
+        r = httpx.get(f"{gw.url}{path}", params={"since": "last tuesday"}, headers=auth(registry["admin"]))
+        assert r.status_code == 400, path
+        assert r.json()["error"]["code"] == "invalid_since" and "'last tuesday' is not an ISO date" in r.json()["error"]["message"]
+
+
 def test_usage_rows_masked_and_exported_as_csv(served, registry):
     gw, _ = served
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 1))

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.gateway.core import STATIC, BodyLimit, Gateway, Principal, _error, _no_conversation, _since
+from serving.gateway.core import STATIC, BodyLimit, Gateway, Principal, _error, _no_conversation
+from serving.gateway.harvest import HarvestError, parse_since
 from serving.gateway.routing import GatewayError
 from workspace.config.load import LoadedConfig
 
@@ -254,6 +255,15 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 
 
 # ------------------------------------------------------------------------------------------------ the app
+def _since(value: Optional[str]):
+    """A `since` query parameter: the harvest's ISO-date parser, its error as a 400 in OpenAI's shape."""
+    try:
+        return parse_since(value)
+    except HarvestError:
+        raise GatewayError(400, f"since={value!r} is not an ISO date (2026-11-26 or 2026-11-26T10:00)",
+                           "invalid_since") from None
+
+
 def create_app(loaded: LoadedConfig, **kw) -> FastAPI:
     """The gateway as an ASGI app (`kw`: Gateway's options, e.g. upstreams=[...] for tests)."""
     return build_app(Gateway(loaded, **kw))

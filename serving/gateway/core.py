@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import math
 import secrets
@@ -770,13 +769,3 @@ async def _json(request: Request) -> dict:
     if not isinstance(body, dict):
         raise GatewayError(400, "the request body must be a JSON object", "invalid_request")
     return body
-
-
-def _since(value: Optional[str]) -> Optional[dt.datetime]:
-    if not value:
-        return None
-    try:
-        return dt.datetime.fromisoformat(value).replace(tzinfo=None)
-    except ValueError:
-        raise GatewayError(400, f"since={value!r} is not an ISO date (2026-11-26 or 2026-11-26T10:00)",
-                           "invalid_since") from None
