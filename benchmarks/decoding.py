@@ -19,6 +19,7 @@ from pathlib import Path
 from benchmarks.report import update_section
 from eval.evaluate import evaluate
 from finetune.prepare import prepare_dataset
+from flows.segments import as_served
 from workspace.config import add_cli_args, load_from_args
 from workspace.model_ref import ModelRef
 from workspace.paths import ROOT
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, ref in models:
         out = {}
         for name, loaded in (("without", without), ("with", configured)):
-            res = evaluate(loaded, ref, suites=("custom",), test_file=test, backend="hf")
+            res = evaluate(loaded, ref, suites=("custom",), test_file=test, backend="hf", **as_served(loaded))
             out[name] = (res.metrics[XML], res.metrics[target])
             if ref.adapter:
                 adapters_min[name] = min(adapters_min[name], res.metrics[XML])

@@ -40,16 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     try:
         models = [ref, ref.with_adapter("candidate", str(adapter))]
-        hf = {m.name: evaluate(loaded, m, test_file=test, backend="hf", out_root=work / "hf") for m in models}
+        sampling = loaded.config.serving.decoding.non_default()
+        hf = {m.name: evaluate(loaded, m, test_file=test, backend="hf", out_root=work / "hf", sampling=sampling)
+              for m in models}
         cfg = loaded.config
         with VllmServer(base, cfg.serving, lora_modules={"candidate": str(adapter)}, max_lora_rank=cfg.finetune.lora_rank,
                         served_model_name="base", log_path=work / "vllm.log") as srv:
-            served = {m.name: evaluate(loaded, m, test_file=test, backend="vllm", out_root=work / "vllm",
+            served = {m.name: evaluate(loaded, m, test_file=test, backend="vllm", out_root=work / "vllm", sampling=sampling,
                                        endpoint=srv.endpoint(m.name, concurrency=cfg.eval.concurrency)) for m in models}
         # the fast path (serving.adapter_mode merged): the candidate's adapter merged into the base, served plain
         merged = merged_model(base, str(adapter), work / "merged")
         with VllmServer(merged, cfg.serving, served_model_name="candidate-merged", log_path=work / "vllm-merged.log") as srv:
             served_merged = evaluate(loaded, models[1], test_file=test, backend="vllm", out_root=work / "vllm-merged",
+                                     sampling=sampling,
                                      endpoint=srv.endpoint("candidate-merged", concurrency=cfg.eval.concurrency))
         lines = ["Quality (in-process hf scorer; KoBEST = the shipped 40-item samples per task, custom = "
                  f"{hf['base'].info['custom_items']} held-out screen requests whose field combinations never occur in training):", "",

@@ -48,6 +48,7 @@ from eval.gate import decide, improvement_result, item_scores, paired_scores
 from finetune.base_model import build_base_model
 from finetune.finetune_stage import run_finetune
 from finetune.prepare import prepare_dataset
+from flows.segments import as_served
 from benchmarks.report import update_section
 from workspace.config import GateRule, LoadedConfig, add_cli_args, load_config, load_from_args
 from workspace.model_ref import base_model
@@ -96,7 +97,8 @@ def train_and_evaluate(args, recipe: str, overrides: list[str], base_seed: int, 
     print(f"[bench-gate] {recipe} base {base_seed} seed {seed}: {'cached' if run.skipped else 'trained'} "
           f"{run.output_dir.name} ({time.time() - t0:.0f} s)", flush=True)
     ref = base_model(loaded).with_adapter(f"{recipe}-b{base_seed}-s{seed}", str(run.output_dir))
-    res = evaluate(loaded, ref, test_file=test, backend="hf", out_root=eval_root)
+    res = evaluate(loaded, ref, test_file=test, backend="hf", out_root=eval_root,
+                   sampling=loaded.config.serving.decoding.non_default())
     print(f"[bench-gate]   xml_valid {res.metrics.get('eval/custom/screens/xml_valid', float('nan')):.2f}, "
           f"target {res.metrics.get(args.target, float('nan')):.4f}", flush=True)
     return Trial(recipe, base_seed, seed, run.output_dir, run.manifest, res)
@@ -278,7 +280,7 @@ def decoding_sweep(args, trials: list[Trial], base_over: dict[int, list[str]], t
         for pen in PENALTIES:
             lp = _loaded(args, base_over[t.base_seed] + [f"project.seed={t.seed}", f"serving.decoding.frequency_penalty={pen}"])
             res = evaluate(lp, base_model(lp).with_adapter(f"sweep-b{t.base_seed}-s{t.seed}", str(t.adapter)),
-                           suites=("custom",), test_file=test, backend="hf")
+                           suites=("custom",), test_file=test, backend="hf", **as_served(lp))
             m = res.metrics
             lines.append(f"| {t.base_seed} | {t.seed} | {pen:g} | {m['eval/custom/screens/xml_valid']:.2f} | "
                          f"{m['eval/custom/screens/char_ngram_f1']:.4f} | {m['eval/custom/screens/field_f1']:.4f} |")
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in base_seeds:
         base_over[b] = base_overrides(args, loaded, b)
         lb = _loaded(args, base_over[b])
-        bases[b] = evaluate(lb, base_model(lb), test_file=test, backend="hf")
+        bases[b] = evaluate(lb, base_model(lb), test_file=test, backend="hf", **as_served(lb))
         trials[b] = []
     for s in seeds:  # seed by seed across the builds: a run stopped early has evidence from both
         for b in base_seeds:
@@ -415,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                     "metrics_equal": all(again.result.metrics.get(k) == first.result.metrics[k] for k in quality)})
             lf = _loaded(args, base_over[b0] + [f"project.seed={first.seed}"])
             fresh = evaluate(lf, base_model(lf).with_adapter("again", str(first.adapter)), test_file=test, backend="hf",
-                             out_root=work / "eval-again")
+                             out_root=work / "eval-again", sampling=lf.config.serving.decoding.non_default())
             eval_twice = _items(fresh) == _items(first.result)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -89,21 +89,25 @@ def _test_file(state) -> str:
 
 def step_evaluate(args, state):
     from eval.evaluate_stage import EVALUATE, EvaluateInputs
+    from flows.segments import as_served
 
-    out = EVALUATE.run(loaded_for(args), EvaluateInputs(test_file=_test_file(state),
-                                                        adapter_dir=state["tuned"]["adapter_dir"]))
+    loaded = loaded_for(args)
+    out = EVALUATE.run(loaded, EvaluateInputs(test_file=_test_file(state), adapter_dir=state["tuned"]["adapter_dir"],
+                                              **as_served(loaded)))
     return {"evaluated": out.model_dump()}
 
 
 def step_gate(args, state):
     from eval.gate import GateFailed
     from eval.gate_stage import GATE, GateInputs
+    from flows.segments import as_served
 
     tuned = state["tuned"]
     try:
-        out = GATE.run(loaded_for(args), GateInputs(adapter_dir=tuned["adapter_dir"], run_key=tuned["run_key"],
-                                                    verification=tuned["manifest"].get("verification") or {},
-                                                    test_file=_test_file(state)))
+        loaded = loaded_for(args)
+        out = GATE.run(loaded, GateInputs(adapter_dir=tuned["adapter_dir"], run_key=tuned["run_key"],
+                                          verification=tuned["manifest"].get("verification") or {},
+                                          test_file=_test_file(state), **as_served(loaded)))
     except GateFailed as exc:
         return {"gate": {"passed": False, "refusal": str(exc)}}
     return {"gate": out.model_dump()}
@@ -161,6 +165,7 @@ def step_agree(args, state):
     """KoBEST in float32 on the device against the CPU, item by item; the custom metrics as served (the evaluate
     step's, bf16 on a GPU) against the CPU's float32, within TOLERANCE."""
     from eval.evaluate import evaluate
+    from flows.segments import as_served
     from eval.gate import item_scores
     from workspace.device import resolve_dtype
     from workspace.model_ref import base_model
@@ -169,7 +174,8 @@ def step_agree(args, state):
 
     def run(device: str, extra: list[str], suites: tuple[str, ...]):
         loaded = loaded_for(args, device, extra)
-        return evaluate(loaded, base_model(loaded).with_adapter(f"smoke-{device}", adapter), suites, test_file=test)
+        return evaluate(loaded, base_model(loaded).with_adapter(f"smoke-{device}", adapter), suites, test_file=test,
+                        **as_served(loaded))
 
     cpu = run("cpu", [], ("kobest", "custom"))
     dev32 = run(args.device, ["eval.dtype=float32"], ("kobest",))

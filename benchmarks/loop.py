@@ -27,6 +27,7 @@ from eval.evaluate import evaluate
 from eval.gate import GateFailed
 from flows.leaderboard import leaderboard_flow
 from flows.loop import loop_flow
+from flows.segments import as_served
 from serving.card import gate_rows
 from serving.gateway import GatewayDb, harvest_feedback
 from serving.registry import champion_info, fetch_version_cached, promote
@@ -103,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                                               {"role": "assistant", "content": row["output"]}]}, ensure_ascii=False) + "\n")
     t0 = time.monotonic()
     champion = base_model(loaded).with_adapter("champion", str(src / "adapter"))
-    gen = evaluate(load_config(args.config, args.profile, sets + [f"eval.custom_limit={args.pairs}"]), champion,
-                   ("custom",), test_file=prompts, out_root=tmp / "answers")
+    answering = load_config(args.config, args.profile, sets + [f"eval.custom_limit={args.pairs}"])
+    gen = evaluate(answering, champion, ("custom",), test_file=prompts, out_root=tmp / "answers",
+                   sampling=answering.config.serving.decoding.non_default())
     gen_s = time.monotonic() - t0
     msgs = {f"prompts:{i}": json.loads(x)["messages"][:-1] for i, x in enumerate(prompts.read_text().splitlines(), 1)}
     items = []
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. harvest
     t0 = time.monotonic()
-    got = harvest_feedback(loaded)
+    got = harvest_feedback(loaded, out_root=resolve(loaded.config.data.feedback.dir))
     harvest_s = time.monotonic() - t0
     c = got.manifest["counts"]
     lines += ["### Harvest", "",
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         effects += ["", f"Effect of the {label} run, candidate against the champion on the gate's items (estimate = "
                     "mean(candidate - champion), with the gate's interval):", "",
                     *gate_rows(gate)]
-    champ_eval = evaluate(loaded, champion, test_file=Path(run["dataset_dir"]) / "test.jsonl")  # cached by the gate
+    champ_eval = evaluate(loaded, champion, test_file=Path(run["dataset_dir"]) / "test.jsonl",  # cached by the gate
+                          **as_served(loaded))
     lines += ["", f"The champion on the same items: well-formed XML "
               f"{champ_eval.metrics.get('eval/custom/screens/xml_valid', float('nan')):.2f}, char_ngram_f1 "
               f"{champ_eval.metrics.get('eval/custom/screens/char_ngram_f1', float('nan')):.3f}."]

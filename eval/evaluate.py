@@ -62,7 +62,15 @@ def served_merged(loaded: LoadedConfig, model: ModelRef) -> Optional[str]:
     return merged if merged and (Path(merged) / "config.json").exists() else None
 
 
-def cache_key(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...], test_file: Optional[Path], backend: str) -> str:
+def scoring_hash() -> str:
+    """The task files and the code that computes a score (not the stages): part of every evaluation's key, and of
+    the gate's, which decides on those scores."""
+    scorer_code = [Path(__file__).with_name(n) for n in SCORER_MODULES]
+    return _files_hash([p for p in (CONFIGS / "tasks").glob("*") if p.is_file()] + scorer_code)
+
+
+def cache_key(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...], test_file: Optional[Path], backend: str,
+              sampling: dict) -> str:
     cfg = loaded.config.eval
     data = []
     if "kobest" in suites and cfg.kobest_source == "local":
@@ -70,12 +78,10 @@ def cache_key(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...], te
             data += list(local_files(task, resolve(cfg.kobest_dir)).values())
     if "custom" in suites and test_file:
         data.append(Path(test_file))
-    scorer_code = [Path(__file__).with_name(n) for n in SCORER_MODULES]  # what computes a score; not the stages
-    task_cfg = _files_hash([p for p in (CONFIGS / "tasks").glob("*") if p.is_file()] + scorer_code)
-    parts = {"model": model.fingerprint(), "data": _files_hash(data), "tasks": task_cfg,
+    parts = {"model": model.fingerprint(), "data": _files_hash(data), "tasks": scoring_hash(),
              "eval": cfg.model_dump(mode="json"), "suites": sorted(suites), "backend": backend, "version": EVAL_VERSION}
-    if loaded.config.serving.decoding.non_default():  # generations decode as served (keys without it are unchanged)
-        parts["decoding"] = loaded.config.serving.decoding.non_default()
+    if sampling:  # generations decode as served (keys without it are unchanged)
+        parts["decoding"] = sampling
     if backend == "vllm" and served_merged(loaded, model):
         parts["served"] = "merged"  # merged weights score (slightly) differently from the LoRA module
     blob = json.dumps(parts, sort_keys=True)
@@ -83,7 +89,7 @@ def cache_key(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...], te
 
 
 def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backend: str, endpoint: Optional[Endpoint],
-                  partial: Path, progress=None) -> tuple[dict[str, float], list[dict], dict]:
+                  partial: Path, sampling: dict, progress=None) -> tuple[dict[str, float], list[dict], dict]:
     from deepeval.test_case import LLMTestCase
 
     from eval.generate import generate_hf, generate_openai, load_items
@@ -95,7 +101,6 @@ def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backen
     if not items:
         raise EvalError(f"custom suite: {test_file} has no items")
     try:
-        sampling = loaded.config.serving.decoding.non_default()  # what the served model decodes with
         if backend == "hf":
             gens = generate_hf(model.base, model.adapter, items, cfg.max_new_tokens, device=cfg.device,
                                dtype=resolve_dtype(cfg.device, cfg.dtype), progress=progress, sampling=sampling)
@@ -141,11 +146,13 @@ def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backen
     return agg, rows, info
 
 
-def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SUITES, *, test_file: Optional[Path] = None,
-             backend: Optional[str] = None, endpoint: Optional[Endpoint] = None, out_root: Optional[Path] = None,
-             console=None) -> EvalResult:
-    """Evaluate one model. With backend 'vllm' and no endpoint, a vLLM server is started for the duration
-    (base model + the adapter as a LoRA module) and stopped afterwards."""
+def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SUITES, *, sampling: dict,
+             out_root: Path, test_file: Optional[Path] = None, backend: Optional[str] = None,
+             endpoint: Optional[Endpoint] = None, console=None) -> EvalResult:
+    """Evaluate one model into `out_root`/<model>-<key>/ (a finished one there under any label is reused).
+    `sampling`: what the served model decodes with (serving.decoding.non_default(), which the caller passes), so
+    that what is evaluated is what is served. With backend 'vllm' and no endpoint, a vLLM server is started for the
+    duration (base model + the adapter as a LoRA module) and stopped afterwards."""
     cfg = loaded.config.eval
     backend = backend or cfg.backend
     unknown = [s for s in suites if s not in SUITES]
@@ -153,8 +160,8 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
         raise EvalError(f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}")
     if "custom" in suites and (test_file is None or not Path(test_file).exists()):
         raise EvalError(f"custom suite needs the prepared test split; {test_file} not found (run `make prepare`)")
-    key = cache_key(loaded, model, suites, test_file, backend)
-    out_dir = (out_root or resolve(loaded.config.data.output_dir) / "evals") / f"{model.name}-{key}"
+    key = cache_key(loaded, model, suites, test_file, backend, sampling)
+    out_dir = Path(out_root) / f"{model.name}-{key}"
     if not (out_dir / "metrics.json").exists():  # the same model, data and settings scored under another label
         out_dir = next((p for p in sorted(out_dir.parent.glob(f"*-{key}")) if (p / "metrics.json").exists()), out_dir)
     if (out_dir / "metrics.json").exists():
@@ -175,7 +182,7 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
         server = VllmServer(merged or model.base, loaded.config.serving, lora_modules=loras,
                             max_lora_rank=max(adapter_rank(model.adapter), 8) if loras else 8, served_model_name="base",
                             hub_enabled=loaded.config.hub.enabled,
-                            log_path=(out_root or resolve(loaded.config.data.output_dir) / "evals") / f"vllm-{model.name}.log")
+                            log_path=Path(out_root) / f"vllm-{model.name}.log")
         server.start()
         endpoint = server.endpoint(name, concurrency=cfg.concurrency)
     partial = out_dir.with_name(out_dir.name + ".partial")
@@ -201,7 +208,7 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
                 (partial / "kobest_metrics.json").write_text(json.dumps(kb.metrics, indent=2))
             if "custom" in suites:
                 t0 = time.time()
-                agg, rows, cinfo = _custom_suite(loaded, model, Path(test_file), backend, endpoint, partial)
+                agg, rows, cinfo = _custom_suite(loaded, model, Path(test_file), backend, endpoint, partial, sampling)
                 metrics.update(agg)
                 metrics[f"custom/{cfg.custom_task_name}/items_per_s"] = len(rows) / (time.time() - t0)
                 info.update(cinfo)

@@ -30,6 +30,10 @@ class EvaluateInputs(StageData):
     test_file: str  # the prepared held-out split
     adapter_dir: str  # the candidate's adapter
     rag_contexts: Optional[str] = None  # the rag stage's qa_contexts.jsonl (None: no RAG answer quality)
+    # from the flow: the served decoding (serving.decoding.non_default(): what is evaluated is what is served) and
+    # the folder the evaluations are written under and found again (<data.output_dir>/evals)
+    sampling: dict
+    out_root: str
 
 
 class EvaluateOutputs(StageData):
@@ -52,7 +56,7 @@ def summary_table(results: list[EvalResult]) -> Table:
     return t
 
 
-def rag_answer_quality(loaded: LoadedConfig, model: ModelRef, contexts: Path) -> dict[str, float]:
+def rag_answer_quality(loaded: LoadedConfig, model: ModelRef, contexts: Path, sampling: dict) -> dict[str, float]:
     """Answer the rag stage's questions (its retrieved passages, ready prompts) with `model`; score citations
     (and the judge's metrics when a judge is configured), in an `eval-rag-<model>` run."""
     import mlflow
@@ -61,8 +65,7 @@ def rag_answer_quality(loaded: LoadedConfig, model: ModelRef, contexts: Path) ->
     if not items:
         raise EvalError(f"{contexts} has no questions: the rag stage wrote no RAG contexts")
     with stage_run(loaded, f"eval-rag-{model.name}"):
-        metrics, rows, judge_note = score_rag_answers(loaded.config.eval, model, items,
-                                                      sampling=loaded.config.serving.decoding.non_default())
+        metrics, rows, judge_note = score_rag_answers(loaded.config.eval, model, items, sampling=sampling)
         mlflow.log_metrics(metrics)
         mlflow.set_tag("judge", judge_note[:250])
         mlflow.log_table({"id": [r["id"] for r in rows], "question": [r["prompt"] for r in rows],
@@ -83,7 +86,8 @@ class EvaluateStage(Stage[EvaluateInputs, EvaluateOutputs]):
 
     def cache_key(self, loaded: LoadedConfig, inputs: EvaluateInputs) -> str:
         test = Path(inputs.test_file)
-        keys = {m.name: cache_key(loaded, m, SUITES, test, loaded.config.eval.backend) for m in self.models(loaded, inputs)}
+        keys = {m.name: cache_key(loaded, m, SUITES, test, loaded.config.eval.backend, inputs.sampling)
+                for m in self.models(loaded, inputs)}
         rag = file_digest(Path(inputs.rag_contexts)) if inputs.rag_contexts else None
         return digest(keys, rag)
 
@@ -99,7 +103,8 @@ class EvaluateStage(Stage[EvaluateInputs, EvaluateOutputs]):
             results = []
             for m in models:
                 with stage_run(loaded, f"eval-{m.name}"):
-                    r = evaluate(loaded, m, test_file=Path(inputs.test_file))
+                    r = evaluate(loaded, m, test_file=Path(inputs.test_file), sampling=inputs.sampling,
+                                 out_root=Path(inputs.out_root))
                     mlflow.set_tag("cache", "hit" if r.cached else "miss")
                     log_eval(r)
                 results.append(r)
@@ -110,7 +115,7 @@ class EvaluateStage(Stage[EvaluateInputs, EvaluateOutputs]):
             for r in results:
                 mlflow.log_metrics({f"{r.model.name}/{k}": v for k, v in r.metrics.items()})
             if inputs.rag_contexts:
-                rag_metrics = rag_answer_quality(loaded, models[-1], Path(inputs.rag_contexts))
+                rag_metrics = rag_answer_quality(loaded, models[-1], Path(inputs.rag_contexts), inputs.sampling)
                 mlflow.log_metrics({f"candidate/{k}": v for k, v in rag_metrics.items()})
         console = console or Console()
         console.print(summary_table(results))

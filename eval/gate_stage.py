@@ -16,7 +16,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from eval.evaluate import compare_report, evaluate
+from eval.evaluate import compare_report, evaluate, scoring_hash
 from eval.gate import GateDecision, GateError, GateFailed, decide, with_rules, write_decision
 from eval.judge import JudgeUnavailable
 from eval.kobest import EvalError
@@ -52,6 +52,9 @@ class GateInputs(StageData):
     # the version @champion names now, for what a refusal says is still served (not part of the decision: the
     # reference is; when the candidate is the champion's own run, the reference is what it was compared with then)
     champion_version: Optional[str] = None
+    # from the flow: the served decoding and where the evaluations are (as in EvaluateInputs: the gate reuses them)
+    sampling: dict
+    out_root: str
 
 
 class GateOutputs(StageData):
@@ -98,7 +101,8 @@ class GateStage(Stage[GateInputs, GateOutputs]):
         gate_cfg = cfg.gate.model_dump(mode="json", exclude={"rag_min_hit_at_5", "slo"})
         return digest(inputs.run_key, inputs.reference and inputs.reference.model_dump(), gate_cfg,
                       cfg.eval.model_dump(mode="json"), inputs.extra_rules, inputs.verification, GATE_VERSION,
-                      *([cfg.serving.decoding.non_default()] if cfg.serving.decoding.non_default() else []),
+                      scoring_hash(),  # a change to how a score is computed re-scores, so it decides again
+                      *([inputs.sampling] if inputs.sampling else []),
                       *([inputs.arena, inputs.purpose] if inputs.arena is not None or inputs.purpose != "champion" else []))
 
     def outputs_present(self, loaded: LoadedConfig, outputs: GateOutputs) -> bool:
@@ -120,7 +124,8 @@ class GateStage(Stage[GateInputs, GateOutputs]):
         test = Path(inputs.test_file)
         decided = work / f"gate-{self.cache_key(loaded, inputs)}"  # one folder per question asked: a cached decision
         with stage_run(loaded, "gate") as gate_run:                 # never points at files another one overwrote
-            cand_res, ref_res = evaluate(loaded, candidate, test_file=test), evaluate(loaded, reference, test_file=test)
+            where = {"test_file": test, "sampling": inputs.sampling, "out_root": Path(inputs.out_root)}
+            cand_res, ref_res = evaluate(loaded, candidate, **where), evaluate(loaded, reference, **where)
             decision = decide(cfg.gate, cand_res.metrics, ref_res.metrics, cand_res.items_path, ref_res.items_path,
                               inputs.verification, reference.name, inputs.arena, inputs.purpose)
             if inputs.extra_rules:

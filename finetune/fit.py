@@ -13,7 +13,7 @@ Per GPU, in bytes (N = GPUs in the data-parallel group = finetune.num_gpus x fin
                      flash/SDPA attention: no s^2 term); without it: layers x that one layer
                      + logits: batch x cutoff x vocab x 10 B (16-bit logits, their fp32 copy, its gradient)
     overhead       = 1.5 GiB (CUDA context, NCCL buffers, allocator fragmentation)
-    budget         = the GPU's memory (finetune.gpu_memory_gib, else serving.gpu_memory_gib, else detected)
+    budget         = the GPU's memory (finetune.gpu_memory_gib, else detected)
 The numbers are estimates on the safe side; they are printed, so a person can check them.
 """
 from __future__ import annotations
@@ -82,11 +82,9 @@ def lora_params(spec: ModelSpec, rank: int, target: str) -> float:
 
 
 def gpu_budget(loaded: LoadedConfig, detected_gib: Optional[float] = None) -> tuple[float, str]:
-    ft, sv = loaded.config.finetune, loaded.config.serving
+    ft = loaded.config.finetune  # the training card: the serving card (serving.gpu_memory_gib) may be another one
     if ft.gpu_memory_gib:
         return ft.gpu_memory_gib, "finetune.gpu_memory_gib"
-    if sv.gpu_memory_gib:
-        return sv.gpu_memory_gib, "serving.gpu_memory_gib"
     if detected_gib:
         return detected_gib, "detected"
     return 0.0, ""
@@ -156,7 +154,7 @@ def train_fit(loaded: LoadedConfig, spec: Optional[ModelSpec] = None, detected_g
     lines.append(f"need per GPU = {weights_gpu / GIB:.2f} + {states / GIB:.2f} + {acts / GIB:.2f} + {logits / GIB:.2f} "
                  f"+ {OVERHEAD_GIB} overhead = {need:.2f} GiB")
     if not budget:
-        lines.append("budget per GPU: unknown (set finetune.gpu_memory_gib or serving.gpu_memory_gib)")
+        lines.append("budget per GPU: unknown (set finetune.gpu_memory_gib)")
         return TrainFit(True, need, 0.0, lines, "", stage)
     lines.append(f"budget per GPU = {budget:.1f} GiB ({where})")
     fits = need <= budget

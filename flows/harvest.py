@@ -17,6 +17,7 @@ from rich.table import Table
 
 from serving.gateway import GatewayDbError, Harvest, HarvestError, harvest_feedback, parse_since
 from workspace.config import ConfigError, LoadedConfig, add_cli_args, load_config
+from workspace.paths import resolve
 
 
 def harvest_table(h: Harvest) -> Table:
@@ -34,7 +35,8 @@ def harvest_table(h: Harvest) -> Table:
 
 def run_harvest(loaded: LoadedConfig, since: Optional[str] = None, since_version: Optional[str] = None,
                 console: Optional[Console] = None) -> Harvest:
-    h = harvest_feedback(loaded, since=parse_since(since), since_version=since_version)
+    h = harvest_feedback(loaded, out_root=resolve(loaded.config.data.feedback.dir), since=parse_since(since),
+                         since_version=since_version)
     (console or Console()).print(harvest_table(h))
     return h
 

@@ -23,7 +23,7 @@ from eval.evaluate import evaluate
 from eval.leaderboard import Row, scores, write
 from finetune.prepare_stage import PREPARE
 from flows._cli import run_flow_cli
-from flows.segments import test_file
+from flows.segments import as_served, test_file
 from flows.runner import StageRunner
 from serving.registry import fetch_version_cached, list_versions
 from workspace.config import LoadedConfig, load_config
@@ -101,7 +101,7 @@ def leaderboard_flow(config: Optional[str] = None, profile: Optional[str] = None
             task = progress.add_task("evaluating", total=len(models))
             for ref, kind, detail, run_id in models:
                 progress.update(task, description=f"{ref.name}")
-                res = evaluate(loaded, ref, test_file=test)
+                res = evaluate(loaded, ref, test_file=test, **as_served(loaded))
                 rows.append(Row(ref.name, kind, detail, scores(res, lb.confidence, lb.bootstrap_samples,
                                                                seed=loaded.config.project.seed),
                                 serving_numbers(loaded, run_id), cached=res.cached))

@@ -32,6 +32,7 @@ from serving.gateway import harvest_feedback, parse_since, since_of_version
 from serving.registry import champion_info
 from workspace.config import LoadedConfig, load_config
 from workspace.locks import workspace_lock
+from workspace.paths import resolve
 from workspace.tracking import configure, pipeline_run
 
 
@@ -75,7 +76,7 @@ def loop_flow(config: Optional[str] = None, profile: Optional[str] = None, overr
         start = parse_since(since or user.config.loop.since)
         if start is None and champ is not None:
             start = since_of_version(user, champ["version"])  # what people said about the current champion
-        got = harvest_feedback(user, since=start)
+        got = harvest_feedback(user, out_root=resolve(user.config.data.feedback.dir), since=start)
         console.print(harvest_table(got))
         n = len(got.sft) + len(got.pairs)
         if n < user.config.loop.min_items:

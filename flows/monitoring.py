@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"[error] {exc}", file=sys.stderr)
         return 2
-    for path in write(loaded, args.out):
+    for path in write(loaded, args.out, loaded.config.gate.slo):
         print(f"[monitoring] wrote {path}")
     promtool = shutil.which("promtool")
     if promtool:

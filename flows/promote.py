@@ -29,7 +29,7 @@ from finetune.finetune_stage import FINETUNE
 from finetune.prepare_stage import PREPARE
 from flows._cli import run_flow_cli
 from flows.champion import resolve_init_adapter
-from flows.segments import arena_tally, evaluate_candidate, gate_candidate, promote_candidate, test_file
+from flows.segments import arena_tally, as_served, evaluate_candidate, gate_candidate, promote_candidate, test_file
 from flows.runner import StageRunner
 from serving.card import CARD, model_card, with_promotion
 from serving.promote_stage import floors_only_over_full
@@ -78,7 +78,8 @@ def promote_version_flow(config: str | None = None, profile: str | None = None, 
         console.print(canary_table(loaded, str(version), champ["version"] if champ else None))
         gate = runner.run(GATE, GateInputs(adapter_dir=str(folder / "adapter"), run_key=manifest["run_key"],
                                            verification=manifest.get("verification") or {},
-                                           test_file=test_file(prepared), reference=ref, arena=arena))
+                                           test_file=test_file(prepared), reference=ref, arena=arena,
+                                           **as_served(loaded)))
         if gate_only:
             return {"gate": gate.model_dump()}
         gate_mode = json.loads(Path(gate.gate_json).read_text(encoding="utf-8")).get("mode", "full")

@@ -12,6 +12,7 @@ from prefect import flow
 
 from flows._cli import run_flow_cli
 from flows.runner import StageRunner
+from flows.segments import rag_inputs
 from rag.rag_stage import RAG, ask
 from serving.serve import champion_endpoint, with_serve_key
 from workspace.config import load_config
@@ -23,7 +24,7 @@ def rag_flow(config: str | None = None, profile: str | None = None, overrides: l
              force: bool = False) -> dict:
     loaded = load_config(config, profile, overrides or [])
     with workspace_lock("rag"):
-        out = StageRunner(loaded, force=force).run(RAG)
+        out = StageRunner(loaded, force=force).run(RAG, rag_inputs(loaded))
         return out.model_dump() if out else {}
 
 

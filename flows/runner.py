@@ -86,11 +86,11 @@ class StageRunner:
 
     def run(self, stage: Stage, inputs: Optional[StageData] = None) -> Optional[Any]:
         """The stage's Outputs (cached or computed), or None when its configuration turns it off."""
-        why = stage.skip_reason(self.loaded)
+        inputs = inputs if inputs is not None else stage.Inputs()
+        why = stage.skip_reason(self.loaded, inputs)
         if why:
             self.skip(stage.name, why)
             return None
-        inputs = inputs if inputs is not None else stage.Inputs()
         key = stage.cache_key(self.loaded, inputs)
         rec = self.records.setdefault(stage.name, StageRecord(stage.name, key=key))
         self.console.print(f"[bold]▶ {stage.name}[/] [dim](key {key})[/]")

@@ -14,7 +14,7 @@ from eval.gate_stage import GATE, GateInputs, GateOutputs, Reference
 from finetune.finetune_stage import FinetuneOutputs
 from finetune.prepare_stage import PrepareOutputs
 from flows.runner import StageRunner
-from rag.rag_stage import RAG, RagOutputs
+from rag.rag_stage import RAG, RagInputs, RagOutputs
 from serving.promote_stage import PROMOTE, PromoteInputs, PromoteOutputs
 from serving.registry import champion_info, gate_reference, version_of_run
 from serving.slo_stage import SLO, SloInputs, slo_rows
@@ -27,12 +27,27 @@ def test_file(prepared: PrepareOutputs) -> str:
     return str(Path(prepared.path) / "test.jsonl")
 
 
+def as_served(loaded: LoadedConfig) -> dict:
+    """What every evaluation gets from outside the eval section (EvaluateInputs, GateInputs, `evaluate()`'s
+    keywords): the served decoding, so that what is evaluated is what is served, and the folder evaluations are
+    written under and found again."""
+    return {"sampling": loaded.config.serving.decoding.non_default(),
+            "out_root": str(resolve(loaded.config.data.output_dir) / "evals")}
+
+
+def rag_inputs(loaded: LoadedConfig) -> RagInputs:
+    """What the rag stage gets from outside its section: the gate's floor for the index and where to write."""
+    return RagInputs(min_hit_at_5=loaded.config.gate.rag_min_hit_at_5,
+                     out_root=str(resolve(loaded.config.data.output_dir) / "rag"))
+
+
 def evaluate_candidate(runner: StageRunner, prepared: PrepareOutputs,
                        tuned: FinetuneOutputs) -> tuple[Optional[RagOutputs], EvaluateOutputs]:
     """rag (when enabled) then evaluate, which scores RAG answers on the contexts the rag stage checked."""
-    indexed = runner.run(RAG)
+    indexed = runner.run(RAG, rag_inputs(runner.loaded))
     evaluated = runner.run(EVALUATE, EvaluateInputs(test_file=test_file(prepared), adapter_dir=tuned.adapter_dir,
-                                                    rag_contexts=indexed.qa_contexts if indexed else None))
+                                                    rag_contexts=indexed.qa_contexts if indexed else None,
+                                                    **as_served(runner.loaded)))
     return indexed, evaluated
 
 
@@ -55,7 +70,7 @@ def gate_candidate(runner: StageRunner, loaded: LoadedConfig, prepared: PrepareO
     champion (promotion) or candidate (the loop's registration)."""
     slo = runner.run(SLO, SloInputs(adapter_dir=tuned.adapter_dir, run_key=tuned.run_key,
                                     requests_file=test_file(prepared),
-                                    passages_file=str(resolve(loaded.config.rag.corpus))))
+                                    passages_file=str(resolve(loaded.config.rag.corpus)), slo=loaded.config.gate.slo))
     configure(loaded)
     name = loaded.config.tracking.registered_model
     ref = gate_reference(name, tuned.run_key)
@@ -65,7 +80,8 @@ def gate_candidate(runner: StageRunner, loaded: LoadedConfig, prepared: PrepareO
                                        verification=tuned.manifest.get("verification") or {},
                                        test_file=test_file(prepared), reference=Reference(**ref) if ref else None,
                                        extra_rules=slo_rows(slo, loaded.config.gate.slo) if slo else [], arena=arena,
-                                       purpose=purpose, champion_version=champ["version"] if champ else None))
+                                       purpose=purpose, champion_version=champ["version"] if champ else None,
+                                       **as_served(loaded)))
 
 
 def promote_candidate(runner: StageRunner, gate: GateOutputs, alias: str = "champion") -> PromoteOutputs:

@@ -26,7 +26,10 @@ RAG_VERSION = "2"  # bump when the index, the metrics or qa_contexts.jsonl chang
 
 
 class RagInputs(StageData):
-    pass
+    # from the flow: the gate's floor for the index (gate.rag_min_hit_at_5), enforced where the index is measured,
+    # and the folder the stage writes under (<data.output_dir>/rag: one subfolder per cache key)
+    min_hit_at_5: float
+    out_root: str
 
 
 class RagOutputs(StageData):
@@ -69,13 +72,13 @@ class RagStage(Stage[RagInputs, RagOutputs]):
     error = RagError
     deterministic = (RagError,)
 
-    def skip_reason(self, loaded: LoadedConfig) -> Optional[str]:
+    def skip_reason(self, loaded: LoadedConfig, inputs: RagInputs) -> Optional[str]:
         return None if loaded.config.rag.enabled else "rag.enabled is false"
 
     def cache_key(self, loaded: LoadedConfig, inputs: RagInputs) -> str:
         cfg = loaded.config.rag
         return digest(cfg.model_dump(mode="json"), file_digest(resolve(cfg.corpus)), file_digest(resolve(cfg.qa_set)),
-                      loaded.config.gate.rag_min_hit_at_5, RAG_VERSION)
+                      inputs.min_hit_at_5, RAG_VERSION)
 
     def outputs_present(self, loaded: LoadedConfig, outputs: RagOutputs) -> bool:
         q = loaded.config.rag.qdrant
@@ -86,7 +89,7 @@ class RagStage(Stage[RagInputs, RagOutputs]):
         import mlflow
 
         cfg = loaded.config.rag
-        out = resolve(loaded.config.data.output_dir) / "rag" / self.cache_key(loaded, inputs)
+        out = Path(inputs.out_root) / self.cache_key(loaded, inputs)
         out.mkdir(parents=True, exist_ok=True)
         embedder, sparse = DenseEmbedder(cfg.embedder), SparseEncoder()
         client, stats = build_and_open(cfg, embedder, sparse)
@@ -102,7 +105,7 @@ class RagStage(Stage[RagInputs, RagOutputs]):
         finally:
             client.close()
         (console or Console()).print(metrics_table(stats, metrics))
-        floor = loaded.config.gate.rag_min_hit_at_5
+        floor = inputs.min_hit_at_5
         if metrics["rag/hybrid/hit_at_5"] < floor:
             raise RagError(f"hybrid hit@5 {metrics['rag/hybrid/hit_at_5']:.3f} is below gate.rag_min_hit_at_5 {floor}")
         _write_jsonl(out / "qa_contexts.jsonl", contexts)  # written only for an index that passed its floor

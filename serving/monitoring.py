@@ -1,6 +1,7 @@
 """Prometheus for the service: a scrape configuration, recording rules and alerting rules on the service plan's
-KPIs, with their thresholds read from the profile's SLOs (`gate.slo`), and unit tests for every alert that
-`promtool test rules` runs (`make monitoring` writes them; tests/test_monitoring.py checks them with promtool).
+KPIs, with their thresholds the profile's SLOs (`gate.slo`, passed in by flows/monitoring.py), and unit tests for
+every alert that `promtool test rules` runs (`make monitoring` writes them; tests/test_monitoring.py checks them
+with promtool).
 
     scrape      the gateway's /metrics (an admin token from a file), each vLLM replica's /metrics (the serve key's
                 file), Prometheus itself
@@ -26,6 +27,7 @@ import yaml
 
 from serving.gateway import LATENCY_BUCKETS
 from workspace.config.load import LoadedConfig
+from workspace.config.serving import SloConfig
 
 RULES, TESTS, CONFIG = "rules.yml", "rules_test.yml", "prometheus.yml"
 GATEWAY_TOKEN, SERVE_KEY = "gateway_token", "serve_key"  # credential files beside prometheus.yml (0600)
@@ -35,8 +37,7 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def rules(loaded: LoadedConfig) -> dict:
-    slo = loaded.config.gate.slo
+def rules(slo: SloConfig) -> dict:
     ttft_s = slo.ttft_p50_ms / 1000
     recording = [
         *({"record": f"gateway:ttft_seconds:p{q}_5m",
@@ -116,15 +117,14 @@ def _bucket_series(alias: str, low: float, high: float, per_min: int, minutes: i
     return out
 
 
-def unit_tests(loaded: LoadedConfig) -> dict:
+def unit_tests(slo: SloConfig) -> dict:
     """promtool's tests: every alert fires on series just past its threshold and stays quiet just inside it."""
-    slo = loaded.config.gate.slo
     ttft_s = slo.ttft_p50_ms / 1000
     bounds = [0.0, *LATENCY_BUCKETS]
     # a bucket wholly above the threshold (p50 = its middle > threshold) and one wholly at or under it
     above = next(((lo, hi) for lo, hi in zip(bounds, bounds[1:]) if lo >= ttft_s), None)
     below = next(((lo, hi) for lo, hi in reversed(list(zip(bounds, bounds[1:]))) if hi <= ttft_s), None)
-    alerts = {r["alert"]: r for r in rules(loaded)["groups"][1]["rules"]}
+    alerts = {r["alert"]: r for r in rules(slo)["groups"][1]["rules"]}
     tests = []
 
     def case(name: str, series: list[dict], alert: str, fires: bool, eval_time: str, labels: dict):
@@ -166,11 +166,12 @@ def unit_tests(loaded: LoadedConfig) -> dict:
     return {"rule_files": [RULES], "evaluation_interval": "1m", "tests": tests}
 
 
-def write(loaded: LoadedConfig, folder: Path) -> list[Path]:
-    """prometheus.yml, rules.yml and rules_test.yml into `folder` (each written whole: a temp file, then renamed)."""
+def write(loaded: LoadedConfig, folder: Path, slo: SloConfig) -> list[Path]:
+    """prometheus.yml, rules.yml and rules_test.yml into `folder` (each written whole: a temp file, then renamed).
+    `slo`: the objectives the alerts watch (gate.slo, which the flow passes: the ones the gate measured)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for name, doc in ((CONFIG, scrape_config(loaded, folder)), (RULES, rules(loaded)), (TESTS, unit_tests(loaded))):
+    for name, doc in ((CONFIG, scrape_config(loaded, folder)), (RULES, rules(slo)), (TESTS, unit_tests(slo))):
         path = folder / name
         tmp = path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -18,6 +18,7 @@ from rich.console import Console
 from serving.bench import BenchError, StepResult, as_dict, slo_benchmark, slo_rules, workload_texts
 from workspace.config.load import LoadedConfig
 from workspace.config.pipeline import adapter_mode
+from workspace.config.serving import SloConfig
 from workspace.endpoint import EndpointError
 from workspace.model_ref import ModelNotFound, adapter_rank, base_model
 from workspace.stage import Stage, StageData, digest, file_digest
@@ -35,6 +36,7 @@ class SloInputs(StageData):
     # split's user turns) and the passages that pad each prompt to gate.slo.prompt_tokens (the RAG corpus)
     requests_file: Optional[str] = None
     passages_file: Optional[str] = None
+    slo: SloConfig  # the objectives and the step's size (gate.slo: the gate decides on the rows)
 
 
 class SloOutputs(StageData):
@@ -65,14 +67,14 @@ class SloStage(Stage[SloInputs, SloOutputs]):
     error = BenchError
     deterministic = (ModelNotFound, EndpointError)
 
-    def skip_reason(self, loaded: LoadedConfig) -> Optional[str]:
-        return None if loaded.config.gate.slo.required else "gate.slo.required is false"
+    def skip_reason(self, loaded: LoadedConfig, inputs: SloInputs) -> Optional[str]:
+        return None if inputs.slo.required else "gate.slo.required is false"
 
     def cache_key(self, loaded: LoadedConfig, inputs: SloInputs) -> str:
         cfg = loaded.config
         return digest(inputs.run_key, cfg.serving.model_dump(mode="json", exclude={"bench", "gateway", "replicas"}),
                       adapter_mode(cfg)[0],
-                      cfg.gate.slo.model_dump(mode="json", exclude={"required", "ttft_p50_ms", "min_requests_per_min",
+                      inputs.slo.model_dump(mode="json", exclude={"required", "ttft_p50_ms", "min_requests_per_min",
                                                                      "max_error_rate"}),
                       *(file_digest(Path(f)) if f else None for f in (inputs.requests_file, inputs.passages_file)),
                       SLO_VERSION)
@@ -80,8 +82,7 @@ class SloStage(Stage[SloInputs, SloOutputs]):
     def run(self, loaded: LoadedConfig, inputs: SloInputs, console: Optional[Console] = None) -> SloOutputs:
         import mlflow
 
-        cfg = loaded.config
-        slo = cfg.gate.slo
+        cfg, slo = loaded.config, inputs.slo
         base = base_model(loaded).base
         work = Path(inputs.adapter_dir) / "promotion" / "slo"
         # measure what will be served: the merged weights in merged mode, else the base + the adapter as LoRA

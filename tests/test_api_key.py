@@ -73,7 +73,8 @@ def test_generation_for_the_custom_metrics_sends_the_key(keyed, tmp_path):
     loaded, server = keyed["loaded"], keyed["server"]
     prepared = prepare_dataset(loaded)
     res = evaluate(loaded, _base(), suites=("custom",), test_file=prepared.path / "test.jsonl", backend="vllm",
-                   endpoint=server.endpoint("base"), out_root=tmp_path)
+                   endpoint=server.endpoint("base"), out_root=tmp_path,
+                   sampling=loaded.config.serving.decoding.non_default())
     assert res.info["custom_items"] == 3 and res.info["gen_tokens"] > 0
 
 
@@ -144,7 +145,8 @@ def test_a_wrong_key_is_named_not_a_traceback(keyed, tmp_path):
         prepared = prepare_dataset(keyed["loaded"])
         with pytest.raises(EvalError, match=KEY_ENV):
             evaluate(keyed["loaded"], _base(), suites=("custom",), test_file=prepared.path / "test.jsonl",
-                     backend="vllm", endpoint=server.endpoint("base"), out_root=tmp_path)
+                     backend="vllm", endpoint=server.endpoint("base"), out_root=tmp_path,
+                     sampling=keyed["loaded"].config.serving.decoding.non_default())
     finally:
         mp.setenv(KEY_ENV, KEY)
 

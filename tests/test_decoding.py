@@ -9,6 +9,7 @@ import torch
 
 from eval.evaluate import cache_key
 from eval.generate import GrammarMask, cut_at_stop, output_penalties
+from flows.segments import as_served
 from serving.config import render_vllm_config, validate_with_vllm, write_vllm_config
 from workspace.config import ConfigError, load_config
 from workspace.model_ref import ModelRef
@@ -66,12 +67,16 @@ def test_the_evaluation_cache_follows_the_decoding(tmp_path):
     model = ModelRef("base", str(load_config().config.base_model.path))
     test = tmp_path / "test.jsonl"
     test.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
-    keys = {cache_key(load_config(overrides=[f"serving.decoding.frequency_penalty={v}"]), model, ("custom",), test, "hf")
-            for v in (0, 0.2, 0.3)}
+    loaded = load_config()
+
+    def key(*overrides: str) -> str:  # the served decoding reaches the evaluation through the flows' as_served()
+        return cache_key(loaded, model, ("custom",), test, "hf", as_served(load_config(overrides=list(overrides)))["sampling"])
+
+    keys = {key(f"serving.decoding.frequency_penalty={v}") for v in (0, 0.2, 0.3)}
     assert len(keys) == 3
-    no_stop = cache_key(load_config(overrides=["serving.decoding.stop=[]"]), model, ("custom",), test, "hf")
+    no_stop = key("serving.decoding.stop=[]")
     assert no_stop not in keys
-    no_grammar = cache_key(load_config(overrides=["serving.decoding.grammar=null"]), model, ("custom",), test, "hf")
+    no_grammar = key("serving.decoding.grammar=null")
     assert no_grammar not in keys | {no_stop}
 
 

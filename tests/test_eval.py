@@ -19,6 +19,7 @@ from workspace.paths import DATA_RAW, resolve
 
 BASE = str(resolve(load_config().config.base_model.path))
 SMALL = ["eval.limit=8", "eval.custom_limit=4", "eval.max_new_tokens=64"]
+SERVED = load_config(overrides=SMALL).config.serving.decoding.non_default()  # the served decoding the flows pass
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,8 @@ def test_judge_absent_is_skipped_with_the_reason_and_down_is_an_error():
 def test_a_down_judge_stops_the_stage_and_keeps_partial_results(tmp_path, prepared):
     loaded = load_config(overrides=SMALL + ["eval.judge={base_url: 'http://127.0.0.1:9/v1', model: judge}"])
     with pytest.raises(EvalError, match=r"judge endpoint http://127.0.0.1:9/v1 is not usable.*kept in .*\.partial"):
-        evaluate(loaded, ModelRef("base", BASE), test_file=prepared.path / "test.jsonl", out_root=tmp_path, backend="hf")
+        evaluate(loaded, ModelRef("base", BASE), test_file=prepared.path / "test.jsonl", out_root=tmp_path, sampling=SERVED,
+                 backend="hf")
     partial = next(tmp_path.glob("base-*.partial"))
     kobest_rows = (partial / "items.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(kobest_rows) == 40 and len((partial / "custom_items.jsonl").read_text().splitlines()) == 4
@@ -106,7 +108,8 @@ def test_a_down_judge_stops_the_stage_and_keeps_partial_results(tmp_path, prepar
 def test_evaluate_writes_per_item_evidence_metrics_and_is_cached(tmp_path, prepared):
     loaded = load_config(overrides=SMALL)
     model = ModelRef("base", BASE)
-    res = evaluate(loaded, model, test_file=prepared.path / "test.jsonl", out_root=tmp_path, backend="hf")
+    res = evaluate(loaded, model, test_file=prepared.path / "test.jsonl", out_root=tmp_path, sampling=SERVED,
+                   backend="hf")
     m = res.metrics
     for task in ("boolq", "copa", "wic", "hellaswag", "sentineg"):
         assert 0 <= m[f"eval/kobest/{task}/acc"] <= 1 and f"eval/kobest/{task}/f1_macro" in m
@@ -119,7 +122,8 @@ def test_evaluate_writes_per_item_evidence_metrics_and_is_cached(tmp_path, prepa
     assert sum(r["suite"] == "kobest" for r in rows) == 5 * 8
     custom = [r for r in rows if r["suite"] == "custom"]
     assert len(custom) == 4 and all({"id", "prompt", "output", "reference", "scores"} <= set(r) for r in custom)
-    again = evaluate(loaded, model, test_file=prepared.path / "test.jsonl", out_root=tmp_path, backend="hf")
+    again = evaluate(loaded, model, test_file=prepared.path / "test.jsonl", out_root=tmp_path, sampling=SERVED,
+                     backend="hf")
     assert again.cached and again.metrics == res.metrics
     other = ModelRef("base2", BASE)
     md, png = compare_report([res, again.__class__(other, {k: v * 0.5 for k, v in m.items()}, res.items_path,
@@ -133,7 +137,8 @@ def test_the_same_evaluation_twice_from_scratch_gives_identical_numbers(tmp_path
     per-item scores and the same aggregates (speeds aside)."""
     loaded = load_config(overrides=SMALL)
     model = ModelRef("candidate", BASE, adapter=str(random_adapter))
-    runs = [evaluate(loaded, model, test_file=prepared.path / "test.jsonl", out_root=tmp_path / f"run{i}", backend="hf")
+    runs = [evaluate(loaded, model, test_file=prepared.path / "test.jsonl", out_root=tmp_path / f"run{i}",
+                     sampling=SERVED, backend="hf")
             for i in (1, 2)]
     assert not runs[0].cached and not runs[1].cached
     first, second = (r.items_path.read_text(encoding="utf-8") for r in runs)
@@ -145,9 +150,9 @@ def test_the_same_evaluation_twice_from_scratch_gives_identical_numbers(tmp_path
 def test_missing_test_split_and_unknown_suite_are_errors(tmp_path):
     loaded = load_config(overrides=SMALL)
     with pytest.raises(EvalError, match="run `make prepare`"):
-        evaluate(loaded, ModelRef("base", BASE), test_file=tmp_path / "nope.jsonl", out_root=tmp_path)
+        evaluate(loaded, ModelRef("base", BASE), test_file=tmp_path / "nope.jsonl", out_root=tmp_path, sampling=SERVED)
     with pytest.raises(EvalError, match="unknown suite"):
-        evaluate(loaded, ModelRef("base", BASE), suites=("mmlu",), out_root=tmp_path)
+        evaluate(loaded, ModelRef("base", BASE), suites=("mmlu",), out_root=tmp_path, sampling=SERVED)
 
 
 def test_a_model_that_fails_to_load_is_named(tmp_path, prepared):
@@ -157,8 +162,8 @@ def test_a_model_that_fails_to_load_is_named(tmp_path, prepared):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(EvalError, match=r"broken-model"):
         evaluate(loaded, ModelRef("broken", str(broken)), test_file=prepared.path / "test.jsonl", out_root=tmp_path,
-                 backend="hf")
+                 sampling=SERVED, backend="hf")
     with pytest.raises(EvalError, match=r"generation with .*broken-model"):
         evaluate(loaded, ModelRef("broken", str(broken)), suites=("custom",), test_file=prepared.path / "test.jsonl",
-                 out_root=tmp_path, backend="hf")
+                 out_root=tmp_path, sampling=SERVED, backend="hf")
 

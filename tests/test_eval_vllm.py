@@ -54,7 +54,7 @@ def test_custom_suite_through_the_endpoint(server, tmp_path):
     prepared = prepare_dataset(loaded)
     res = evaluate(loaded, ModelRef("base", BASE), suites=("custom",), test_file=prepared.path / "test.jsonl",
                    backend="vllm", endpoint=server.endpoint("base"),
-                   out_root=tmp_path / "evals")
+                   out_root=tmp_path / "evals", sampling=loaded.config.serving.decoding.non_default())
     assert res.info["custom_items"] == 4 and res.metrics["eval/custom/screens/gen_tokens_per_s"] > 0
 
 

@@ -225,7 +225,8 @@ def test_a_refusal_names_what_is_still_served(tmp_path):
     assert not d.passed
 
     def text(**kw) -> str:
-        inputs = GateInputs(adapter_dir="a", run_key="k", verification=VERIFIED, test_file="t", **kw)
+        inputs = GateInputs(adapter_dir="a", run_key="k", verification=VERIFIED, test_file="t", sampling={},
+                            out_root=str(tmp_path), **kw)
         return refusal_text(d, tmp_path / "gate.md", tmp_path / "report.md", c, inputs, loaded)
 
     name = loaded.config.tracking.registered_model
@@ -234,3 +235,23 @@ def test_a_refusal_names_what_is_still_served(tmp_path):
     ref = Reference(version="2", run_key="r", artifact_uri=f"models:/{name}/2")
     assert f"{name}@champion is still v2 " in text(reference=ref)
     assert f"{name}@champion is still v3 " in text(reference=ref, champion_version="3")
+
+
+def test_the_gate_decides_again_when_the_scoring_changes(tmp_path, monkeypatch):
+    """The evaluations are keyed on the task files and the scorer code; so is the gate's cached decision (a fix to a
+    metric re-scores the candidate, and the decision must follow, not stay cached on the old scores)."""
+    import shutil
+
+    import eval.evaluate as ev
+    from eval.gate_stage import GATE, GateInputs
+
+    loaded = load_config()
+    inputs = GateInputs(adapter_dir="a", run_key="k", verification=VERIFIED, test_file="t", sampling={},
+                        out_root=str(tmp_path))
+    before = GATE.cache_key(loaded, inputs)
+    shutil.copytree(ev.CONFIGS / "tasks", tmp_path / "configs" / "tasks")
+    monkeypatch.setattr(ev, "CONFIGS", tmp_path / "configs")
+    assert GATE.cache_key(loaded, inputs) == before  # the same files
+    task = tmp_path / "configs" / "tasks" / "kobest_boolq.yaml"
+    task.write_text(task.read_text(encoding="utf-8") + "\n# scored differently\n", encoding="utf-8")
+    assert GATE.cache_key(loaded, inputs) != before

@@ -36,7 +36,7 @@ def run(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_the_scrape_config_and_the_alert_tests_pass_promtool_for_every_profile(profile, tmp_path):
     loaded = load_config(profile=profile)
-    write(loaded, tmp_path)
+    write(loaded, tmp_path, loaded.config.gate.slo)
     for name in (GATEWAY_TOKEN, SERVE_KEY):  # what make monitoring writes (the check reads them)
         (tmp_path / name).write_text("secret\n")
     checked = run("check", "config", CONFIG, cwd=tmp_path)
@@ -46,7 +46,7 @@ def test_the_scrape_config_and_the_alert_tests_pass_promtool_for_every_profile(p
     # every alert has at least one test that expects it to fire, and the thresholds are the profile's
     cases = yaml.safe_load((tmp_path / TESTS).read_text())["tests"]
     fired = {t["alert_rule_test"][0]["alertname"] for t in cases if t["alert_rule_test"][0]["exp_alerts"]}
-    assert fired == {r["alert"] for r in rules(loaded)["groups"][1]["rules"]}
+    assert fired == {r["alert"] for r in rules(loaded.config.gate.slo)["groups"][1]["rules"]}
     text = (tmp_path / RULES).read_text()
     slo = loaded.config.gate.slo
     assert f"> {slo.ttft_p50_ms / 1000:g}" in text and f"> {slo.max_error_rate:g}" in text
@@ -64,7 +64,7 @@ def test_a_tracking_server_is_scraped_and_a_local_store_is_not(tmp_path):
     job = next(j for j in scrape_config(loaded, tmp_path)["scrape_configs"] if j["job_name"] == "mlflow")
     assert job["static_configs"] == [{"targets": ["mlflow.internal:5443"]}] and job["scheme"] == "https"
     assert "secret" not in yaml.safe_dump(job)
-    write(loaded, tmp_path)
+    write(loaded, tmp_path, loaded.config.gate.slo)
     for name in (GATEWAY_TOKEN, SERVE_KEY):
         (tmp_path / name).write_text("secret\n")
     checked = run("check", "config", CONFIG, cwd=tmp_path)
@@ -72,7 +72,7 @@ def test_a_tracking_server_is_scraped_and_a_local_store_is_not(tmp_path):
 
 
 def test_a_wrong_threshold_fails_the_alert_tests(tmp_path):
-    write(load_config(), tmp_path)
+    write(load_config(), tmp_path, load_config().config.gate.slo)
     rules_file = tmp_path / RULES
     doc = yaml.safe_load(rules_file.read_text())
     for rule in doc["groups"][1]["rules"]:  # every threshold ten times looser (TTFT, errors), or absent (availability)
@@ -128,7 +128,7 @@ def test_every_series_the_rules_read_is_one_the_gateway_exports(gateway):
     names = {line.split("{")[0].split(" ")[0] for line in exposed.splitlines() if line and not line.startswith("#")}
     for series in ("gateway_time_to_first_token_seconds_bucket", "gateway_requests_total", "gateway_inflight_requests"):
         assert series in names, series
-        assert series in yaml.safe_dump(rules(loaded)), series  # and the rules read it
+        assert series in yaml.safe_dump(rules(loaded.config.gate.slo)), series  # and the rules read it
 
 
 @contextlib.contextmanager
@@ -183,7 +183,7 @@ def test_a_real_prometheus_scrapes_the_gateway_and_records_the_kpis(gateway, tmp
     """Prometheus scrapes the running gateway with the token make monitoring wrote; after a few requests its
     recording rules answer through Prometheus's HTTP API. (With a real vLLM too: tests/test_serve.py.)"""
     loaded, gw, folder = gateway
-    write(loaded, folder)
+    write(loaded, folder, loaded.config.gate.slo)
     token = (folder / GATEWAY_TOKEN).read_text().strip()
     exprs = ['up{job="gateway"}', "gateway:requests_per_minute:rate5m", "gateway:ttft_seconds:p50_5m"]
     with prometheus(folder, tmp_path) as query:

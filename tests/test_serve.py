@@ -193,7 +193,7 @@ def test_prometheus_scrapes_the_vllm_server_and_the_gateway(served, tmp_path):
                                     f"serving.port={server.port}", f"serving.gateway.port={port}"])
 
     folder = tmp_path / "monitoring"
-    write(loaded, folder)
+    write(loaded, folder, loaded.config.gate.slo)
     (folder / GATEWAY_TOKEN).write_text(GatewayDb(f"sqlite:///{tmp_path}/gw.db").create_token("prom", "admin") + "\n")
     (folder / SERVE_KEY).write_text("no-key-set-here\n")  # this vLLM runs without a key: the header is ignored
     token = (folder / GATEWAY_TOKEN).read_text().strip()

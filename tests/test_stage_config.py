@@ -18,19 +18,11 @@ OWN = {"finetune": {"base_model", "data", "finetune"}, "eval": {"eval", "gate", 
 SHARED = {"profile", "project", "tracking", "hub"}
 SECTIONS = set(PipelineConfig.model_fields)
 
-# (module, section): why it still reads it
+# (module, section): why it still reads it. The other reads this list once held are explicit inputs now, filled by
+# flows/ (flows/segments.py: as_served, rag_inputs, the SLO step's inputs; the harvest's out_root; monitoring's slo)
 DECLARED = {
-    ("eval/evaluate.py", "serving"): "the evaluation decodes as served (serving.decoding) and starts the served "
-                                     "engine for the vllm backend (serving.*)",
-    ("eval/evaluate_stage.py", "serving"): "RAG answers decode as served (serving.decoding)",
-    ("eval/gate_stage.py", "serving"): "the gate's key includes the served decoding (what was evaluated)",
-    ("eval/evaluate.py", "data"): "data.output_dir: the folder every stage writes its artifacts under",
-    ("rag/rag_stage.py", "data"): "data.output_dir: the folder every stage writes its artifacts under",
-    ("serving/gateway/harvest.py", "data"): "data.feedback.dir: the harvest writes where the prepare stage reads",
-    ("rag/rag_stage.py", "gate"): "gate.rag_min_hit_at_5: the index's floor, enforced where the index is built",
-    ("serving/monitoring.py", "gate"): "gate.slo: the alerting rules watch the objectives the gate measured",
-    ("serving/slo_stage.py", "gate"): "gate.slo: the objectives and workload of the SLO step",
-    ("finetune/fit.py", "serving"): "serving.gpu_memory_gib: the card's memory when finetune.gpu_memory_gib is 0",
+    ("eval/evaluate.py", "serving"): "the vllm backend without an endpoint starts the served engine itself: "
+                                     "workspace.vllm_server.VllmServer takes the serving section whole",
 }
 
 

@@ -5,7 +5,8 @@ a cached result can be stored and read back), its own `error` class, and:
   - `cache_key(loaded, inputs) -> str`: only what changes the result; cheap (never reads a model's weights whole);
   - `run(loaded, inputs) -> Outputs`: the work, with its MLflow stage run;
   - `outputs_present(loaded, outputs) -> bool`: is a cached result still usable (its files, the registry alias);
-  - `skip_reason(loaded) -> str | None`: why the configuration turns the stage off, if it does.
+  - `skip_reason(loaded, inputs) -> str | None`: why the configuration (its own section, or an input the flow
+    fills from another's) turns the stage off, if it does.
 Stages live in the stage packages (`finetune/prepare_stage.py`, `finetune/finetune_stage.py`, `rag/rag_stage.py`,
 `eval/evaluate_stage.py`, `eval/gate_stage.py`, `serving/slo_stage.py`, `serving/promote_stage.py`,
 `serving/serve_check_stage.py`); flows/ wires them (order, Prefect tasks, retries, the MLflow parent run, the
@@ -53,7 +54,7 @@ class Stage(ABC, Generic[I, O]):
     def outputs_present(self, loaded: LoadedConfig, outputs: O) -> bool:
         return True
 
-    def skip_reason(self, loaded: LoadedConfig) -> Optional[str]:
+    def skip_reason(self, loaded: LoadedConfig, inputs: I) -> Optional[str]:
         return None
 
 

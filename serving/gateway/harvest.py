@@ -26,7 +26,6 @@ from serving.gateway.db import GatewayDb, database_url
 from workspace.config.load import LoadedConfig
 from workspace.harvest_format import MANIFEST, PREF_FILE, SFT_FILE, finished_harvests
 from workspace.fsutil import staging
-from workspace.paths import resolve
 from workspace.pii import mask_pii
 
 
@@ -140,15 +139,18 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def harvest(loaded: LoadedConfig, *, since: Optional[dt.datetime] = None, since_version: Optional[str] = None,
-            db: Optional[GatewayDb] = None, out_root: Optional[Path] = None, today: Optional[dt.date] = None) -> Harvest:
+def harvest(loaded: LoadedConfig, *, out_root: Path, since: Optional[dt.datetime] = None,
+            since_version: Optional[str] = None, db: Optional[GatewayDb] = None,
+            today: Optional[dt.date] = None) -> Harvest:
+    """The gateway's rated, corrected and voted answers (since a date or a registry version) as one harvest folder
+    under `out_root`: where the prepare stage reads feedback (data.feedback.dir, which the flow passes)."""
     if since is not None and since_version is not None:
         raise HarvestError("give SINCE (a date) or SINCE_VERSION (a registry version), not both")
     if since_version is not None:
         since = since_of_version(loaded, since_version)
     db = db or GatewayDb(database_url(loaded))
     sft, pairs, facts = collect(db, since)
-    root = out_root or resolve(loaded.config.data.feedback.dir)
+    root = out_root
     files = {SFT_FILE: _jsonl(sft), PREF_FILE: _jsonl(pairs)}
     digests = {k: hashlib.sha256(v.encode()).hexdigest() for k, v in files.items()}
     manifest = {"created_at": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds"),

@@ -11,7 +11,7 @@ the flows, benchmarks and tests use this namespace.
 from workspace.config.common import HubConfig, ProjectConfig, TrackingConfig
 from workspace.config.data import BaseModelBuild, BaseModelConfig, DataConfig, DataSource, FeedbackData
 from workspace.config.evaluation import (EvalConfig, GateConfig, GateRule, JudgeConfig, LeaderboardConfig,
-                                         LeaderboardModel, MetricSpec, SloConfig)
+                                         LeaderboardModel, MetricSpec)
 from workspace.config.finetune import FinetuneConfig
 from workspace.config.load import (ConfigError, LoadedConfig, add_cli_args, config_hash, load_config, load_from_args,
                                    parse_override)
@@ -19,7 +19,7 @@ from workspace.config.loop import LoopConfig
 from workspace.config.pipeline import PipelineConfig, adapter_mode
 from workspace.config.rag import QdrantConfig, RagConfig
 from workspace.config.serving import (OWN_CONSTRAINT, ArenaConfig, CanaryConfig, DecodingConfig, GatewayConfig,
-                                      RouteRule, ServeBenchConfig, ServingConfig)
+                                      RouteRule, ServeBenchConfig, ServingConfig, SloConfig)
 
 __all__ = ["ArenaConfig", "BaseModelBuild", "BaseModelConfig", "CanaryConfig", "ConfigError", "DataConfig", "DataSource",
            "DecodingConfig", "EvalConfig", "FeedbackData", "FinetuneConfig", "GateConfig", "GateRule", "GatewayConfig",

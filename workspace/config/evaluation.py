@@ -6,6 +6,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from workspace.config.base import Strict
+from workspace.config.serving import SloConfig  # the gate folds the SLO step's rows into its decision
 
 
 class MetricSpec(Strict):
@@ -64,21 +65,6 @@ class GateRule(Strict):
         if self.kind == "preference" and self.threshold is not None and not 0 <= self.threshold < 1:
             raise ValueError(f"rule {self.name!r}: a preference threshold is a win rate in [0, 1), got {self.threshold}")
         return self
-
-
-class SloConfig(Strict):
-    """The service plan's KPIs (seeds: TTFT p50 < 1.5 s at a 2k context, >= 30 requests/min with 5 concurrent
-    sessions, < 1% errors). With `required`, `make promote` serves the candidate, benchmarks it briefly and refuses
-    it when one is missed; the numbers go into the gate table."""
-    required: bool = False
-    ttft_p50_ms: float = Field(1500, gt=0)
-    prompt_tokens: int = Field(2048, ge=16)  # the context length the TTFT objective is measured at
-    concurrency: int = Field(5, ge=1)
-    min_requests_per_min: float = Field(30, ge=0)
-    max_error_rate: float = Field(0.01, ge=0, le=1)
-    availability: float = Field(0.995, gt=0, le=1)  # share of an hour each scraped job is up (Prometheus alerting)
-    requests: int = Field(20, ge=1)  # requests in the brief benchmark
-    output_tokens: int = Field(64, ge=1)
 
 
 class GateConfig(Strict):

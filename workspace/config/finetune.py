@@ -43,7 +43,7 @@ class FinetuneConfig(Strict):
     nnodes: int = Field(1, ge=1)  # hosts; each runs `make finetune` with NODE_RANK (and MASTER_ADDR/PORT) set (CPU: gloo)
     deepspeed: Optional[str] = None  # a DeepSpeed JSON, e.g. configs/deepspeed/ds_z2.json (ZeRO-2), ds_z3.json
     gradient_checkpointing: bool = True  # recompute activations (LLaMA-Factory's default; the fit check assumes it)
-    gpu_memory_gib: float = Field(0, ge=0)  # per GPU, for the training fit check (0: serving.gpu_memory_gib, or detected)
+    gpu_memory_gib: float = Field(0, ge=0)  # per training GPU, for the fit check (0: the detected GPU)
     liger_kernel: bool = False  # LLaMA-Factory's enable_liger_kernel (fused kernels; CUDA only)
     output_dir: str = "models/adapters"  # one folder per run: <project.name>-<run key>
     merge: bool = False  # also write a merged full model (adapter merged onto the full-precision base)

@@ -1,4 +1,6 @@
-"""The serving section: vLLM (engine, parallelism, adapter mode), decoding defaults, load benchmark, gateway."""
+"""The serving section: vLLM (engine, parallelism, adapter mode), decoding defaults, load benchmark, gateway; and the
+service plan's objectives (SloConfig, configured as gate.slo: the gate decides on them, serving measures and
+alerts on them)."""
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -109,6 +111,21 @@ class GatewayConfig(Strict):
         if not v.split("://", 1)[0] in ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster"):
             raise ValueError(f"limits_storage {v!r}: use memory:// or a redis:// URL")
         return v
+
+
+class SloConfig(Strict):
+    """The service plan's KPIs (seeds: TTFT p50 < 1.5 s at a 2k context, >= 30 requests/min with 5 concurrent
+    sessions, < 1% errors). With `required`, `make promote` serves the candidate, benchmarks it briefly and refuses
+    it when one is missed; the numbers go into the gate table."""
+    required: bool = False
+    ttft_p50_ms: float = Field(1500, gt=0)
+    prompt_tokens: int = Field(2048, ge=16)  # the context length the TTFT objective is measured at
+    concurrency: int = Field(5, ge=1)
+    min_requests_per_min: float = Field(30, ge=0)
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    availability: float = Field(0.995, gt=0, le=1)  # share of an hour each scraped job is up (Prometheus alerting)
+    requests: int = Field(20, ge=1)  # requests in the brief benchmark
+    output_tokens: int = Field(64, ge=1)
 
 
 # request fields by which an OpenAI/vLLM request constrains its own output (the grammar default then stays out)
