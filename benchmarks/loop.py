@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     champion = base_model(loaded).with_adapter("champion", str(src / "adapter"))
     answering = load_config(args.config, args.profile, sets + [f"eval.custom_limit={args.pairs}"])
-    gen = evaluate(answering, champion, ("custom",), test_file=prompts, out_root=tmp / "answers",
-                   sampling=answering.config.serving.decoding.non_default())
+    gen = evaluate(answering, champion, ("custom",), test_file=prompts,
+                   **{**as_served(answering), "out_root": tmp / "answers"})
     gen_s = time.monotonic() - t0
     msgs = {f"prompts:{i}": json.loads(x)["messages"][:-1] for i, x in enumerate(prompts.read_text().splitlines(), 1)}
     items = []

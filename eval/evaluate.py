@@ -148,11 +148,12 @@ def _custom_suite(loaded: LoadedConfig, model: ModelRef, test_file: Path, backen
 
 def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SUITES, *, sampling: dict,
              out_root: Path, test_file: Optional[Path] = None, backend: Optional[str] = None,
-             endpoint: Optional[Endpoint] = None, console=None) -> EvalResult:
+             endpoint: Optional[Endpoint] = None, engine: Optional[dict] = None, console=None) -> EvalResult:
     """Evaluate one model into `out_root`/<model>-<key>/ (a finished one there under any label is reused).
     `sampling`: what the served model decodes with (serving.decoding.non_default(), which the caller passes), so
     that what is evaluated is what is served. With backend 'vllm' and no endpoint, a vLLM server is started for the
-    duration (base model + the adapter as a LoRA module) and stopped afterwards."""
+    duration (base model + the adapter as a LoRA module) with `engine`, the serving settings (the caller passes
+    them: flows/segments.as_served), and stopped afterwards."""
     cfg = loaded.config.eval
     backend = backend or cfg.backend
     unknown = [s for s in suites if s not in SUITES]
@@ -167,8 +168,12 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
     if (out_dir / "metrics.json").exists():
         saved = json.loads((out_dir / "metrics.json").read_text())
         return EvalResult(model, saved["metrics"], out_dir / "items.jsonl", out_dir, cached=True, info=saved["info"])
+    if backend == "vllm" and endpoint is None and engine is None:
+        raise EvalError("the vllm backend without an endpoint starts vLLM with the serving settings: pass engine= "
+                        "(flows/segments.as_served gives them), or an endpoint")
     need = ([("eval.device", "cuda")] if backend == "hf" and cfg.device == "cuda" else []) + \
-        ([("serving.engine", "vllm")] if backend == "vllm" and loaded.config.serving.engine == "vllm" else [])
+        ([("serving.engine", "vllm")] if backend == "vllm" and endpoint is None and engine.get("engine") == "vllm"
+         else [])
     require_cuda(loaded, (), what=f"evaluation ({backend} backend)", need=need)
 
     server = None
@@ -179,7 +184,7 @@ def evaluate(loaded: LoadedConfig, model: ModelRef, suites: tuple[str, ...] = SU
         name = f"{model.name}-lora" if model.adapter and not merged else "base"
         loras = {name: model.adapter} if model.adapter and not merged else {}
         info_mode = "merged" if merged else ("lora" if loras else "base")
-        server = VllmServer(merged or model.base, loaded.config.serving, lora_modules=loras,
+        server = VllmServer(merged or model.base, engine, lora_modules=loras,
                             max_lora_rank=max(adapter_rank(model.adapter), 8) if loras else 8, served_model_name="base",
                             hub_enabled=loaded.config.hub.enabled,
                             log_path=Path(out_root) / f"vllm-{model.name}.log")

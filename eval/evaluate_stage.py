@@ -30,10 +30,12 @@ class EvaluateInputs(StageData):
     test_file: str  # the prepared held-out split
     adapter_dir: str  # the candidate's adapter
     rag_contexts: Optional[str] = None  # the rag stage's qa_contexts.jsonl (None: no RAG answer quality)
-    # from the flow: the served decoding (serving.decoding.non_default(): what is evaluated is what is served) and
-    # the folder the evaluations are written under and found again (<data.output_dir>/evals)
+    # from the flow (flows/segments.as_served): the served decoding (serving.decoding.non_default(): what is
+    # evaluated is what is served), the folder the evaluations are written under and found again
+    # (<data.output_dir>/evals), and the serving settings
     sampling: dict
     out_root: str
+    engine: dict  # the serving settings the vllm backend starts vLLM with (serving.*, the gateway's aside)
 
 
 class EvaluateOutputs(StageData):
@@ -104,7 +106,7 @@ class EvaluateStage(Stage[EvaluateInputs, EvaluateOutputs]):
             for m in models:
                 with stage_run(loaded, f"eval-{m.name}"):
                     r = evaluate(loaded, m, test_file=Path(inputs.test_file), sampling=inputs.sampling,
-                                 out_root=Path(inputs.out_root))
+                                 out_root=Path(inputs.out_root), engine=inputs.engine)
                     mlflow.set_tag("cache", "hit" if r.cached else "miss")
                     log_eval(r)
                 results.append(r)

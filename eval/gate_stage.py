@@ -52,9 +52,11 @@ class GateInputs(StageData):
     # the version @champion names now, for what a refusal says is still served (not part of the decision: the
     # reference is; when the candidate is the champion's own run, the reference is what it was compared with then)
     champion_version: Optional[str] = None
-    # from the flow: the served decoding and where the evaluations are (as in EvaluateInputs: the gate reuses them)
+    # from the flow: the served decoding, where the evaluations are and the serving settings (as in EvaluateInputs:
+    # the gate reuses those evaluations)
     sampling: dict
     out_root: str
+    engine: dict
 
 
 class GateOutputs(StageData):
@@ -124,7 +126,8 @@ class GateStage(Stage[GateInputs, GateOutputs]):
         test = Path(inputs.test_file)
         decided = work / f"gate-{self.cache_key(loaded, inputs)}"  # one folder per question asked: a cached decision
         with stage_run(loaded, "gate") as gate_run:                 # never points at files another one overwrote
-            where = {"test_file": test, "sampling": inputs.sampling, "out_root": Path(inputs.out_root)}
+            where = {"test_file": test, "sampling": inputs.sampling, "out_root": Path(inputs.out_root),
+                     "engine": inputs.engine}
             cand_res, ref_res = evaluate(loaded, candidate, **where), evaluate(loaded, reference, **where)
             decision = decide(cfg.gate, cand_res.metrics, ref_res.metrics, cand_res.items_path, ref_res.items_path,
                               inputs.verification, reference.name, inputs.arena, inputs.purpose)

@@ -29,10 +29,12 @@ def test_file(prepared: PrepareOutputs) -> str:
 
 def as_served(loaded: LoadedConfig) -> dict:
     """What every evaluation gets from outside the eval section (EvaluateInputs, GateInputs, `evaluate()`'s
-    keywords): the served decoding, so that what is evaluated is what is served, and the folder evaluations are
-    written under and found again."""
+    keywords): the served decoding, so that what is evaluated is what is served; the folder evaluations are
+    written under and found again; the serving settings the vllm backend starts vLLM with (the gateway's, the
+    load benchmark's and the replicas' aside: a vLLM launch does not read them)."""
     return {"sampling": loaded.config.serving.decoding.non_default(),
-            "out_root": str(resolve(loaded.config.data.output_dir) / "evals")}
+            "out_root": str(resolve(loaded.config.data.output_dir) / "evals"),
+            "engine": loaded.config.serving.model_dump(mode="json", exclude={"gateway", "bench", "replicas"})}
 
 
 def rag_inputs(loaded: LoadedConfig) -> RagInputs:

@@ -167,3 +167,19 @@ def test_a_model_that_fails_to_load_is_named(tmp_path, prepared):
         evaluate(loaded, ModelRef("broken", str(broken)), suites=("custom",), test_file=prepared.path / "test.jsonl",
                  out_root=tmp_path, sampling=SERVED, backend="hf")
 
+
+
+def test_the_vllm_backend_starts_vllm_with_the_serving_settings_the_flow_passes(tmp_path, prepared):
+    """The evaluation stage reads no serving section: the flow passes the serving settings (as_served's `engine`),
+    which launch the very command the section itself would; without them (and without an endpoint) it says so."""
+    from flows.segments import as_served
+    from workspace.vllm_server import VllmServer
+
+    loaded = load_config(overrides=SMALL + ["serving.dtype=float32", "serving.max_model_len=1024",
+                                            "serving.decoding.frequency_penalty=0.2"])
+    engine = as_served(loaded)["engine"]
+    assert "gateway" not in engine
+    assert VllmServer(BASE, engine, port=8123).argv() == VllmServer(BASE, loaded.config.serving, port=8123).argv()
+    with pytest.raises(EvalError, match="pass engine="):
+        evaluate(loaded, ModelRef("base", BASE), suites=("custom",), test_file=prepared.path / "test.jsonl",
+                 out_root=tmp_path, sampling=SERVED, backend="vllm")

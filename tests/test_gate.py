@@ -226,7 +226,7 @@ def test_a_refusal_names_what_is_still_served(tmp_path):
 
     def text(**kw) -> str:
         inputs = GateInputs(adapter_dir="a", run_key="k", verification=VERIFIED, test_file="t", sampling={},
-                            out_root=str(tmp_path), **kw)
+                            out_root=str(tmp_path), engine={}, **kw)
         return refusal_text(d, tmp_path / "gate.md", tmp_path / "report.md", c, inputs, loaded)
 
     name = loaded.config.tracking.registered_model
@@ -247,7 +247,7 @@ def test_the_gate_decides_again_when_the_scoring_changes(tmp_path, monkeypatch):
 
     loaded = load_config()
     inputs = GateInputs(adapter_dir="a", run_key="k", verification=VERIFIED, test_file="t", sampling={},
-                        out_root=str(tmp_path))
+                        out_root=str(tmp_path), engine={})
     before = GATE.cache_key(loaded, inputs)
     shutil.copytree(ev.CONFIGS / "tasks", tmp_path / "configs" / "tasks")
     monkeypatch.setattr(ev, "CONFIGS", tmp_path / "configs")

@@ -30,11 +30,13 @@ class VllmServer(ManagedProcess):
 
     what = "vLLM"
 
-    def __init__(self, model: str, cfg: ServingConfig, *, lora_modules: Optional[dict[str, str]] = None,
+    def __init__(self, model: str, cfg: ServingConfig | dict, *, lora_modules: Optional[dict[str, str]] = None,
                  max_lora_rank: int = 64, port: Optional[int] = None, log_path: Optional[Path] = None,
                  served_model_name: Optional[str] = None, extra_args: tuple[str, ...] = (),
                  config_file: Optional[Path] = None, hub_enabled: bool = False,
                  extra_env: Optional[dict[str, str]] = None):
+        # cfg: the serving section, or its settings as a stage's JSON input carries them (validated here)
+        cfg = ServingConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
         self.model, self.cfg = model, cfg
         self.host = cfg.host
         self.port = port or free_port(cfg.host)
