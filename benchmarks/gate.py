@@ -97,8 +97,10 @@ def train_and_evaluate(args, recipe: str, overrides: list[str], base_seed: int, 
     print(f"[bench-gate] {recipe} base {base_seed} seed {seed}: {'cached' if run.skipped else 'trained'} "
           f"{run.output_dir.name} ({time.time() - t0:.0f} s)", flush=True)
     ref = base_model(loaded).with_adapter(f"{recipe}-b{base_seed}-s{seed}", str(run.output_dir))
-    res = evaluate(loaded, ref, test_file=test, backend="hf", out_root=eval_root,
-                   sampling=loaded.config.serving.decoding.non_default())
+    where = as_served(loaded)  # the served decoding and the workspace's evaluations, or a folder of the caller's
+    if eval_root is not None:
+        where["out_root"] = eval_root
+    res = evaluate(loaded, ref, test_file=test, backend="hf", **where)
     print(f"[bench-gate]   xml_valid {res.metrics.get('eval/custom/screens/xml_valid', float('nan')):.2f}, "
           f"target {res.metrics.get(args.target, float('nan')):.4f}", flush=True)
     return Trial(recipe, base_seed, seed, run.output_dir, run.manifest, res)
