@@ -33,13 +33,25 @@ def run_lane(target: str) -> dict:
     log = CACHE / f"bench-tests-{target}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(out, encoding="utf-8")
-    summary, seed = SUMMARY.findall(out), SEED.search(out)
+    summary = SUMMARY.findall(out)
     if proc.returncode != 0 or not summary:
         print("\n".join(l for l in out.splitlines() if l.startswith(("FAILED", "ERROR")))[-4000:], file=sys.stderr)
         raise SystemExit(f"[bench-tests] `make {target}` failed (exit {proc.returncode}); full output: {log}")
-    counts, pytest_s = summary[-1]
-    return {"target": target, "wall_s": wall, "pytest_s": float(pytest_s), "counts": counts.strip(" ="),
-            "seed": seed.group(1) if seed else "-"}
+    return {"target": target, "wall_s": wall, "pytest_s": sum(float(s) for _, s in summary),
+            "counts": combined_counts([c for c, _ in summary]), "seed": ", ".join(SEED.findall(out)) or "-"}
+
+
+def combined_counts(summaries: list[str]) -> str:
+    """One result line for a target that runs pytest more than once (`make test`: the fast lane, then the slow one):
+    each kind of outcome summed; `deselected` dropped where the runs select complementary parts of one suite."""
+    totals: dict[str, int] = {}
+    for line in summaries:
+        for n, kind in re.findall(r"(\d+) ([a-z]+)", line):
+            kind = {"warning": "warnings", "error": "errors"}.get(kind, kind)  # pytest writes "1 warning"
+            totals[kind] = totals.get(kind, 0) + int(n)
+    if len(summaries) > 1:
+        totals.pop("deselected", None)
+    return ", ".join(f"{n} {kind}" for kind, n in totals.items())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from finetune.prepare import PrepareError, PreparedDataset, TokenCounter, inputs_key, log_to_mlflow, prepare_dataset, tokenizer_path
+from finetune.prepare import (PrepareError, PreparedDataset, inputs_key, log_to_mlflow, prepare_dataset,
+                              tokenizer_fingerprint, tokenizer_path)
 from workspace.config.load import LoadedConfig
 from workspace.model_ref import ModelNotFound
 from workspace.stage import Stage, StageData
@@ -69,7 +70,7 @@ class PrepareStage(Stage[PrepareInputs, PrepareOutputs]):
     deterministic = (PrepareError, ModelNotFound)
 
     def cache_key(self, loaded: LoadedConfig, inputs: PrepareInputs) -> str:
-        return inputs_key(loaded, TokenCounter(tokenizer_path(loaded)).fingerprint)
+        return inputs_key(loaded, tokenizer_fingerprint(tokenizer_path(loaded)))
 
     def outputs_present(self, loaded: LoadedConfig, outputs: PrepareOutputs) -> bool:
         from pathlib import Path

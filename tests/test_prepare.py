@@ -323,6 +323,24 @@ def test_rerun_is_skipped_and_one_changed_row_changes_the_hash(tmp_path):
     assert other_seed.content_hash != changed.content_hash
 
 
+def test_the_stage_key_is_the_folder_prepare_writes_and_follows_the_tokenizer_files(tmp_path):
+    """The stage's cache key (computed on every pipeline run, from the tokenizer's files without loading it) names
+    the folder prepare_dataset writes (which loads the tokenizer to count tokens); a changed tokenizer file changes it."""
+    import shutil
+
+    from finetune.prepare import TokenCounter, tokenizer_fingerprint, tokenizer_path
+    from finetune.prepare_stage import PREPARE
+
+    loaded = cfg(tmp_path, [(jsonl(tmp_path / "r.jsonl", [good_alpaca(i) for i in range(12)]), "alpaca")])
+    assert PREPARE.cache_key(loaded, PREPARE.Inputs()) == prepare_dataset(loaded).path.name
+    copy = tmp_path / "tok"
+    shutil.copytree(tokenizer_path(loaded), copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert tokenizer_fingerprint(str(copy)) == TokenCounter(str(copy)).fingerprint
+    before = tokenizer_fingerprint(str(copy))
+    (copy / "tokenizer_config.json").write_text((copy / "tokenizer_config.json").read_text() + "\n")
+    assert tokenizer_fingerprint(str(copy)) != before
+
+
 def test_the_content_hash_is_the_data_not_the_settings_that_wrote_it(tmp_path):
     """A setting that changes nothing written (a looser reject threshold on clean data) gives a new folder, but the
     same content hash, and so the same finetune run key: cached adapters are found again. The hash is of the files
