@@ -56,11 +56,9 @@ doctor: envs  ## check the three environments and engines for real; non-zero exi
 # lane slower and ran the cold pipeline fixture past its timeout (docs/BENCHMARKS.md, tests).
 test-fast: setup  ## the inner loop: the import contracts and every test that launches no LLaMA-Factory or vLLM (2 workers)
 	@$(VENV)/bin/lint-imports --no-cache
-	@$(PY) -m pytest -m "not slow" -n 2 --dist worksteal $(PYTEST_ARGS)
-
-test: setup  ## the import contracts, then every test (real engines on tiny inputs): the fast lane, then the slow one
-	@$(VENV)/bin/lint-imports --no-cache
 	@$(PY) -m pytest -m "not slow" -n 2 --dist worksteal $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: PYTEST_ARGS chose none here
+
+test: test-fast  ## the import contracts, then every test (real engines on tiny inputs): the fast lane, then the slow one
 	@$(PY) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 pipeline: setup  ## the whole job (one Prefect flow): prepare -> finetune -> eval -> gate -> promote -> rag -> serve check; cached stages are skipped
