@@ -49,17 +49,20 @@ data:  ## regenerate the shipped data under data/raw from the seeded generators 
 doctor: envs  ## check the three environments and engines for real; non-zero exit names what is broken
 	@$(PY) -m llmops doctor
 
-# test = the fast lane as test-fast runs it, then the slow lane (the tests marked slow: they launch the engines) in one
-# process: together every test, each lane in random order. The fast lane's tests wait on subprocesses and sockets
-# more than they compute, so two pytest-xdist workers that steal work run them in 157 s instead of 224 s in one
-# process on 2 cores (4 workers: 169 s); the engine tests are CPU-bound, and two workers on two cores made the slow
-# lane slower and ran the cold pipeline fixture past its timeout (docs/BENCHMARKS.md, tests).
+# test = the fast lane as test-fast runs it, then the slow lane (the tests marked slow: they launch the engines):
+# together every test, each lane in random order. The fast lane's tests wait on subprocesses and sockets more than
+# they compute, so two pytest-xdist workers that steal work run them in 157 s instead of 224 s in one process on 2
+# cores. The slow lane's engine tests are CPU-bound: it runs one test file per worker (--dist loadfile sends the file
+# with the most tests, the cold pipeline's, first), each worker and the engines it starts on a core of its own
+# (LLMOPS_TEST_PIN=1, tests/conftest.py): 20 min instead of 32 in one process. Unpinned, two workers made it slower
+# and ran the cold pipeline fixture past its timeout (docs/BENCHMARKS.md, tests).
+SLOW_WORKERS ?= 2
 test-fast: setup  ## the inner loop: the import contracts and every test that launches no LLaMA-Factory or vLLM (2 workers)
 	@$(VENV)/bin/lint-imports --no-cache
 	@$(PY) -m pytest -m "not slow" -n 2 --dist worksteal $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: PYTEST_ARGS chose none here
 
 test: test-fast  ## the import contracts, then every test (real engines on tiny inputs): the fast lane, then the slow one
-	@$(PY) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	@LLMOPS_TEST_PIN=1 $(PY) -m pytest -m slow -n $(SLOW_WORKERS) --dist loadfile $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 pipeline: setup  ## the whole job (one Prefect flow): prepare -> finetune -> eval -> gate -> promote -> rag -> serve check; cached stages are skipped
 	@$(PY) -m llmops pipeline $(CFG_ARGS) $(if $(FORCE),--force)

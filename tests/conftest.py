@@ -12,6 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pinning import own_cores_per_worker  # tests/pinning.py
+
+own_cores_per_worker()  # first: before anything imports torch
 _SESSION = Path(tempfile.mkdtemp(prefix="llmops-tests-"))
 _ROOT = Path(__file__).resolve().parents[1]
 os.environ["LLMOPS_CACHE"] = str(_SESSION / "cache")  # read by workspace.paths at import: set before it
