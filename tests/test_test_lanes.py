@@ -52,7 +52,8 @@ def test_each_slow_lane_worker_and_what_it_starts_run_on_a_core_of_their_own(tmp
                                        "from pinning import own_cores_per_worker; own_cores_per_worker()\n")
     for name in ("test_a.py", "test_b.py"):
         (suite / name).write_text(PROBE)
-    env = {**os.environ, "LLMOPS_TEST_PIN": "1", "PROBE_OUT": str(out), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}  # this test may run on a worker
+    env.update({"LLMOPS_TEST_PIN": "1", "PROBE_OUT": str(out), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-p", "no:cacheprovider", "-n", "2",
                            "--dist", "loadfile", "--rootdir", str(suite), str(suite)],
                           cwd=suite, env=env, capture_output=True, text=True, timeout=120)
