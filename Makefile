@@ -56,7 +56,8 @@ doctor: envs  ## check the three environments and engines for real; non-zero exi
 # with the most tests, the cold pipeline's, first), each worker and the engines it starts on a core of its own
 # (LLMOPS_TEST_PIN=1, tests/conftest.py): 20 min instead of 32 in one process. Unpinned, two workers made it slower
 # and ran the cold pipeline fixture past its timeout (docs/BENCHMARKS.md, tests).
-SLOW_WORKERS ?= 2
+# (on a one-core machine: 0, the slow lane in one process)
+SLOW_WORKERS ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 0)
 test-fast: setup  ## the inner loop: the import contracts and every test that launches no LLaMA-Factory or vLLM (2 workers)
 	@$(VENV)/bin/lint-imports --no-cache
 	@$(PY) -m pytest -m "not slow" -n 2 --dist worksteal $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: PYTEST_ARGS chose none here
