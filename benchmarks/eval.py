@@ -3,7 +3,7 @@ custom metrics) and speed (items/s of each scorer: in-process hf vs the vLLM ser
 
     .venv/bin/python -m llmops bench eval        (make bench-eval; needs `make finetune` first)
 
-Writes docs/BENCHMARKS.md (section eval). Lives in flows/ because it wires stages (prepare, finetune, evaluate).
+Writes docs/BENCHMARKS.md (section eval). It wires stages (prepare, finetune, evaluate), as the benchmarks layer may.
 """
 from __future__ import annotations
 
