@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from workspace import offline
 from workspace.paths import ROOT
 
 NAME = "loop-assistant"
@@ -31,7 +30,7 @@ def _cmd(command: str, sets: list[str], *extra: str, env: dict, timeout: float =
 
 
 @pytest.mark.slow
-def test_feedback_to_dpo_candidate_to_champion(tmp_path, promote_random_adapter, capsys):
+def test_feedback_to_dpo_candidate_to_champion(tmp_path, promote_random_adapter, flow_env, capsys):
     import mlflow
     from mlflow import MlflowClient
 
@@ -58,8 +57,7 @@ def test_feedback_to_dpo_candidate_to_champion(tmp_path, promote_random_adapter,
     client.set_registered_model_alias(NAME, "champion", "1")
     client.set_registered_model_alias(NAME, "candidate", "2")
     client.delete_registered_model_alias(NAME, "previous")
-    env = offline.subprocess_env(extra={"PREFECT_HOME": str(tmp_path / "prefect"),
-                                        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "storage")})
+    env = flow_env  # the flow commands' environment, with a Prefect server of its own (conftest.py)
 
     db = GatewayDb(database_url(loaded))
     token = db.create_token("tester", "user")

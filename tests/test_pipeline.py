@@ -17,8 +17,9 @@ import time
 import pytest
 import yaml
 
+from conftest import prefect_server
 from workspace.config import load_config
-from workspace.processes import ManagedProcess, free_port
+from workspace.processes import free_port
 from workspace import offline
 from workspace.locks import LockBusy, workspace_lock
 from workspace.paths import ROOT
@@ -41,18 +42,8 @@ def ws(tmp_path_factory):
 
     first, _ = run(timeout=1500)  # as `make pipeline` runs it: with a temporary Prefect server of its own
     assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-3000:]
-    # the later commands report to one Prefect server (as under `make prefect-up`) instead of each starting a
-    # temporary one: about 6 s less per command
-    port = free_port()
-    server = ManagedProcess([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            log_path=tmp / "prefect-server.log", env=env, cwd=ROOT, what="the Prefect server",
-                            health_url=f"http://127.0.0.1:{port}/api/health")
-    server.start(timeout=300)
-    try:
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    with prefect_server(tmp, env):  # the later commands report to one Prefect server (conftest.py)
         yield {"tmp": tmp, "run": run, "env": env, "overrides": overrides, "first": first}
-    finally:
-        server.stop()  # by its PID
 
 
 def _mlflow(ws):
