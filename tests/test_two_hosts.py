@@ -2,7 +2,8 @@
 this machine, each started with exactly the command the finetune stage prints for it (`make finetune` on host 0,
 `make finetune-worker` on host 1, NODE_RANK/MASTER_ADDR/MASTER_PORT on 127.0.0.1), torch.distributed over gloo on
 the CPU. Each "host" has its own cache and Prefect home (as separate machines would; on one machine they would
-otherwise share the workspace lock); they share the repository's files as hosts share a file system.
+otherwise share the workspace lock); they share the repository's files as hosts share a file system, and report
+their flow runs to one Prefect server, as a team's hosts do (docs/team-service.md).
 
 DeepSpeed ZeRO-2 is not tried here: DeepSpeed is not in the CPU train env (requirements/train.lock; it is in
 train-gpu.lock, built without its compiled ops), and the config refuses `finetune.deepspeed` with `finetune.device:
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import prefect_server
 from finetune.train import free_port, host_commands, launch_argv, render_llamafactory_config
 from workspace.config import load_config
 from workspace.tracking import configure
@@ -51,6 +53,11 @@ def test_the_stage_prints_one_command_per_host_and_renders_gloo(tmp_path):
 
 @pytest.mark.slow
 def test_two_hosts_train_one_adapter_over_gloo(tmp_path):
+    with prefect_server(tmp_path, {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-server")}) as prefect_api:
+        _two_hosts(tmp_path, prefect_api)
+
+
+def _two_hosts(tmp_path, prefect_api: str) -> None:
     port = str(free_port())
     loaded = load_config(overrides=_sets(tmp_path))
     cmds = host_commands(loaded, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
@@ -60,7 +67,7 @@ def test_two_hosts_train_one_adapter_over_gloo(tmp_path):
         own = tmp_path / f"host{rank}"
         (own / "prefect" / "storage").mkdir(parents=True)
         env = {**os.environ, "LLMOPS_CACHE": str(own / "cache"), "PREFECT_HOME": str(own / "prefect"),
-               "PREFECT_LOCAL_STORAGE_PATH": str(own / "prefect" / "storage")}
+               "PREFECT_LOCAL_STORAGE_PATH": str(own / "prefect" / "storage"), "PREFECT_API_URL": prefect_api}
         logs[rank] = open(own / "out.log", "w+")
         procs[rank] = subprocess.Popen(["bash", "-c", cmds[rank]], cwd=ROOT, env=env, stdout=logs[rank],
                                        stderr=subprocess.STDOUT, start_new_session=True)
