@@ -52,8 +52,9 @@ doctor: envs  ## check the three environments and engines for real; non-zero exi
 # test = the fast lane as test-fast runs it, then the slow lane (the tests marked slow: they launch the engines):
 # together every test, each lane in random order. The fast lane's tests wait on subprocesses and sockets more than
 # they compute, so two pytest-xdist workers that steal work run them in 157 s instead of 224 s in one process on 2
-# cores. The slow lane's engine tests are CPU-bound: it runs one test file per worker (--dist loadfile sends the file
-# with the most tests, the cold pipeline's, first), each worker and the engines it starts on a core of its own
+# cores. The slow lane's engine tests are CPU-bound: it runs one test file per worker (--dist loadgroup: a file is a
+# group, except files that share a server, tests/conftest.py; the group with the most tests, the cold pipeline's,
+# goes first), each worker and the engines it starts on a core of its own
 # (LLMOPS_TEST_PIN=1, tests/pinning.py): 20-22 min instead of 32 in one process here. Unpinned, two workers made it
 # slower and ran the cold pipeline fixture past its timeout (docs/BENCHMARKS.md, tests). On a one-core machine
 # SLOW_WORKERS is 0: the slow lane in one process.
@@ -63,7 +64,7 @@ test-fast: setup  ## the inner loop: the import contracts and every test that la
 	@$(PY) -m pytest -m "not slow" -n 2 --dist worksteal $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: PYTEST_ARGS chose none here
 
 test: test-fast  ## the import contracts, then every test (real engines on tiny inputs): the fast lane, then the slow one
-	@LLMOPS_TEST_PIN=1 $(PY) -m pytest -m slow -n $(SLOW_WORKERS) --dist loadfile $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	@LLMOPS_TEST_PIN=1 $(PY) -m pytest -m slow -n $(SLOW_WORKERS) --dist loadgroup $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 pipeline: setup  ## the whole job (one Prefect flow): prepare -> finetune -> eval -> gate -> promote -> rag -> serve check; cached stages are skipped
 	@$(PY) -m llmops pipeline $(CFG_ARGS) $(if $(FORCE),--force)

