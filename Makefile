@@ -53,11 +53,11 @@ doctor: envs  ## check the three environments and engines for real; non-zero exi
 # together every test, each lane in random order. The fast lane's tests wait on subprocesses and sockets more than
 # they compute, so two pytest-xdist workers that steal work run them in 157 s instead of 224 s in one process on 2
 # cores. The slow lane's engine tests are CPU-bound: it runs one test file per worker (--dist loadgroup: a file is a
-# group, except files that share a server, tests/conftest.py; the group with the most tests, the cold pipeline's,
-# goes first), each worker and the engines it starts on a core of its own
-# (LLMOPS_TEST_PIN=1, tests/pinning.py): 20-22 min instead of 32 in one process here. Unpinned, two workers made it
-# slower and ran the cold pipeline fixture past its timeout (docs/BENCHMARKS.md, tests). On a one-core machine
-# SLOW_WORKERS is 0: the slow lane in one process.
+# group, except files that share a server, tests/lanes.py; the group with the most tests, the cold pipeline's, goes
+# first), each worker and the engines it starts on a core of its own (LLMOPS_TEST_PIN=1, tests/pinning.py): 13.6 min
+# here at d4973b6, against 32 in one process before the lanes. Unpinned, two workers made it slower and ran the cold
+# pipeline fixture past its timeout (docs/BENCHMARKS.md, tests). On a one-core machine SLOW_WORKERS is 0: the slow
+# lane in one process.
 SLOW_WORKERS ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 0)
 test-fast: setup  ## the inner loop: the import contracts and every test that launches no LLaMA-Factory or vLLM (2 workers)
 	@$(VENV)/bin/lint-imports --no-cache
