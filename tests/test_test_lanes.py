@@ -19,7 +19,7 @@ def test_make_test_runs_the_fast_lane_then_the_slow_one():
     runs = [line for line in test.splitlines() if " -m pytest " in line]
     assert len(runs) == 2 and '-m "not slow"' in runs[0] and "-m slow" in runs[1]
     # the slow lane: one group (a file, or files that share a server) per worker, each worker on its own core
-    # (tests/conftest.py reads LLMOPS_TEST_PIN and gives each file its group)
+    # (tests/pinning.py reads LLMOPS_TEST_PIN; tests/lanes.py makes the groups)
     workers = 2 if len(os.sched_getaffinity(0)) >= 2 else 0  # nproc: one process on a one-core machine
     assert "LLMOPS_TEST_PIN=1 " in runs[1] and f"-n {workers} --dist loadgroup" in runs[1]
     assert runs[0].split(" || ")[0] in fast  # the same fast lane, on the same workers
