@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from eval.evaluate import SUITES, EvalResult, cache_key, compare_report, evaluate, log_eval
-from eval.judge import JudgeUnavailable
+from eval.judge import JudgeUnavailable, check_judge
 from eval.kobest import EvalError
 from eval.rag_quality import score_rag_answers
 from workspace.config.load import LoadedConfig
@@ -100,6 +100,13 @@ class EvaluateStage(Stage[EvaluateInputs, EvaluateOutputs]):
         import mlflow
 
         models = self.models(loaded, inputs)
+        # a configured judge is asked first: one that is down or refuses the key stops the stage before minutes of
+        # generation, not after (eval/evaluate.py keeps partial results for a judge that fails later, mid-run)
+        try:
+            check_judge(loaded.config.eval.judge)
+        except JudgeUnavailable as exc:
+            raise EvalError(f"{exc}. Nothing was evaluated: start the judge, fix eval.judge (base_url, model, "
+                            f"api_key_env), or set eval.judge to null to skip the LLM-as-judge metric") from exc
         rag_metrics: dict = {}
         with stage_run(loaded, "evaluate") as run:
             results = []

@@ -15,7 +15,7 @@ from workspace.config.load import LoadedConfig, load_config
 from workspace.endpoint import INTERNAL_KEY_ENV, Endpoint, internal_key_overrides
 from workspace.paths import CACHE
 from workspace.processes import free_port
-from workspace.vllm_server import ServerError, VllmServer
+from workspace.vllm_server import ServerError, VllmServer, content_path
 
 SERVE_KEY_FILE = CACHE / "serve" / "api_key"  # make serve's key when serving.api_key_env names none (0600)
 
@@ -42,7 +42,7 @@ def champion_server(loaded: LoadedConfig, *, port: Optional[int] = None, dest: O
         conf["lora-modules"] = modules
     else:  # merged (or full) weights inside the version's folder: a plain model under both names
         if not Path(conf["model"]).is_absolute() and (folder / conf["model"]).exists():
-            conf["model"] = str((folder / conf["model"]).resolve())
+            conf["model"] = content_path(folder / conf["model"])  # the same version fetched again reuses its compile
         conf["served-model-name"] = [conf.get("served-model-name") or cfg.serving.served_model_name, versioned]
     resolved = folder / "serving.resolved.yaml"
     resolved.write_text(yaml.safe_dump(conf, allow_unicode=True, sort_keys=False), encoding="utf-8")

@@ -105,6 +105,20 @@ def test_a_down_judge_stops_the_stage_and_keeps_partial_results(tmp_path, prepar
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("base-") and not p.name.endswith(".partial")]
 
 
+def test_the_stage_asks_a_configured_judge_before_evaluating_anything(tmp_path, prepared, tmp_tracking):
+    """The evaluate stage checks the judge first: a judge that is down stops it before any model is evaluated
+    (the pipeline's failing-stage test had spent the base model's whole evaluation finding it down)."""
+    from eval.evaluate_stage import EVALUATE, EvaluateInputs
+
+    loaded = load_config(overrides=SMALL + tmp_tracking + ["eval.judge={base_url: 'http://127.0.0.1:9/v1', model: judge}"])
+    inputs = EvaluateInputs(test_file=str(prepared.path / "test.jsonl"), adapter_dir=str(tmp_path / "adapter"),
+                            sampling=SERVED, out_root=str(tmp_path / "evals"), engine={})
+    with pytest.raises(EvalError, match=r"judge endpoint http://127.0.0.1:9/v1 is not usable.*Nothing was evaluated"):
+        EVALUATE.run(loaded, inputs)
+    assert not (tmp_path / "evals").exists()  # no model was evaluated, not even partly
+    assert not (tmp_path / "mlflow.db").exists()  # and no MLflow run was opened
+
+
 def test_evaluate_writes_per_item_evidence_metrics_and_is_cached(tmp_path, prepared):
     loaded = load_config(overrides=SMALL)
     model = ModelRef("base", BASE)

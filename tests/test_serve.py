@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from serving.serve import champion_server
-from workspace.vllm_server import ServerError, VllmServer, free_port
+from workspace.vllm_server import ServerError, VllmServer, content_path, free_port
 from workspace.config import load_config
 from workspace.paths import resolve
 
@@ -172,7 +172,9 @@ def test_merged_mode_promotes_and_serves_the_merged_weights(tmp_path, random_ada
     assert conf["model"] == "merged" and "lora-modules" not in conf and "enable-lora" not in conf
     assert (Path(info["folder"]) / "merged" / "config.json").exists() and info["adapter_mode"] == "merged"
     resolved = yaml.safe_load(next(folder.rglob("serving.resolved.yaml")).read_text())
-    assert resolved["model"] == str((Path(info["folder"]) / "merged").resolve())
+    # the merged weights through a path named by their content (vLLM's compile cache is keyed on the path)
+    assert Path(resolved["model"]).resolve() == (Path(info["folder"]) / "merged").resolve()
+    assert resolved["model"] == content_path(Path(info["folder"]) / "merged") != str(Path(info["folder"]) / "merged")
     assert resolved["served-model-name"] == ["screen-xml", "merged-test-v1"]  # plain and versioned (the gateway's)
     assert server.extra_env == {} and "--max-loras" not in server.argv()
     # served for real by the pipeline's serve check (tests/test_pipeline.py, the cpu_smoke profile is merged)

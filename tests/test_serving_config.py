@@ -137,3 +137,30 @@ def test_the_lora_rank_served_is_the_adapters_own(random_adapter, tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     with pytest.raises(ModelNotFound, match="no LoRA rank `r`"):
         adapter_rank(tmp_path)
+
+
+def test_vllm_is_handed_a_path_named_by_the_folders_content(tmp_path, monkeypatch):
+    """vLLM keys its torch.compile cache on the model's path: the same weights in two folders get one path (the
+    later folder takes the link over), other weights another; what is not a folder (a hub id) passes unchanged."""
+    import os
+    from pathlib import Path
+
+    from workspace.vllm_server import VllmServer, content_path
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm"))
+    first, copy, other = (tmp_path / n for n in ("run-1/merged", "champion/merged", "run-2/merged"))
+    for folder, weights in ((first, b"w1"), (copy, b"w1"), (other, b"w2")):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+        (folder / "model.safetensors").write_bytes(weights)
+        (folder / "train.log").write_text(str(folder))  # not part of the content
+    a = content_path(first)
+    assert Path(a).parent == tmp_path / "vllm" / "models" and Path(a).resolve() == first.resolve()
+    b = content_path(copy)
+    assert b == a and Path(b).resolve() == copy.resolve()  # the same content: the same path, now the copy's
+    assert content_path(other) != a and Path(content_path(other)).resolve() == other.resolve()
+    assert content_path(first) == a and Path(a).resolve() == first.resolve()  # and back
+    assert not [p for p in os.listdir(tmp_path / "vllm" / "models") if p.startswith(".")]  # no link half made
+    assert content_path("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    argv = VllmServer(str(copy), ServingConfig(), port=8123).argv()
+    assert argv[4] == a and argv[:4] == ["python", "-m", "workspace.vllm_launcher", "serve"]

@@ -17,12 +17,36 @@ from workspace.config import ServingConfig
 from workspace.device import DeviceError, detect, serve_env_for
 from workspace.endpoint import Endpoint, EndpointError
 from workspace.envrunner import env_command
+from workspace.model_ref import folder_fingerprint
 from workspace.paths import CACHE
 from workspace.processes import ManagedProcess, ProcessError, free_port, port_is_free
 
 ServerError = ProcessError  # the name the stages' error handling already uses
 
-__all__ = ["VllmServer", "ServerError", "free_port"]
+__all__ = ["VllmServer", "ServerError", "free_port", "content_path"]
+
+
+def content_path(folder: str | Path) -> str:
+    """The path to hand vLLM for a model folder: a link named by the folder's content (workspace.model_ref's
+    fingerprint of its weight, config and tokenizer files) under VLLM_CACHE_ROOT/models/.
+
+    vLLM keys its torch.compile cache on the model's path string among its config's factors (ModelConfig.compute_hash
+    keeps `model`), so the same merged weights fetched into another folder compiled again: the SLO step's candidate,
+    then the serve check's copy of the promoted version, then `make serve`'s, each 20-33 s of warm-up on a 2-core CPU.
+    Through the link the later starts load the compiled graph. The link is replaced atomically (a folder with the same
+    content elsewhere takes it over); what is not a local folder (a hub id) is returned as it is."""
+    path = Path(folder)
+    if not path.is_dir():
+        return str(folder)
+    root = Path(os.environ.get("VLLM_CACHE_ROOT") or CACHE / "vllm") / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    link, target = root / folder_fingerprint(path), path.resolve()
+    if not (link.is_symlink() and Path(os.readlink(link)) == target):
+        tmp = root / f".{link.name}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target, target_is_directory=True)
+        os.replace(tmp, link)
+    return str(link)
 
 
 class VllmServer(ManagedProcess):
@@ -68,7 +92,7 @@ class VllmServer(ManagedProcess):
             return ["python", "-m", "workspace.vllm_launcher", "serve", "--config", str(self.config_file),
                     "--host", self.host, "--port", str(self.port), *self._auth_args(), *self.extra_args]
         c = self.cfg
-        argv = ["python", "-m", "workspace.vllm_launcher", "serve", self.model, "--host", self.host, "--port",
+        argv = ["python", "-m", "workspace.vllm_launcher", "serve", content_path(self.model), "--host", self.host, "--port",
                 str(self.port), "--served-model-name", self.served_model_name, "--dtype", c.dtype, "--max-model-len",
                 str(c.max_model_len), "--tensor-parallel-size", str(c.tensor_parallel_size), "--seed", "0",
                 "--max-logprobs", "20"]
