@@ -49,22 +49,23 @@ data:  ## regenerate the shipped data under data/raw from the seeded generators 
 doctor: envs  ## check the three environments and engines for real; non-zero exit names what is broken
 	@$(PY) -m llmops doctor
 
-# test = the fast lane as test-fast runs it, then the slow lane (the tests marked slow: they launch the engines):
-# together every test, each lane in random order. The fast lane's tests wait on subprocesses and sockets more than
-# they compute, so two pytest-xdist workers that steal work run them in 157 s instead of 224 s in one process on 2
-# cores. The slow lane's engine tests are CPU-bound: it runs one test file per worker (--dist loadgroup: a file is a
-# group, except files that share a server, tests/lanes.py; the group with the most tests, the cold pipeline's, goes
-# first), each worker and the engines it starts on a core of its own (LLMOPS_TEST_PIN=1, tests/pinning.py): 13.6 min
-# here at d4973b6, against 32 in one process before the lanes. Unpinned, two workers made it slower and ran the cold
-# pipeline fixture past its timeout (docs/BENCHMARKS.md, tests). On a one-core machine SLOW_WORKERS is 0: the slow
-# lane in one process.
-SLOW_WORKERS ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 0)
+# test-fast: the tests that launch no engine, on two pytest-xdist workers that steal work (they wait on subprocesses
+# and sockets more than they compute: 157 s instead of 224 s in one process on 2 cores).
+# test: every test in one run, each worker and the engines it starts on a core of its own (LLMOPS_TEST_PIN=1,
+# tests/pinning.py; unpinned, two workers ran the cold pipeline fixture past its timeout) and each test file on one
+# worker (--dist loadgroup, tests/lanes.py: a file is a group, except files that share a server), the costliest
+# first: the cold pipeline's file is the longest chain (about 12 min on its core), and the other worker runs
+# everything else beside it, the fast files last. One run instead of the fast lane then the slow one: the fast
+# tests fill the time the second worker used to idle at the end (docs/BENCHMARKS.md, tests). On a one-core machine
+# TEST_WORKERS is 0: one process.
+TEST_WORKERS ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 0)
 test-fast: setup  ## the inner loop: the import contracts and every test that launches no LLaMA-Factory or vLLM (2 workers)
 	@$(VENV)/bin/lint-imports --no-cache
 	@$(PY) -m pytest -m "not slow" -n 2 --dist worksteal $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: PYTEST_ARGS chose none here
 
-test: test-fast  ## the import contracts, then every test (real engines on tiny inputs): the fast lane, then the slow one
-	@LLMOPS_TEST_PIN=1 $(PY) -m pytest -m slow -n $(SLOW_WORKERS) --dist loadgroup $(PYTEST_ARGS) || [ $$? -eq 5 ]
+test: setup  ## the import contracts, then every test in one run (real engines on tiny inputs), a file per worker
+	@$(VENV)/bin/lint-imports --no-cache
+	@LLMOPS_TEST_PIN=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 pipeline: setup  ## the whole job (one Prefect flow): prepare -> finetune -> eval -> gate -> promote -> rag -> serve check; cached stages are skipped
 	@$(PY) -m llmops pipeline $(CFG_ARGS) $(if $(FORCE),--force)

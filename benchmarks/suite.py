@@ -1,4 +1,4 @@
-"""`make bench-tests`: how long the two test lanes take on this machine, in the order pytest-randomly drew.
+"""`make bench-tests`: how long `make test-fast` and `make test` take on this machine, in the order pytest-randomly drew.
 
 Runs `make test-fast` (and, with --full, `make test`) as a developer would, times each from the shell's point of
 view (setup check and import contracts included), reads pytest's own summary (passed, deselected, seconds) and
@@ -37,21 +37,9 @@ def run_lane(target: str) -> dict:
     if proc.returncode != 0 or not summary:
         print("\n".join(l for l in out.splitlines() if l.startswith(("FAILED", "ERROR")))[-4000:], file=sys.stderr)
         raise SystemExit(f"[bench-tests] `make {target}` failed (exit {proc.returncode}); full output: {log}")
-    return {"target": target, "wall_s": wall, "pytest_s": sum(float(s) for _, s in summary),
-            "counts": combined_counts([c for c, _ in summary]), "seed": ", ".join(SEED.findall(out)) or "-"}
-
-
-def combined_counts(summaries: list[str]) -> str:
-    """One result line for a target that runs pytest more than once (`make test`: the fast lane, then the slow one):
-    each kind of outcome summed; `deselected` dropped where the runs select complementary parts of one suite."""
-    totals: dict[str, int] = {}
-    for line in summaries:
-        for n, kind in re.findall(r"(\d+) ([a-z]+)", line):
-            kind = {"warning": "warnings", "error": "errors"}.get(kind, kind)  # pytest writes "1 warning"
-            totals[kind] = totals.get(kind, 0) + int(n)
-    if len(summaries) > 1:
-        totals.pop("deselected", None)
-    return ", ".join(f"{n} {kind}" for kind, n in totals.items())
+    counts, seconds = summary[-1]  # one pytest run per target
+    return {"target": target, "wall_s": wall, "pytest_s": float(seconds), "counts": counts,
+            "seed": ", ".join(SEED.findall(out)) or "-"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,39 +1,49 @@
-"""`make test` is every test: the fast lane as `make test-fast` runs it, then the tests marked slow (a file per
-worker, each worker on cores of its own); `make bench-tests` reports the two runs as one lane (counts summed)."""
+"""`make test` is every test in one run: a test file per worker (files that share a server together), the costliest
+first, each worker on cores of its own; `make test-fast` leaves out the tests marked slow."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from benchmarks.suite import SUMMARY, combined_counts
 from workspace.paths import ROOT
 
 
-def test_make_test_runs_the_fast_lane_then_the_slow_one():
+def test_make_test_runs_every_test_in_one_pinned_run():
     test = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     fast = subprocess.run(["make", "-n", "test-fast"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
-    runs = [line for line in test.splitlines() if " -m pytest " in line]
-    assert len(runs) == 2 and '-m "not slow"' in runs[0] and "-m slow" in runs[1]
-    # the slow lane: one group (a file, or files that share a server) per worker, each worker on its own core
-    # (tests/pinning.py reads LLMOPS_TEST_PIN; tests/lanes.py makes the groups)
+    [run] = [line for line in test.splitlines() if " -m pytest " in line]
+    assert " -m slow" not in run and "not slow" not in run  # every test
+    # one group (a file, or files that share a server) per worker, each worker on its own core (tests/pinning.py
+    # reads LLMOPS_TEST_PIN; tests/lanes.py makes the groups and their order)
     workers = 2 if len(os.sched_getaffinity(0)) >= 2 else 0  # nproc: one process on a one-core machine
-    assert "LLMOPS_TEST_PIN=1 " in runs[1] and f"-n {workers} --dist loadgroup" in runs[1]
-    assert runs[0].split(" || ")[0] in fast  # the same fast lane, on the same workers
-    assert "lint-imports" in test
+    assert "LLMOPS_TEST_PIN=1 " in run and f"-n {workers} --dist loadgroup" in run
+    assert "lint-imports" in test and "lint-imports" in fast
+    [fast_run] = [line for line in fast.splitlines() if " -m pytest " in line]
+    assert '-m "not slow"' in fast_run
 
 
-def test_the_two_runs_are_reported_as_one_lane():
-    out = ("==== 375 passed, 69 deselected, 5 warnings in 150.20s (0:02:30) ====\n"
-           "===== 68 passed, 1 failed, 375 deselected, 1 warning in 1903.88s (0:31:43) =====\n")
-    summaries = SUMMARY.findall(out)
-    assert [float(s) for _, s in summaries] == [150.20, 1903.88]
-    assert combined_counts([c for c, _ in summaries]) == "443 passed, 6 warnings, 1 failed"
-    assert combined_counts(["372 passed, 5 warnings"]) == "372 passed, 5 warnings"
-    assert combined_counts(["2 passed, 3 deselected"]) == "2 passed, 3 deselected"  # one run: kept as pytest said
+def test_bench_tests_reads_pytests_own_summary():
+    from benchmarks.suite import SUMMARY
+
+    out = "....\n===== 450 passed, 7 warnings in 1065.20s (0:17:45) =====\n"
+    assert SUMMARY.findall(out) == [("450 passed, 7 warnings", "1065.20")]
+    assert not SUMMARY.findall("==== 1 failed, 449 passed in 1000.00s ====\n")  # a failed run is not a timing
+
+
+def test_every_file_with_a_slow_test_has_a_cost_for_the_scheduler():
+    """tests/lanes.py orders the groups by COST_S: a file of slow tests left out of it would be handed out among the
+    fast files, possibly last, while the other worker idles."""
+    from lanes import COST_S, SHARED_WORKER
+
+    slow = {p.name for p in (ROOT / "tests").glob("test_*.py")
+            if re.search(r"pytest\.mark\.slow|pytestmark = pytest\.mark\.slow", p.read_text(encoding="utf-8"))}
+    assert slow and "test_pipeline.py" in slow
+    assert not {name for name in slow if SHARED_WORKER.get(name, name) not in COST_S}
 
 
 PROBE = """import json, os, subprocess, sys
@@ -107,3 +117,32 @@ def test_files_that_share_a_server_run_on_one_worker(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         workers[dist] = {json.loads((out / name).read_text()) for name in shared}
     assert len(workers["loadfile"]) == 2 and len(workers["loadgroup"]) == 1
+
+
+ORDER_PROBE = """import os
+def test_probe_{i}():
+    with open(os.path.join(os.environ["PROBE_OUT"], "order"), "a") as f:
+        f.write(os.path.basename(__file__) + " ")
+"""
+
+
+def test_the_costliest_group_goes_out_first(tmp_path):
+    """The cold pipeline's file holds fewer tests than many fast files; xdist's own order (by number of tests) would
+    start it after them. tests/lanes.py's order (COST_S) starts it first."""
+    suite, out = tmp_path / "suite", tmp_path / "out"
+    suite.mkdir(), out.mkdir()
+    (suite / "conftest.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+                                       "from lanes import pytest_xdist_make_scheduler  # noqa: F401\n")
+    (suite / "test_pipeline.py").write_text(ORDER_PROBE.format(i=0))
+    (suite / "test_many.py").write_text("".join(ORDER_PROBE.format(i=i) for i in range(5)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}  # this test may run on a worker
+    env.update({"PROBE_OUT": str(out), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    firsts = {}
+    for dist in ("loadfile", "loadgroup"):
+        (out / "order").unlink(missing_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-p", "no:cacheprovider", "-n", "1",
+                               "--dist", dist, "--rootdir", str(suite), str(suite)],
+                              cwd=suite, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        firsts[dist] = (out / "order").read_text().split()[0]
+    assert firsts == {"loadfile": "test_many.py", "loadgroup": "test_pipeline.py"}
