@@ -57,8 +57,8 @@ doctor: envs  ## check the three environments and engines for real; non-zero exi
 # first: the cold pipeline's file is the longest chain (about 12 min on its core), and the other worker runs
 # everything else beside it, the fast files last. One run instead of the fast lane then the slow one: the fast
 # tests fill the time the second worker used to idle at the end (docs/BENCHMARKS.md, tests). On a one-core machine
-# TEST_WORKERS is 0: one process.
-TEST_WORKERS ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 0)
+# TEST_WORKERS is 0: one process (nproc, with OMP_NUM_THREADS, which nproc would report instead, left out).
+TEST_WORKERS ?= $(shell [ "$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 0)
 test-fast: setup  ## the inner loop: the import contracts and every test that launches no LLaMA-Factory or vLLM (2 workers)
 	@$(VENV)/bin/lint-imports --no-cache
 	@$(PY) -m pytest -m "not slow" -n 2 --dist worksteal $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: PYTEST_ARGS chose none here

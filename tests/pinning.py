@@ -18,6 +18,13 @@ def own_cores_per_worker() -> None:
     if len(cpus) < count:
         return  # fewer cores than workers: leave the scheduler to it
     share = cpus[int(worker[2:]) % count::count]
+    os.environ["LLMOPS_TEST_CORES"] = ",".join(map(str, cpus))  # what the run had: machine_cores()
     os.sched_setaffinity(0, share)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(len(share))
+
+
+def machine_cores() -> list[int]:
+    """The cores the test run started with: a pinned worker's own affinity is its share, the run's is recorded."""
+    recorded = os.environ.get("LLMOPS_TEST_CORES")
+    return [int(c) for c in recorded.split(",")] if recorded else sorted(os.sched_getaffinity(0))

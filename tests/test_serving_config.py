@@ -164,3 +164,26 @@ def test_vllm_is_handed_a_path_named_by_the_folders_content(tmp_path, monkeypatc
     assert content_path("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
     argv = VllmServer(str(copy), ServingConfig(), port=8123).argv()
     assert argv[4] == a and argv[:4] == ["python", "-m", "workspace.vllm_launcher", "serve"]
+
+
+@pytest.mark.parametrize("profile", PROFILE_NAMES)
+def test_a_started_server_gets_the_settings_of_the_promoted_config(profile):
+    """VllmServer's command line (the SLO step, the vLLM evaluation, the benchmarks) carries every setting the
+    promoted serving.yaml carries, so that what they measure is what `make serve` runs. (max-num-seqs was missing:
+    the SLO step measured a server with vLLM's default and compiled for it again.)"""
+    from workspace.vllm_server import VllmServer
+
+    cfg = load_config(profile=profile).config.serving
+    conf = render_vllm_config(cfg, "m", lora_modules={"candidate": "/a"}, max_lora_rank=16)
+    argv = VllmServer("m", cfg, lora_modules={"candidate": "/a"}, max_lora_rank=16, port=8123).argv()
+    flags = {}
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
+            flags[arg[2:]] = value
+    skip = {"model", "host", "port", "served-model-name", "lora-modules", "override-generation-config"}
+    for key, value in conf.items():
+        if key in skip or value is False:
+            continue
+        assert key in flags, key
+        assert flags[key] == (True if value is True else str(value)), (key, flags[key], value)

@@ -10,17 +10,25 @@ import sys
 
 import pytest
 
+from pinning import machine_cores
 from workspace.paths import ROOT
+
+CORES = machine_cores()  # the run's cores, also inside a pinned worker of `make test`
+
+
+def _all_cores() -> None:  # a child of a pinned worker gets the run's cores back, as `make` would have them
+    os.sched_setaffinity(0, CORES)
 
 
 def test_make_test_runs_every_test_in_one_pinned_run():
-    test = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    test = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          preexec_fn=_all_cores).stdout
     fast = subprocess.run(["make", "-n", "test-fast"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     [run] = [line for line in test.splitlines() if " -m pytest " in line]
     assert " -m slow" not in run and "not slow" not in run  # every test
     # one group (a file, or files that share a server) per worker, each worker on its own core (tests/pinning.py
     # reads LLMOPS_TEST_PIN; tests/lanes.py makes the groups and their order)
-    workers = 2 if len(os.sched_getaffinity(0)) >= 2 else 0  # nproc: one process on a one-core machine
+    workers = 2 if len(CORES) >= 2 else 0  # nproc: one process on a one-core machine
     assert "LLMOPS_TEST_PIN=1 " in run and f"-n {workers} --dist loadgroup" in run
     assert "lint-imports" in test and "lint-imports" in fast
     [fast_run] = [line for line in fast.splitlines() if " -m pytest " in line]
@@ -55,7 +63,7 @@ def test_probe():
 """
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to give each worker one")
+@pytest.mark.skipif(len(CORES) < 2, reason="needs two cores to give each worker one")
 def test_each_slow_lane_worker_and_what_it_starts_run_on_a_core_of_their_own(tmp_path):
     """Two xdist workers under LLMOPS_TEST_PIN=1, with the conftest's first call: disjoint cores, and a process a worker
     starts inherits its core and the one-thread OpenMP setting."""
@@ -69,22 +77,22 @@ def test_each_slow_lane_worker_and_what_it_starts_run_on_a_core_of_their_own(tmp
     env.update({"LLMOPS_TEST_PIN": "1", "PROBE_OUT": str(out), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-p", "no:cacheprovider", "-n", "2",
                            "--dist", "loadfile", "--rootdir", str(suite), str(suite)],
-                          cwd=suite, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=suite, env=env, capture_output=True, text=True, timeout=120, preexec_fn=_all_cores)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     seen = {p.name: json.loads(p.read_text()) for p in out.iterdir()}
     assert set(seen) == {"gw0", "gw1"}
     cores = [set(cpus) for cpus, _ in seen.values()]
-    assert all(len(c) == len(os.sched_getaffinity(0)) // 2 for c in cores) and not cores[0] & cores[1]
+    assert all(len(c) == len(CORES) // 2 for c in cores) and not cores[0] & cores[1]
     for cpus, child in seen.values():
         assert child == f"{cpus} {len(cpus)}"  # the child: the worker's cores, OMP_NUM_THREADS = their number
     # without the switch nothing is pinned
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-p", "no:cacheprovider", "-n", "2",
                            "--rootdir", str(suite), str(suite)], cwd=suite,
                           env={**env, "LLMOPS_TEST_PIN": "0", "OMP_NUM_THREADS": "7"}, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, preexec_fn=_all_cores)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     unpinned = [json.loads(p.read_text()) for p in out.iterdir()]
-    assert all(child.endswith(" 7") and len(cpus) == len(os.sched_getaffinity(0)) for cpus, child in unpinned)
+    assert all(child.endswith(" 7") and len(cpus) == len(CORES) for cpus, child in unpinned)
 
 
 GROUP_PROBE = """import json, os

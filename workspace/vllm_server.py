@@ -92,12 +92,18 @@ class VllmServer(ManagedProcess):
             return ["python", "-m", "workspace.vllm_launcher", "serve", "--config", str(self.config_file),
                     "--host", self.host, "--port", str(self.port), *self._auth_args(), *self.extra_args]
         c = self.cfg
+        # the settings serving.config.render_vllm_config writes into the promoted serving.yaml, so that what the SLO
+        # step, the vLLM evaluation and the benchmarks measure is what is served (and shares its torch.compile cache:
+        # max-num-seqs is among the factors of its key); tests/test_serving_config.py compares the two
         argv = ["python", "-m", "workspace.vllm_launcher", "serve", content_path(self.model), "--host", self.host, "--port",
                 str(self.port), "--served-model-name", self.served_model_name, "--dtype", c.dtype, "--max-model-len",
-                str(c.max_model_len), "--tensor-parallel-size", str(c.tensor_parallel_size), "--seed", "0",
-                "--max-logprobs", "20"]
+                str(c.max_model_len), "--max-num-seqs", str(c.max_num_seqs), "--tensor-parallel-size",
+                str(c.tensor_parallel_size), "--pipeline-parallel-size", str(c.pipeline_parallel_size),
+                "--kv-cache-dtype", c.kv_cache_dtype, "--seed", "0", "--max-logprobs", "20"]
         if c.engine == "vllm":
             argv += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
+        if c.quantization:
+            argv += ["--quantization", c.quantization]
         if c.enable_prefix_caching:
             argv.append("--enable-prefix-caching")
         if c.decoding.penalties():  # serving.decoding: the defaults a request gets (evaluated with the same)
