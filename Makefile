@@ -54,7 +54,7 @@ doctor: envs  ## check the three environments and engines for real; non-zero exi
 # test: every test in one run, each worker and the engines it starts on a core of its own (LLMOPS_TEST_PIN=1,
 # tests/pinning.py; unpinned, two workers ran the cold pipeline fixture past its timeout) and each test file on one
 # worker (--dist loadgroup, tests/lanes.py: a file is a group, except files that share a server), the costliest
-# first: the cold pipeline's file is the longest chain (about 12 min on its core), and the other worker runs
+# first: the cold pipeline's file is the longest chain (about 11 min on its core), and the other worker runs
 # everything else beside it, the fast files last. One run instead of the fast lane then the slow one: the fast
 # tests fill the time the second worker used to idle at the end (docs/BENCHMARKS.md, tests). On a one-core machine
 # TEST_WORKERS is 0: one process (nproc, with OMP_NUM_THREADS, which nproc would report instead, left out).
