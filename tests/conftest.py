@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lanes import pytest_xdist_make_scheduler  # noqa: F401  (tests/lanes.py: the slow lane's groups)
+from lanes import pytest_xdist_make_scheduler  # noqa: F401  (tests/lanes.py: make test's groups and order)
 from pinning import own_cores_per_worker  # tests/pinning.py
 
 own_cores_per_worker()  # first: before anything imports torch

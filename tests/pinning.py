@@ -1,11 +1,11 @@
-"""Each pytest-xdist worker of `make test`'s slow lane on cores of its own (imported by tests/conftest.py first)."""
+"""Each pytest-xdist worker of `make test` on cores of its own (imported by tests/conftest.py first)."""
 from __future__ import annotations
 
 import os
 
 
 def own_cores_per_worker() -> None:
-    """`make test`'s slow lane runs on pytest-xdist workers with LLMOPS_TEST_PIN=1: worker k, and every process it
+    """`make test` runs on pytest-xdist workers with LLMOPS_TEST_PIN=1: worker k, and every process it
     starts (LLaMA-Factory, lm-eval, vLLM, the gateway), runs on the k-th share of this machine's cores, with the
     OpenMP/BLAS thread counts set to that share. Two engines left to the scheduler on two cores each spin
     OpenMP threads on both cores and vLLM binds its threads to core 0 in both (the cold pipeline fixture ran past

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,25 @@ def test_every_file_with_a_slow_test_has_a_cost_for_the_scheduler():
     assert not {name for name in slow if SHARED_WORKER.get(name, name) not in COST_S}
 
 
+def _probe_suite(tmp_path, files: dict[str, str], conftest: str, *pytest_args: str, env: dict | None = None,
+                 **run) -> Path:
+    """A throwaway test suite (`files`: name -> source, with `conftest`'s line after the path to tests/), run by a
+    nested pytest with xdist and `pytest_args`; returns the folder its probes write to (PROBE_OUT)."""
+    suite, out = tmp_path / "suite", tmp_path / "out"
+    suite.mkdir(exist_ok=True), out.mkdir(exist_ok=True)
+    (suite / "conftest.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n{conftest}\n")
+    for name, source in files.items():
+        (suite / name).write_text(source)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}  # this test may run on a worker
+    base.update({"PROBE_OUT": str(out), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    base.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-p", "no:cacheprovider", *pytest_args,
+                           "--rootdir", str(suite), str(suite)], cwd=suite, env=base, capture_output=True, text=True,
+                          timeout=120, **run)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
 PROBE = """import json, os, subprocess, sys
 def test_probe():
     child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'])"],
@@ -63,22 +83,17 @@ def test_probe():
 """
 
 
+PIN = "from pinning import own_cores_per_worker; own_cores_per_worker()"
+LANES = "from lanes import pytest_xdist_make_scheduler  # noqa: F401"
+
+
 @pytest.mark.skipif(len(CORES) < 2, reason="needs two cores to give each worker one")
 def test_each_slow_lane_worker_and_what_it_starts_run_on_a_core_of_their_own(tmp_path):
     """Two xdist workers under LLMOPS_TEST_PIN=1, with the conftest's first call: disjoint cores, and a process a worker
     starts inherits its core and the one-thread OpenMP setting."""
-    suite, out = tmp_path / "suite", tmp_path / "out"
-    suite.mkdir(), out.mkdir()
-    (suite / "conftest.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-                                       "from pinning import own_cores_per_worker; own_cores_per_worker()\n")
-    for name in ("test_a.py", "test_b.py"):
-        (suite / name).write_text(PROBE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}  # this test may run on a worker
-    env.update({"LLMOPS_TEST_PIN": "1", "PROBE_OUT": str(out), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-p", "no:cacheprovider", "-n", "2",
-                           "--dist", "loadfile", "--rootdir", str(suite), str(suite)],
-                          cwd=suite, env=env, capture_output=True, text=True, timeout=120, preexec_fn=_all_cores)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = {"test_a.py": PROBE, "test_b.py": PROBE}
+    out = _probe_suite(tmp_path, files, PIN, "-n", "2", "--dist", "loadfile", env={"LLMOPS_TEST_PIN": "1"},
+                       preexec_fn=_all_cores)
     seen = {p.name: json.loads(p.read_text()) for p in out.iterdir()}
     assert set(seen) == {"gw0", "gw1"}
     cores = [set(cpus) for cpus, _ in seen.values()]
@@ -86,11 +101,8 @@ def test_each_slow_lane_worker_and_what_it_starts_run_on_a_core_of_their_own(tmp
     for cpus, child in seen.values():
         assert child == f"{cpus} {len(cpus)}"  # the child: the worker's cores, OMP_NUM_THREADS = their number
     # without the switch nothing is pinned
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-p", "no:cacheprovider", "-n", "2",
-                           "--rootdir", str(suite), str(suite)], cwd=suite,
-                          env={**env, "LLMOPS_TEST_PIN": "0", "OMP_NUM_THREADS": "7"}, capture_output=True, text=True,
-                          timeout=120, preexec_fn=_all_cores)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = _probe_suite(tmp_path, files, PIN, "-n", "2", env={"LLMOPS_TEST_PIN": "0", "OMP_NUM_THREADS": "7"},
+                       preexec_fn=_all_cores)
     unpinned = [json.loads(p.read_text()) for p in out.iterdir()]
     assert all(child.endswith(" 7") and len(cpus) == len(CORES) for cpus, child in unpinned)
 
@@ -103,26 +115,15 @@ def test_probe():
 
 
 def test_files_that_share_a_server_run_on_one_worker(tmp_path):
-    """The slow lane's scheduler (tests/lanes.py): the files SHARED_WORKER groups run on one worker, where --dist
+    """make test's scheduler (tests/lanes.py): the files SHARED_WORKER groups run on one worker, where --dist
     loadfile would give each its own (checked on the same probe suite, so the probe can tell them apart)."""
     from lanes import SHARED_WORKER
 
-    suite, out = tmp_path / "suite", tmp_path / "out"
-    suite.mkdir(), out.mkdir()
-    (suite / "conftest.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-                                       "from lanes import pytest_xdist_make_scheduler  # noqa: F401\n")
     shared = [name for name, group in SHARED_WORKER.items() if group == "base-server"]
     assert len(shared) == 2
-    for name in shared:
-        (suite / name).write_text(GROUP_PROBE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}  # this test may run on a worker
-    env.update({"PROBE_OUT": str(out), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     workers = {}
     for dist in ("loadfile", "loadgroup"):
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-p", "no:cacheprovider", "-n", "2",
-                               "--dist", dist, "--rootdir", str(suite), str(suite)],
-                              cwd=suite, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = _probe_suite(tmp_path, {name: GROUP_PROBE for name in shared}, LANES, "-n", "2", "--dist", dist)
         workers[dist] = {json.loads((out / name).read_text()) for name in shared}
     assert len(workers["loadfile"]) == 2 and len(workers["loadgroup"]) == 1
 
@@ -137,20 +138,11 @@ def test_probe_{i}():
 def test_the_costliest_group_goes_out_first(tmp_path):
     """The cold pipeline's file holds fewer tests than many fast files; xdist's own order (by number of tests) would
     start it after them. tests/lanes.py's order (COST_S) starts it first."""
-    suite, out = tmp_path / "suite", tmp_path / "out"
-    suite.mkdir(), out.mkdir()
-    (suite / "conftest.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-                                       "from lanes import pytest_xdist_make_scheduler  # noqa: F401\n")
-    (suite / "test_pipeline.py").write_text(ORDER_PROBE.format(i=0))
-    (suite / "test_many.py").write_text("".join(ORDER_PROBE.format(i=i) for i in range(5)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}  # this test may run on a worker
-    env.update({"PROBE_OUT": str(out), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    files = {"test_pipeline.py": ORDER_PROBE.format(i=0),
+             "test_many.py": "".join(ORDER_PROBE.format(i=i) for i in range(5))}
     firsts = {}
     for dist in ("loadfile", "loadgroup"):
-        (out / "order").unlink(missing_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-p", "no:cacheprovider", "-n", "1",
-                               "--dist", dist, "--rootdir", str(suite), str(suite)],
-                              cwd=suite, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        (tmp_path / "out" / "order").unlink(missing_ok=True)
+        out = _probe_suite(tmp_path, files, LANES, "-n", "1", "--dist", dist)
         firsts[dist] = (out / "order").read_text().split()[0]
     assert firsts == {"loadfile": "test_many.py", "loadgroup": "test_pipeline.py"}
